@@ -1,0 +1,1 @@
+"""Reproducible measurement scripts: latency against MACs per expert and backend."""

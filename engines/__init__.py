@@ -1,0 +1,1 @@
+"""Lightweight APTP runtime: routes prompts to per-expert ONNX/TensorRT engines. Never imports torch."""

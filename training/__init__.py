@@ -1,0 +1,1 @@
+"""Training side of APTP: data, the toy world, router, losses and the two training phases."""
