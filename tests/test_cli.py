@@ -1,0 +1,54 @@
+"""The CLI contract: --help lists verbs, user mistakes give one line and a non-zero exit, no traceback."""
+
+import importlib.machinery
+import subprocess
+import sys
+import types
+
+import pytest
+
+from aptp_export import cli
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "aptp_export.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_available_verb():
+    r = _run("--help")
+    assert r.returncode == 0
+    for verb in cli._available_verbs():
+        assert verb in r.stdout
+
+
+def test_each_verb_has_help():
+    for verb in cli._available_verbs():
+        r = _run(verb, "--help")
+        assert r.returncode == 0, (verb, r.stderr)
+        assert "usage: aptp " + verb in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["no-such-verb"], ["--no-such-flag"], []])
+def test_bad_invocation_is_one_line_without_traceback(argv):
+    r = _run(*argv)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "error:" in r.stderr.strip().splitlines()[-1]
+
+
+def test_user_error_is_reported_on_one_line(capsys, monkeypatch):
+    """A verb raising UserError exits 2 with exactly one line on stderr."""
+    mod = types.ModuleType("_aptp_fake_verb")
+    mod.__spec__ = importlib.machinery.ModuleSpec("_aptp_fake_verb", None)
+    mod.add_arguments = lambda p: p.add_argument("--data", default="/nope")
+
+    def run(args):
+        raise cli.UserError(f"the data directory {args.data} does not exist")
+
+    mod.run = run
+    monkeypatch.setitem(sys.modules, "_aptp_fake_verb", mod)
+    monkeypatch.setattr(cli, "VERBS", {"fake": ("_aptp_fake_verb", "a fake verb")})
+    code = cli.main(["fake"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "aptp fake: error: the data directory /nope does not exist\n"
