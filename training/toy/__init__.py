@@ -1,0 +1,38 @@
+"""The built-in toy world (procedural 32x32 captioned images), its scorer and its pretrained teacher.
+
+    from training import toy
+    toy.captions(8, seed=0)                  # [(caption, difficulty)], training captions
+    toy.captions(64, seed=toy.EVAL_SEED)     # held-out captions (never seen in training)
+    toy.samples(8)                           # [Sample(image uint8 [32,32,3], caption, description, difficulty)]
+    toy.write_imagefolder("data/toy", 1000, seed=0)
+    toy.score(image, description)            # Score(colour: bool, position: bool | None)
+    toy.teacher_dir()                        # shipped UNet (diffusers layout) + scheduler + text_encoder.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .imagefolder import read_imagefolder, write_imagefolder
+from .scorer import Score, score, score_many
+from .world import (
+    DIFFICULTIES,
+    EVAL_SEED,
+    PALETTE,
+    Sample,
+    caption_split,
+    captions,
+    sample_at,
+    samples,
+    stream,
+)
+
+__all__ = [
+    "DIFFICULTIES", "EVAL_SEED", "PALETTE", "Sample", "Score", "caption_split", "captions", "read_imagefolder",
+    "sample_at", "samples", "score", "score_many", "stream", "teacher_dir", "write_imagefolder",
+]
+
+
+def teacher_dir() -> Path:
+    """Directory of the shipped toy teacher: unet/, scheduler/, text_encoder.json."""
+    return Path(__file__).resolve().parent / "teacher"
