@@ -1,0 +1,237 @@
+"""Image-caption datasets and deterministic global batches.
+
+Datasets (all map-style, index -> (pixels float32 [3, S, S] in [-1, 1], caption)):
+- `ToyDataset`: the first `n` samples of the built-in toy world for a seed (also carries difficulty);
+- `ImageFolderDataset`: a directory in the Hugging Face imagefolder layout (metadata.jsonl with
+  `file_name` and a text column). A broken JSON line is an error naming the line; a missing or
+  undecodable image is skipped and counted (one warning with the count); nothing left is an error;
+- `HFDataset`: any `datasets` dataset with an image and a text column (a hub name, readable offline
+  from the local cache, or a directory written by `save_to_disk`). Needs the `data` extra.
+Images are resized (shorter side to S, bicubic) and centre-cropped to S x S.
+
+`GlobalBatches` yields, for every step, the global batch's dataset indices (a fresh permutation per
+epoch, a pure function of seed and epoch, so resuming needs no data-loader state); each process takes
+its contiguous slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aptp_export.errors import UserError
+
+log = logging.getLogger("aptp.data")
+
+
+def to_tensor(image, size: int) -> torch.Tensor:
+    """PIL image or uint8 array [H, W, 3] -> float32 [3, size, size] in [-1, 1] (resize shorter side, centre crop)."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    w, h = image.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ToyDataset:
+    """The first `n` toy-world samples of `seed` (seed >= toy.EVAL_SEED = held-out captions)."""
+
+    def __init__(self, n: int, seed: int = 0, size: int = 32):
+        from . import toy
+
+        samples = toy.samples(int(n), seed=int(seed))
+        self.size = int(size)
+        self.images = np.stack([s.image for s in samples])      # uint8 [n, 32, 32, 3]
+        self.captions = [s.caption for s in samples]
+        self.difficulty = [s.difficulty for s in samples]
+        self.descriptions = [s.description for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.size == img.shape[0]:
+            t = torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+        else:
+            t = to_tensor(img, self.size)
+        return t, self.captions[i]
+
+
+class ImageFolderDataset:
+    """`root/metadata.jsonl` rows {"file_name": ..., text_column: ...}; images relative to root."""
+
+    def __init__(self, root: str | os.PathLike, size: int, text_column: str = "text", limit: int | None = None):
+        from PIL import Image
+
+        root = Path(os.path.expanduser(str(root)))
+        if not root.is_dir():
+            raise UserError(f"data directory not found: {root}")
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise UserError(f"{root}: no metadata.jsonl (imagefolder layout: images + metadata.jsonl with "
+                            f"file_name and {text_column!r} per line)")
+        self.root, self.size = root, int(size)
+        self.files: list[Path] = []
+        self.captions: list[str] = []
+        skipped: list[str] = []
+        with open(meta, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{meta} line {lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or "file_name" not in row or text_column not in row:
+                    raise UserError(f"{meta} line {lineno}: needs 'file_name' and {text_column!r} keys")
+                text = row[text_column]
+                if isinstance(text, list):
+                    text = text[0] if text else ""
+                if not isinstance(text, str):
+                    raise UserError(f"{meta} line {lineno}: {text_column!r} must be a string")
+                path = root / row["file_name"]
+                try:
+                    with Image.open(path) as im:
+                        im.verify()
+                except Exception as e:  # missing, truncated or not an image: skip and count
+                    skipped.append(f"{row['file_name']} ({type(e).__name__})")
+                    continue
+                self.files.append(path)
+                self.captions.append(text)
+                if limit is not None and len(self.files) >= limit:
+                    break
+        self.skipped = len(skipped)
+        if skipped:
+            log.warning("%s: skipped %d image(s) that could not be read, e.g. %s", root, len(skipped),
+                        ", ".join(skipped[:3]))
+        if not self.files:
+            raise UserError(f"{root}: no readable images ({len(skipped)} skipped)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                return to_tensor(im, self.size), self.captions[i]
+        except OSError as e:
+            raise UserError(f"image {self.files[i]} failed to decode: {e}") from None
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("data.type=hf needs the `datasets` package: pip install 'aptp[data]'") from None
+    return datasets
+
+
+class HFDataset:
+    """A `datasets` dataset (hub name from the local cache, or a `save_to_disk` directory) with image and
+    text columns."""
+
+    def __init__(self, name_or_path: str, size: int, split: str = "train", image_column: str = "image",
+                 text_column: str = "text", limit: int | None = None):
+        datasets = _import_datasets()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        p = Path(os.path.expanduser(name_or_path))
+        try:
+            if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
+                ds = datasets.load_from_disk(str(p))
+            else:
+                ds = datasets.load_dataset(name_or_path, split=split)
+        except Exception as e:
+            raise UserError(f"cannot load dataset {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(f"dataset {name_or_path!r} has no split {split!r} (has {', '.join(ds)})")
+            ds = ds[split]
+        for col in (image_column, text_column):
+            if col not in ds.column_names:
+                raise UserError(f"dataset {name_or_path!r} has no column {col!r} (has {', '.join(ds.column_names)})")
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        if len(ds) == 0:
+            raise UserError(f"dataset {name_or_path!r} split {split!r} is empty")
+        self.ds, self.size, self.image_column = ds, int(size), image_column
+        self.captions = [t[0] if isinstance(t, list) else str(t) for t in ds[text_column]]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = self.ds[int(i)][self.image_column]
+        if isinstance(img, dict):  # undecoded Image feature
+            import io
+
+            img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+        elif isinstance(img, str):
+            img = Image.open(img)
+        elif isinstance(img, np.ndarray):
+            img = Image.fromarray(img)
+        return to_tensor(img, self.size), self.captions[i]
+
+
+def build_dataset(dcfg, size: int):
+    """The training dataset of a DataConfig (training/config.py) at image side `size`."""
+    if dcfg.type == "toy":
+        return ToyDataset(dcfg.num_samples, seed=dcfg.toy_seed, size=size)
+    if dcfg.type == "imagefolder":
+        return ImageFolderDataset(dcfg.path, size, text_column=dcfg.text_column, limit=dcfg.num_samples)
+    if dcfg.type == "hf":
+        return HFDataset(dcfg.path, size, split=dcfg.split, image_column=dcfg.image_column,
+                         text_column=dcfg.text_column, limit=dcfg.num_samples)
+    raise UserError(f"data.type {dcfg.type!r} is not one of toy, imagefolder, hf")
+
+
+def collate(dataset, indices) -> tuple[torch.Tensor, list[str]]:
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+class GlobalBatches:
+    """Dataset indices of the global batch of every step: epoch e is `randperm(n)` seeded by (seed, e),
+    batches are consecutive chunks of it (the incomplete last chunk is dropped)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        if batch_size > n:
+            raise UserError(f"batch size {batch_size} is larger than the dataset ({n} samples)")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.per_epoch = self.n // self.batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(int(step), self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+def local_slice(global_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This process's contiguous share of a global-batch tensor (dim 0 divisible by world_size)."""
+    n = global_rows.shape[0]
+    if n % world_size:
+        raise UserError(f"global batch {n} is not divisible by the {world_size} processes")
+    m = n // world_size
+    return global_rows[rank * m:(rank + 1) * m]
