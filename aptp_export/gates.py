@@ -1,0 +1,96 @@
+"""Gating a dense UNet with an architecture vector: forward hooks at the exact-equivalence positions.
+
+| unit kind           | hook                                   | effect                                     |
+|---------------------|----------------------------------------|--------------------------------------------|
+| `resnet_width`      | pre-hook on `resnet.conv2`              | input channels x gate (after norm2 + SiLU) |
+| `resnet_depth`      | hook on `resnet.conv2` output           | residual branch x gate -> shortcut(x)      |
+| `attn_heads`        | pre-hook on `attn.to_out[0]`            | each head's output x its gate              |
+| `ff_width`          | pre-hook on `ff.net[2]`                 | GEGLU product channels x gate              |
+| `transformer_depth` | hook on `transformer.proj_out` output   | transformer branch x gate -> its input     |
+
+Because every gate multiplies a quantity that enters the next layer linearly (after every normalisation and
+non-linearity of its own path), a gate of 0 is exactly the removal of the unit (materialize.py), and a soft
+gate interpolates smoothly. Gates are [D] (one architecture for the batch) or [B, D] (one per sample; with
+classifier-free guidance pass the vector of each of the 2B rows). Gradients flow to the vector.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .errors import UserError
+
+
+def _per_sample(gate, x, where: str):
+    """Reshape gate [C] / [B, C] so it broadcasts over x; channel axis given by `where` ("nchw" or "last")."""
+    g = gate.to(device=x.device, dtype=x.dtype)
+    if g.ndim == 2 and g.shape[0] != x.shape[0]:
+        raise UserError(f"architecture batch has {g.shape[0]} rows but the UNet is running a batch of "
+                        f"{x.shape[0]} (with classifier-free guidance repeat the vectors for both halves)")
+    if where == "nchw":
+        return g[..., None, None] if g.ndim == 2 else g[:, None, None]
+    # channels last: [B, N, C] (or [B, C])
+    if g.ndim == 2:
+        return g.reshape(g.shape[0], *([1] * (x.ndim - 2)), g.shape[1])
+    return g
+
+
+def _depth_factor(d, x):
+    """d [] or [B] -> broadcastable over x [B, ...]."""
+    d = d.to(device=x.device, dtype=x.dtype)
+    if d.ndim == 1:
+        if d.shape[0] != x.shape[0]:
+            raise UserError(f"architecture batch has {d.shape[0]} rows but the UNet is running a batch of "
+                            f"{x.shape[0]} (with classifier-free guidance repeat the vectors for both halves)")
+        return d.reshape(-1, *([1] * (x.ndim - 1)))
+    return d
+
+
+def _channel_pre_hook(arch, start, stop, unit_channels, where):
+    def hook(module, args):
+        x = args[0]
+        g = arch[..., start:stop].repeat_interleave(unit_channels, dim=-1)
+        return (x * _per_sample(g, x, where), *args[1:])
+
+    return hook
+
+
+def _depth_hook(arch, index):
+    def hook(module, args, output):
+        return output * _depth_factor(arch[..., index], output)
+
+    return hook
+
+
+@contextmanager
+def gate_hooks(space, unet, arch):
+    """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
+    a = space.as_tensor(arch)
+    space.check_unet(unet)
+    for name, m in unet.named_modules():
+        if getattr(m, "_chunk_size", None) is not None:
+            raise UserError(f"chunked feed-forward (at {name}) cannot be gated per sample; "
+                            "call unet.disable_forward_chunking()")
+    mods = dict(unet.named_modules())
+    handles = []
+    try:
+        for g in space.groups:
+            if g.kind == "resnet_width":
+                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "nchw")
+                handles.append(mods[f"{g.name}.conv2"].register_forward_pre_hook(hook))
+            elif g.kind == "attn_heads":
+                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "last")
+                handles.append(mods[f"{g.name}.to_out.0"].register_forward_pre_hook(hook))
+            elif g.kind == "ff_width":
+                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "last")
+                handles.append(mods[f"{g.name}.net.2"].register_forward_pre_hook(hook))
+            elif g.kind == "resnet_depth":
+                handles.append(mods[f"{g.name}.conv2"].register_forward_hook(_depth_hook(a, g.start)))
+            elif g.kind == "transformer_depth":
+                handles.append(mods[f"{g.name}.proj_out"].register_forward_hook(_depth_hook(a, g.start)))
+            else:  # pragma: no cover
+                raise AssertionError(g.kind)
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
