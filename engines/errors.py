@@ -1,0 +1,31 @@
+"""Errors raised by the runtime. Each message names the file, key or prompt that is wrong.
+
+`EngineError` is the base class; callers that only want "the runtime refused" catch it. The
+subclasses say which layer refused, so a server can map them to status codes.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """The runtime cannot do what was asked; the message says what and, where relevant, which file."""
+
+
+class ManifestError(EngineError):
+    """manifest.json is missing, unreadable, of an unknown format version or inconsistent."""
+
+
+class IntegrityError(EngineError):
+    """A file listed in the manifest is missing, truncated or does not match its recorded sha256."""
+
+
+class PromptError(EngineError, ValueError):
+    """A prompt (or the list of prompts) cannot be used: empty, not a string, ..."""
+
+
+class BackendError(EngineError):
+    """An inference backend is unavailable (missing package, no GPU) or failed to open a model."""
+
+
+class SchedulerConfigError(EngineError, ValueError):
+    """A scheduler config asks for something these numpy schedulers do not implement, or is invalid."""
