@@ -133,7 +133,8 @@ class PruneConfig:
     warmup_steps: int = 60               # gated by the predictor's own vector (no codes, no OT)
     batch_size: int = 32
     lr: float = 2e-2
-    scale_lr: bool = False               # multiply lr by batch_size (the reference's scale_lr)
+    codes_lr: float | None = None        # learning rate of the codes; None = lr
+    scale_lr: bool = False               # multiply lr (and codes_lr) by batch_size (the reference's scale_lr)
     lr_warmup_steps: int = 10
     weight_decay: float = 0.0
     train_unet: bool = False
@@ -150,6 +151,7 @@ class PruneConfig:
         _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, f"{p}.lr", "must be > 0", self.lr)
         _check(self.unet_lr > 0, f"{p}.unet_lr", "must be > 0", self.unet_lr)
+        _check(self.codes_lr is None or self.codes_lr > 0, f"{p}.codes_lr", "must be null or > 0", self.codes_lr)
         _check(self.lr_warmup_steps >= 0, f"{p}.lr_warmup_steps", "must be >= 0", self.lr_warmup_steps)
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0", self.weight_decay)
         _check(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be >= 1", self.checkpoint_every)

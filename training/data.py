@@ -192,6 +192,18 @@ class HFDataset:
         return to_tensor(img, self.size), self.captions[i]
 
 
+def check_data_source(dcfg) -> None:
+    """Cheap checks before any model is loaded: the data directory / extra exists."""
+    if dcfg.type == "imagefolder":
+        root = Path(os.path.expanduser(str(dcfg.path)))
+        if not root.is_dir():
+            raise UserError(f"data directory not found: {root}")
+        if not (root / "metadata.jsonl").is_file():
+            raise UserError(f"{root}: no metadata.jsonl (imagefolder layout)")
+    elif dcfg.type == "hf":
+        _import_datasets()
+
+
 def build_dataset(dcfg, size: int):
     """The training dataset of a DataConfig (training/config.py) at image side `size`."""
     if dcfg.type == "toy":

@@ -101,7 +101,7 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             for g in opt.param_groups:
                 g["lr"] = fcfg.lr * (1.0 if fcfg.lr_warmup_steps <= 0 else min(1.0, (step + 1) / fcfg.lr_warmup_steps))
             opt.step()
-            hist.append(float(loss))
+            hist.append(float(loss.detach()))
     finally:
         rec_s.remove(), rec_t.remove()
     expert.eval().requires_grad_(False)

@@ -139,8 +139,9 @@ class PruneTrainer:
                       "router.predictor.bias": self.router.predictor.bias,
                       "router.codes": self.router.codes}
         lr = pc.lr * (pc.batch_size if pc.scale_lr else 1)
+        codes_lr = pc.codes_lr * (pc.batch_size if pc.scale_lr else 1) if pc.codes_lr else lr
         groups = [{"params": [self.router.predictor.weight, self.router.predictor.bias], "lr": lr, "name": "predictor"},
-                  {"params": [self.router.codes], "lr": lr, "name": "codes"}]
+                  {"params": [self.router.codes], "lr": codes_lr, "name": "codes"}]
         if pc.train_unet:
             self.unet.requires_grad_(True)
             unet_params = [p for p in self.unet.parameters()]
@@ -199,7 +200,8 @@ class PruneTrainer:
         out = {"t": torch.randint(0, base.scheduler.config.num_train_timesteps, (b,), generator=g),
                "noise": torch.randn((b, c, h, w), generator=g),
                "gumbel": gumbel_noise((b, d), g),
-               "gumbel_codes": gumbel_noise((k, d), g)}
+               "gumbel_codes": gumbel_noise((k, d), g),
+               "tie": torch.rand((b, k), generator=g)}
         if base.vae is not None:
             out["vae_eps"] = torch.randn((b, base.latent_channels, h, w), generator=g)
         if self.cfg.data.random_flip:
@@ -238,7 +240,7 @@ class PruneTrainer:
             code_vec = self.router.arch_vectors(code_gates)
             scores = pred_vec.detach() @ code_vec.detach().t()
             assignment = assign(scores, rc.optimal_transport, rc.sinkhorn_epsilon, rc.sinkhorn_iterations,
-                                dist.all_reduce_sum if dist.distributed else None)
+                                dist.all_reduce_sum if dist.distributed else None, tie_break=mine(rnd["tie"]))
             gates = code_gates[assignment]
             code_ratio = self.s.macs_fraction(code_gates)
             ratios = code_ratio[assignment]
@@ -404,7 +406,12 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
     """Run (or resume) the pruning phase; returns the summary written to RUN/prune/summary.json."""
     from aptp_export.fileio import write_json
 
+    from .base_model import detect_layout, resolve_model_path
+    from .data import check_data_source
+
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir()
+    check_data_source(cfg.data)
+    detect_layout(resolve_model_path(cfg.model.path))
     dist = Dist.init()
     cfg = _prepare_run_dir(cfg, run_dir, resume)
     if dist.is_main:

@@ -42,9 +42,16 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
 
 
 def assign(scores: torch.Tensor, optimal_transport: bool = True, epsilon: float = 0.05, iterations: int = 3,
-           all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+           all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           tie_break: torch.Tensor | None = None) -> torch.Tensor:
     """Code index per row of `scores` [B_local, K]: argmax of the Sinkhorn plan, or of the scores
-    themselves when `optimal_transport` is False. Returns int64 [B_local]."""
-    if optimal_transport:
-        return sinkhorn(scores, epsilon, iterations, all_reduce_sum).argmax(dim=1)
-    return scores.detach().argmax(dim=1)
+    themselves when `optimal_transport` is False. Returns int64 [B_local].
+
+    tie_break: optional U(0,1) [B_local, K]; exact ties (identical codes, as right after initialisation,
+    when every gate of every code is open) are then broken at random instead of always towards the
+    lowest index, which would send the whole batch to code 0. It moves values by 1e-9 relative only.
+    """
+    q = sinkhorn(scores, epsilon, iterations, all_reduce_sum) if optimal_transport else scores.detach().double()
+    if tie_break is not None:
+        q = q + 1e-9 * q.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) * tie_break.to(q)
+    return q.argmax(dim=1)

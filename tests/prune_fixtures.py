@@ -1,0 +1,143 @@
+"""Tiny seeded base models on disk for the training tests (toy layout and Stable Diffusion layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 384,
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+}
+
+TOY_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
+                 "clip_sample": True}
+
+
+def _perturb_(module, seed: int) -> None:
+    """Non-default weights: random GroupNorm affine and biases, so no unit is trivially zero."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def write_toy_model(path: Path, unet_config: dict | None = None, seed: int = 0, max_length: int = 8) -> Path:
+    """A pixel-space model dir in the toy teacher's layout with a random tiny UNet."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(unet_config or TINY_UNET))
+    _perturb_(unet, seed)
+    path = Path(path)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(**TOY_SCHEDULER).save_pretrained(path / "scheduler")
+    (path / "text_encoder.json").write_text(json.dumps({"type": "token_states", "model": "all-MiniLM-L6-v2",
+                                                        "max_length": max_length}))
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: every byte maps to a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_tiny_clip_tokenizer(path: Path) -> None:
+    """A real CLIPTokenizer vocabulary (byte-level BPE: vocab.json + merges.txt) covering a few words."""
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "b l", "bl u", "blu e</w>",
+              "o n</w>", "t h", "th e</w>"]
+    for m in merges:
+        a, b = m.split()
+        vocab_list.append(a + b)
+    vocab_list += ["</w>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {}
+    for tok in vocab_list:
+        vocab.setdefault(tok, len(vocab))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=12)
+    tok.save_pretrained(str(path))
+
+
+def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_prediction") -> Path:
+    """A latent model dir in Stable Diffusion's layout with tiny random parts (VAE factor 2, 4 latent channels)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    write_tiny_clip_tokenizer(path / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=12,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    text.save_pretrained(str(path / "text_encoder"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    cfg = dict(TINY_UNET, sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32)
+    unet = UNet2DConditionModel(**cfg)
+    _perturb_(unet, seed)
+    unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type=prediction_type).save_pretrained(str(path / "scheduler"))
+    return path
+
+
+def tiny_config(model_dir: Path, runs_dir: Path, **sections) -> dict:
+    """A config dict for a few fast pruning steps on `model_dir`."""
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "runs_dir": str(runs_dir),
+        "model": {"path": str(model_dir)},
+        "data": {"type": "toy", "num_samples": 64},
+        "router": {"num_experts": 4},
+        "prune": {"budget": 0.6, "steps": 6, "warmup_steps": 2, "batch_size": 8, "lr": 0.05,
+                  "lr_warmup_steps": 0, "checkpoint_every": 2, "log_every": 1},
+        "finetune": {"steps": 3, "batch_size": 4},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def one_thread():
+    """Generator for a pytest fixture: tiny models run faster on one thread, above all on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
