@@ -114,8 +114,8 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
                  experts: list[int] | None = None) -> dict:
     """Fine-tune every expert of a pruned run (RUN/prune must exist). Returns RUN/experts/experts.json's content."""
     import yaml
-    from aptp_export.expert_io import save_expert
 
+    from aptp_export.expert_io import save_expert
     from aptp_export.fileio import write_json
 
     from .config import config_from_dict
