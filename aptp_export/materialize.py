@@ -83,9 +83,8 @@ class ConstantAttention(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], self.out_dim)
-        if self.bias is None:
-            return hidden_states.new_zeros(shape)
-        return self.bias.to(hidden_states.dtype).expand(shape)
+        out = hidden_states.new_zeros(shape)  # a fresh tensor, not a view of the parameter
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 class ConstantFeedForward(nn.Module):
@@ -98,9 +97,8 @@ class ConstantFeedForward(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         shape = (*hidden_states.shape[:-1], self.out_dim)
-        if self.bias is None:
-            return hidden_states.new_zeros(shape)
-        return self.bias.to(hidden_states.dtype).expand(shape)
+        out = hidden_states.new_zeros(shape)  # a fresh tensor, not a view of the parameter
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 REPLACEMENT_MODULES = (ResnetShortcut, TransformerSkip, ConstantAttention, ConstantFeedForward)

@@ -1,0 +1,75 @@
+"""Print the table of prunable units of a UNet: for every unit group its vector slice, kind (ResBlock width,
+attention heads, feed-forward width, ResBlock / transformer depth), units, channels per unit, the depth unit
+containing it and the share of the dense MACs it controls. Reads only the config (no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--unet", metavar="DIR",
+                     help="a diffusers UNet directory (config.json) or a pipeline directory containing unet/")
+    src.add_argument("--toy", action="store_true", help="the built-in toy teacher UNet (default)")
+    src.add_argument("--sd21", action="store_true", help="the Stable Diffusion 2.1 UNet architecture")
+    parser.add_argument("--depth-blocks", choices=("last", "all", "none"), default="last",
+                        help="which blocks get a depth unit (default: last = last ResBlock and transformer of "
+                             "each down/up block)")
+    parser.add_argument("--ff-groups", type=int, default=32, help="feed-forward width units per FFN (default 32)")
+    parser.add_argument("--height", type=int, default=None, help="latent height for MACs (default: sample_size)")
+    parser.add_argument("--width", type=int, default=None, help="latent width for MACs (default: height)")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="cross-attention tokens for MACs (default: 16 for the toy model, else 77)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def _read_config(directory: str) -> dict:
+    d = Path(directory)
+    for cand in (d / "config.json", d / "unet" / "config.json"):
+        if cand.is_file():
+            try:
+                cfg = json.loads(cand.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"{cand}: cannot read UNet config: {e}") from None
+            if not isinstance(cfg, dict):
+                raise UserError(f"{cand}: not a UNet config")
+            cls = cfg.get("_class_name", "UNet2DConditionModel")
+            if cls != "UNet2DConditionModel":
+                raise UserError(f"{cand}: a {cls}, expected UNet2DConditionModel")
+            return cfg
+    raise UserError(f"{d}: no config.json or unet/config.json")
+
+
+def run(args) -> int:
+    from ..arch_space import ArchSpace
+
+    text_len = args.text_len
+    if args.unet:
+        cfg = _read_config(args.unet)
+    elif args.sd21:
+        from ..unet_configs import SD21_UNET_CONFIG
+
+        cfg = SD21_UNET_CONFIG
+    else:
+        try:
+            from training.toy.model import TEXT_LEN, UNET_CONFIG
+        except ImportError as e:
+            raise UserError(f"the toy model is not available in this installation ({e}); use --unet DIR") from None
+        cfg = UNET_CONFIG
+        text_len = TEXT_LEN if text_len is None else text_len
+    if text_len is None:
+        text_len = 77
+    if text_len < 1 or (args.height is not None and args.height < 1) or (args.width is not None and args.width < 1):
+        raise UserError("--height, --width and --text-len must be positive")
+    space = ArchSpace.from_config(cfg, depth_blocks=args.depth_blocks, ff_groups=args.ff_groups)
+    height = args.height
+    width = args.width if args.width is not None else height
+    if args.json:
+        print(json.dumps({"num_units": space.num_units, "groups": space.table(height, width, text_len)}, indent=1))
+    else:
+        print(space.format_table(height, width, text_len))
+    return 0
