@@ -1,0 +1,239 @@
+"""One export spec per model: input/output names, dynamic axes, sample inputs, shape profile.
+
+The same `ExportSpec` drives `torch.onnx.export` (names, `dynamic_axes` or `dynamic_shapes`, the
+sample input it traces with), the check of the ONNX graph against torch (fresh inputs of other
+sizes), and the TensorRT optimisation profile (min/opt/max shape of every input), as in
+TensorRT's Diffusion demo. Tensor names and dtypes are the runtime's contract
+(`engines.manifest`: UNET_INPUTS, ...).
+
+Shapes are tuples of ints (static) and axis names (dynamic); an `Axis` gives the min/opt/max of a
+dynamic axis and the multiple its sizes must be (UNet height/width: a multiple of the total
+downsampling factor, otherwise the skip connections do not line up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engines.manifest import (
+    ROUTER_INPUTS,
+    ROUTER_OUTPUTS,
+    TEXT_ENCODER_INPUTS,
+    TEXT_ENCODER_OUTPUTS,
+    UNET_INPUTS,
+    UNET_OUTPUTS,
+    VAE_DECODER_INPUTS,
+    VAE_DECODER_OUTPUTS,
+)
+
+from .errors import UserError
+
+DTYPES = ("float32", "int64")
+FILLS = ("normal", "timestep", "tokens", "mask")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic axis: sizes in [min, max], `opt` is what TensorRT tunes for and what is traced."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise UserError(f"axis {self.name}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        if self.multiple_of < 1 or any(v % self.multiple_of for v in (self.min, self.opt, self.max)):
+            raise UserError(f"axis {self.name}: min/opt/max must be multiples of {self.multiple_of}")
+
+    def check(self, size: int) -> int:
+        if not self.min <= size <= self.max or size % self.multiple_of:
+            raise UserError(f"axis {self.name}: size {size} is outside [{self.min}, {self.max}] "
+                            f"or not a multiple of {self.multiple_of}")
+        return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. `fill` says how sample values are drawn: "normal" N(0,1),
+    "timestep" uniform floats in [0, high), "tokens" ints in [0, high), "mask" a right-padded 0/1
+    mask with at least one 1 per row."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    fill: str = "normal"
+    high: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES or self.fill not in FILLS:
+            raise UserError(f"tensor {self.name}: bad dtype/fill {self.dtype}/{self.fill}")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Everything export, verification and engine building need to know about one model's graph."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, Axis] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for t in (*self.inputs, *self.outputs):
+            for d in t.shape:
+                if isinstance(d, str) and d not in self.axes:
+                    raise UserError(f"{self.name}: tensor {t.name} uses undeclared axis {d!r}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def sizes(self, which: str = "opt", **override: int) -> dict[str, int]:
+        """Axis sizes: each axis' `which` ("min" | "opt" | "max") value, with overrides checked."""
+        sizes = {name: getattr(ax, which) for name, ax in self.axes.items()}
+        for name, v in override.items():
+            if name not in self.axes:
+                raise UserError(f"{self.name}: no axis {name!r} (axes: {', '.join(self.axes)})")
+            sizes[name] = self.axes[name].check(int(v))
+        return sizes
+
+    def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in tensor.shape)
+
+    def sample_inputs(self, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple:
+        """Random torch tensors for every input (in order), from a seeded generator."""
+        import torch
+
+        sizes = sizes or self.sizes()
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for t in self.inputs:
+            shape = self.shape(t, sizes)
+            if t.fill == "normal":
+                x = torch.randn(shape, generator=g)
+            elif t.fill == "timestep":
+                x = torch.rand(shape, generator=g) * (t.high or 1000)
+            elif t.fill == "tokens":
+                x = torch.randint(0, t.high or 2, shape, generator=g)
+            else:  # mask: right padding, at least one token per row
+                lengths = torch.randint(1, shape[-1] + 1, shape[:-1], generator=g)
+                x = (torch.arange(shape[-1]) < lengths[..., None]).long()
+            out.append(x.to(torch.int64 if t.dtype == "int64" else torch.float32))
+        return tuple(out)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """`dynamic_axes` for the TorchScript exporter (inputs and outputs)."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
+
+    def dynamic_shapes(self) -> dict[str, dict]:
+        """`dynamic_shapes` for the torch.export-based exporter (keys = forward argument names)."""
+        import torch
+
+        dims = {}
+        for name, ax in self.axes.items():
+            m = ax.multiple_of
+            base = torch.export.Dim(name, min=max(1, ax.min // m), max=ax.max // m)
+            dims[name] = base * m if m > 1 else base
+        return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs}
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """TensorRT optimisation profile: input name -> (min shape, opt shape, max shape)."""
+        lo, opt, hi = self.sizes("min"), self.sizes("opt"), self.sizes("max")
+        return {t.name: (self.shape(t, lo), self.shape(t, opt), self.shape(t, hi)) for t in self.inputs}
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (written next to the exported graph)."""
+        return {
+            "name": self.name,
+            "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.inputs],
+            "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.outputs],
+            "axes": {n: {"min": a.min, "opt": a.opt, "max": a.max, "multiple_of": a.multiple_of}
+                     for n, a in self.axes.items()},
+        }
+
+
+# -- the four models ---------------------------------------------------------------------------
+def _batch(name: str, batch: tuple[int, int, int]) -> Axis:
+    return Axis(name, *batch)
+
+
+def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, context_dim: int,
+              batch: tuple[int, int, int] = (1, 2, 16), out_channels: int | None = None,
+              size_range: tuple[int, int] | None = None, size_multiple: int = 8,
+              num_train_timesteps: int = 1000) -> ExportSpec:
+    """UNet: (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample.
+
+    `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG). Height and width are
+    dynamic axes with opt = sample_size and [min, max] = `size_range` (default: sample_size only),
+    multiples of `size_multiple` (2 ** number of downsamplings)."""
+    h, w = sample_size
+    lo, hi = size_range or (min(h, w), max(h, w))
+    m = size_multiple
+    axes = {
+        "batch": _batch("batch", batch),
+        "height": Axis("height", min(lo, h), h, max(hi, h), m),
+        "width": Axis("width", min(lo, w), w, max(hi, w), m),
+    }
+    return ExportSpec(
+        name="unet",
+        inputs=(
+            TensorSpec(UNET_INPUTS[0], ("batch", in_channels, "height", "width")),
+            TensorSpec(UNET_INPUTS[1], ("batch",), fill="timestep", high=num_train_timesteps),
+            TensorSpec(UNET_INPUTS[2], ("batch", text_len, context_dim)),
+        ),
+        outputs=(TensorSpec(UNET_OUTPUTS[0], ("batch", out_channels or in_channels, "height", "width")),),
+        axes=axes,
+    )
+
+
+def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,
+                      batch: tuple[int, int, int] = (1, 2, 64)) -> ExportSpec:
+    """Text encoder: (input_ids, attention_mask [B, text_len]) -> last_hidden_state [B, text_len, E]."""
+    return ExportSpec(
+        name="text_encoder",
+        inputs=(
+            TensorSpec(TEXT_ENCODER_INPUTS[0], ("batch", text_len), "int64", "tokens", vocab_size),
+            TensorSpec(TEXT_ENCODER_INPUTS[1], ("batch", text_len), "int64", "mask"),
+        ),
+        outputs=(TensorSpec(TEXT_ENCODER_OUTPUTS[0], ("batch", text_len, hidden_size)),),
+        axes={"batch": _batch("batch", batch)},
+    )
+
+
+def router_spec(max_length: int, vocab_size: int, num_experts: int, embedding_dim: int,
+                batch: tuple[int, int, int] = (1, 2, 64), opt_length: int = 16) -> ExportSpec:
+    """Router: (input_ids, attention_mask [B, S]) -> scores [B, K], embedding [B, E]; S dynamic
+    (padded to the longest prompt of the batch, at most `max_length`)."""
+    return ExportSpec(
+        name="router",
+        inputs=(
+            TensorSpec(ROUTER_INPUTS[0], ("batch", "sequence"), "int64", "tokens", vocab_size),
+            TensorSpec(ROUTER_INPUTS[1], ("batch", "sequence"), "int64", "mask"),
+        ),
+        outputs=(
+            TensorSpec(ROUTER_OUTPUTS[0], ("batch", num_experts)),
+            TensorSpec(ROUTER_OUTPUTS[1], ("batch", embedding_dim)),
+        ),
+        axes={"batch": _batch("batch", batch),
+              "sequence": Axis("sequence", 2, min(opt_length, max_length), max_length)},
+    )
+
+
+def vae_decoder_spec(latent_channels: int, latent_size: tuple[int, int], upscale: int = 8,
+                     batch: tuple[int, int, int] = (1, 1, 8), out_channels: int = 3) -> ExportSpec:
+    """VAE decoder: latent_sample [B, C, h, w] (already / scaling_factor) -> sample [B, 3, h*up, w*up]."""
+    h, w = latent_size
+    return ExportSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec(VAE_DECODER_INPUTS[0], ("batch", latent_channels, h, w)),),
+        outputs=(TensorSpec(VAE_DECODER_OUTPUTS[0], ("batch", out_channels, h * upscale, w * upscale)),),
+        axes={"batch": _batch("batch", batch)},
+    )

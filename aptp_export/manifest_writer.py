@@ -1,0 +1,268 @@
+"""Write an export directory the runtime (`engines`) reads: graphs, tokenizer, manifest.json.
+
+`write_export_dir` takes torch modules already in memory (the experts, the text encoder, the
+router's encoder and head, optionally the dense UNet and a VAE) and does the whole export:
+
+    out/
+      manifest.json                       # written last: a directory without it is not an export
+      router.onnx  text_encoder.onnx  [vae_decoder.onnx]  [router_codes.json]
+      tokenizer/tokenizer.json
+      experts/expert_00.onnx [.plan]  ...  [dense.onnx]
+      specs.json                          # the ExportSpec of every graph (for engine rebuilds)
+
+The manifest format belongs to `engines.manifest` (this module only fills its dataclasses, and
+validates the result by reading it back). `aptp export --run` loads a training run into these
+arguments; tests call it with tiny random models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engines.manifest import (
+    MANIFEST_NAME,
+    DenseInfo,
+    ExpertInfo,
+    FileRef,
+    Manifest,
+    RouterInfo,
+    SchedulerInfo,
+    TextEncoderInfo,
+    TokenizerInfo,
+    VaeDecoderInfo,
+)
+from engines.schedulers import make_scheduler, scheduler_name
+
+from .errors import UserError
+from .export_spec import ExportSpec, router_spec, text_encoder_spec, unet_spec, vae_decoder_spec
+from .fileio import atomic_path, write_json
+
+PAD_CANDIDATES = ("[PAD]", "<pad>", "<|endoftext|>")
+
+
+@dataclass
+class ExpertModel:
+    """One UNet to export with its accounting: MACs per call (batch 1, at sample_size), parameter
+    count (counted from the module when None) and `share` of training prompts routed to it."""
+
+    unet: Any
+    macs: float
+    params: int | None = None
+    share: float = 0.0
+
+
+def _aptp_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"aptp {version('aptp')}"
+    except Exception:
+        return "aptp"
+
+
+def copy_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike, pad_token: str | None = None) -> str:
+    """Copy a `tokenizers` tokenizer.json (a file, or a model dir containing one) to
+    out_dir/tokenizer/tokenizer.json with its padding token set; returns the relative path."""
+    from tokenizers import Tokenizer
+
+    src = Path(src)
+    if src.is_dir():
+        src = src / "tokenizer.json"
+    if not src.is_file():
+        raise UserError(f"{src}: no tokenizer.json (the runtime needs a fast-tokenizer file)")
+    tok = Tokenizer.from_file(str(src))
+    padding = tok.padding or {}
+    if pad_token is None:
+        pad_token = padding.get("pad_token")
+        if pad_token is None or tok.token_to_id(pad_token) is None:
+            pad_token = next((c for c in PAD_CANDIDATES if tok.token_to_id(c) is not None), None)
+    if pad_token is None or tok.token_to_id(pad_token) is None:
+        raise UserError(f"{src}: cannot find a padding token; pass pad_token=")
+    tok.enable_padding(pad_id=tok.token_to_id(pad_token), pad_token=pad_token)
+    rel = "tokenizer/tokenizer.json"
+    with atomic_path(Path(out_dir) / rel) as tmp:
+        tok.save(str(tmp))
+    return rel
+
+
+def _refs(out_dir: Path, files: dict[str, Path]) -> dict[str, FileRef]:
+    return {k: FileRef.of(out_dir, Path(p).relative_to(out_dir).as_posix()) for k, p in files.items()}
+
+
+def _count_params(module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    """Validate `manifest` by a round trip through the reader, then write it atomically."""
+    data = manifest.to_dict()
+    Manifest.from_dict(json.loads(json.dumps(data)), source="manifest being written")
+    path = Path(out_dir) / MANIFEST_NAME
+    write_json(path, data)
+    return path
+
+
+def write_export_dir(
+    out_dir: str | os.PathLike,
+    *,
+    experts: list[ExpertModel],
+    text_encoder,
+    router_encoder,
+    router_head,
+    tokenizer: str | os.PathLike,
+    scheduler_config: dict,
+    scheduler: str = "pndm",
+    sample_size: tuple[int, int],
+    in_channels: int,
+    text_len: int,
+    context_dim: int,
+    router_max_length: int,
+    embedding_dim: int,
+    dense_macs: float,
+    budget: float | None = None,
+    base_model: str = "unet",
+    vae=None,
+    vae_scaling_factor: float | None = None,
+    dense: ExpertModel | None = None,
+    codes: dict | None = None,
+    precision: str = "fp32",
+    backend: str = "onnx",
+    exporter: str = "torchscript",
+    max_batch: int = 8,
+    size_range: tuple[int, int] | None = None,
+    pad_token: str | None = None,
+    info: dict | None = None,
+    progress: bool = True,
+) -> tuple[Manifest, dict]:
+    """Export every model and write manifest.json; returns (manifest, report).
+
+    Args (shapes for batch 1 unless said): experts / dense: UNets with their MACs and shares;
+    text_encoder: transformers-style encoder giving the UNet context [B, text_len, context_dim];
+    router_encoder + router_head: prompt encoder (mean-pooled, L2-normalised, embedding_dim) and the
+    head mapping embeddings to K expert scores; tokenizer: tokenizer.json or its directory;
+    scheduler_config: diffusers scheduler config dict, `scheduler` the default sampler name;
+    sample_size / in_channels: UNet input (latent if `vae` is given); max_batch: most prompts per
+    UNet call the profiles allow (the UNet batch is twice that); size_range: (min, max) UNet
+    height/width for the dynamic axes (default: sample_size only); precision "fp32" | "fp16";
+    backend "onnx" | "tensorrt" (plans for experts and dense; checked before any work).
+    The report holds per-graph seconds and measured relative errors vs torch.
+    """
+    from tqdm import tqdm
+
+    from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
+
+    out_dir = Path(out_dir)
+    if backend not in ("onnx", "tensorrt"):
+        raise UserError(f"backend must be onnx or tensorrt, got {backend!r}")
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"precision must be fp32 or fp16, got {precision!r}")
+    if not experts:
+        raise UserError("no experts to export")
+    if (vae is None) != (vae_scaling_factor is None):
+        raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
+    name = scheduler_name(scheduler)
+    make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
+    if backend == "tensorrt":
+        from .tensorrt_build import build_engine, import_tensorrt
+
+        import_tensorrt()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / MANIFEST_NAME
+    if stale.exists():
+        stale.unlink()  # a half-rewritten directory must not look like a finished export
+
+    from tokenizers import Tokenizer
+
+    tok_rel = copy_tokenizer(tokenizer, out_dir, pad_token)
+    vocab = Tokenizer.from_file(str(out_dir / tok_rel)).get_vocab_size()
+    unet0 = experts[0].unet
+    n_down = len(getattr(unet0, "config", {}).get("block_out_channels", (0, 0, 0))) - 1
+    unet_batch = (1, 2, 2 * max_batch)
+
+    def spec_for_unet(u) -> ExportSpec:
+        out_ch = getattr(u, "config", {}).get("out_channels", in_channels)
+        return unet_spec(in_channels, sample_size, text_len, context_dim, batch=unet_batch, out_channels=out_ch,
+                         size_range=size_range, size_multiple=2 ** max(n_down, 0),
+                         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+
+    jobs: list[tuple[str, Any, ExportSpec, Path]] = [
+        ("router", RouterGraph(router_encoder, router_head),
+         router_spec(router_max_length, vocab, len(experts), embedding_dim, batch=(1, 2, 64)),
+         out_dir / "router.onnx"),
+        ("text_encoder", TextEncoderGraph(text_encoder),
+         text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64)), out_dir / "text_encoder.onnx"),
+    ]
+    if vae is not None:
+        up = 2 ** (len(vae.config.block_out_channels) - 1)
+        jobs.append(("vae_decoder", VaeDecoderGraph(vae),
+                     vae_decoder_spec(in_channels, sample_size, upscale=up, batch=(1, 1, max_batch),
+                                      out_channels=vae.config.out_channels),
+                     out_dir / "vae_decoder.onnx"))
+    for i, e in enumerate(experts):
+        jobs.append((f"expert_{i:02d}", UNetGraph(e.unet), spec_for_unet(e.unet), out_dir / "experts" / f"expert_{i:02d}.onnx"))
+    if dense is not None:
+        jobs.append(("dense", UNetGraph(dense.unet), spec_for_unet(dense.unet), out_dir / "experts" / "dense.onnx"))
+
+    report: dict[str, Any] = {"precision": precision, "exporter": exporter, "graphs": {}}
+    files: dict[str, dict[str, Path]] = {}
+    specs = {}
+    for key, module, spec, path in tqdm(jobs, desc="export", disable=not progress):
+        # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
+        prec = precision if key.startswith(("expert", "dense", "vae")) else "fp32"
+        res = export_onnx(module, spec, path, precision=prec, exporter=exporter)
+        files[key] = dict(res.files)
+        specs[key] = spec.to_dict()
+        report["graphs"][key] = {"seconds": round(res.seconds, 2), "precision": prec,
+                                 "max_rel_error": res.max_rel_error, "verified": res.verified,
+                                 **({"note": res.note} if res.note else {})}
+        if backend == "tensorrt" and key.startswith(("expert", "dense")):
+            plan = path.with_suffix(".plan")
+            b = build_engine(path, spec, plan, timing_cache=out_dir / "timing.cache")
+            files[key]["tensorrt"] = plan
+            report["graphs"][key]["tensorrt_seconds"] = round(b.seconds, 2)
+    write_json(out_dir / "specs.json", specs)
+
+    codes_ref = None
+    if codes is not None:
+        write_json(out_dir / "router_codes.json", codes)
+        codes_ref = FileRef.of(out_dir, "router_codes.json")
+
+    expert_infos = []
+    for i, e in enumerate(experts):
+        params = e.params if e.params is not None else _count_params(e.unet)
+        expert_infos.append(ExpertInfo(id=i, macs=float(e.macs), macs_fraction=float(e.macs) / float(dense_macs),
+                                       params=int(params), share=float(e.share),
+                                       files=_refs(out_dir, files[f"expert_{i:02d}"])))
+    dense_info = None
+    if dense is not None:
+        dense_info = DenseInfo(macs=float(dense.macs),
+                               params=int(dense.params if dense.params is not None else _count_params(dense.unet)),
+                               files=_refs(out_dir, files["dense"]))
+    manifest = Manifest(
+        base_model=base_model,
+        created_by=_aptp_version(),
+        precision=precision,
+        scheduler=SchedulerInfo(name, dict(scheduler_config)),
+        budget=None if budget is None else float(budget),
+        dense_macs=float(dense_macs),
+        text_len=int(text_len),
+        sample_size=(int(sample_size[0]), int(sample_size[1])),
+        in_channels=int(in_channels),
+        latent=vae is not None,
+        router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(router_max_length),
+                          num_experts=len(experts), embedding_dim=int(embedding_dim), codes=codes_ref),
+        text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(context_dim)),
+        tokenizer=TokenizerInfo(files={"json": FileRef.of(out_dir, tok_rel)}),
+        experts=expert_infos,
+        vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
+                                                            float(vae_scaling_factor)),
+        dense=dense_info,
+        info={**(info or {}), "export": report},
+    )
+    write_manifest(out_dir, manifest)
+    return manifest, report

@@ -1,0 +1,403 @@
+"""The export manifest: what an export directory holds and how the runtime checks it.
+
+`manifest.json` (format version 1) sits at the root of an export directory:
+
+    {
+      "format_version": 1,
+      "base_model": "toy-teacher",            # free text naming the dense model the experts come from
+      "created_by": "aptp 0.1.0",
+      "precision": "fp32" | "fp16",           # of the graphs' internals; graph inputs/outputs stay fp32
+      "scheduler": {"name": "pndm", "config": {...diffusers scheduler config...}},
+      "budget": 0.6 | null,                   # target MACs fraction of the pruning run
+      "dense_macs": 1.23e9,                   # MACs of one dense UNet call, batch 1, at sample_size
+      "text_len": 16,                         # token length of the UNet's text context
+      "sample_size": [32, 32],                # UNet input height, width (latent pixels if latent)
+      "in_channels": 3,                       # UNet input channels (latent channels if latent)
+      "latent": false,
+      "router": {"files": {"onnx": FILE}, "max_length": 256, "num_experts": 2, "embedding_dim": 384,
+                 "codes": FILE | null},
+      "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384},
+      "vae_decoder": null | {"files": {"onnx": FILE}, "scaling_factor": 0.18215},
+      "tokenizer": {"files": {"json": FILE}},
+      "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
+                   "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?}}, ...],
+      "dense": null | {"macs": ..., "params": ..., "files": {...}},
+      "info": {...}                           # free-form provenance (run name, config); not interpreted
+    }
+
+where FILE = {"path": "experts/expert_00.onnx", "sha256": "<64 hex>", "bytes": 123}, paths relative
+to the export directory. Every file the runtime reads is listed with its sha256; `verify_files`
+checks them all before anything runs. Unknown keys are rejected (the format version says what a
+reader can expect); `info` is the place for anything else.
+
+The graphs' interface is part of the format (names below; token ids and masks int64, the rest
+float32): UNet (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample;
+text encoder and router (input_ids, attention_mask [B,S]) -> last_hidden_state [B,S,E] /
+scores [B,K] + embedding [B,E]; VAE decoder latent_sample [B,C,h,w] (already divided by
+scaling_factor) -> sample [B,3,H,W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import IntegrityError, ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
+FILE_KINDS = ("onnx", "onnx_data", "tensorrt")
+
+# Graph interface (format version 1)
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+UNET_OUTPUTS = ("out_sample",)
+TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask")
+TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)
+ROUTER_INPUTS = ("input_ids", "attention_mask")
+ROUTER_OUTPUTS = ("scores", "embedding")
+VAE_DECODER_INPUTS = ("latent_sample",)
+VAE_DECODER_OUTPUTS = ("sample",)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- small typed readers that name the key on error -------------------------------------------
+class _Reader:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, msg: str):
+        raise ManifestError(f"{self.source}: {where}: {msg}")
+
+    def obj(self, value, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, f"expected an object, got {type(value).__name__}")
+        for key in required:
+            if key not in value:
+                self.fail(where, f"missing key {key!r}")
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            self.fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}")
+        return value
+
+    def number(self, value, where: str, lo: float | None = None, hi: float | None = None,
+            optional: bool = False) -> float | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(where, f"expected a number, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.fail(where, f"{value!r} is outside [{lo}, {hi}]")
+        return float(value)
+
+    def integer(self, value, where: str, lo: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"expected an integer, got {value!r}")
+        if lo is not None and value < lo:
+            self.fail(where, f"{value!r} is below {lo}")
+        return value
+
+    def string(self, value, where: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(where, f"expected a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            self.fail(where, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def boolean(self, value, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"expected true or false, got {value!r}")
+        return value
+
+
+# -- the dataclasses -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileRef:
+    """One file of the export: relative POSIX path, sha256 hex digest, size in bytes."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, relpath: str) -> FileRef:
+        """Hash an existing file under `root` (used by the exporter)."""
+        p = Path(root) / relpath
+        return cls(path=PurePosixPath(relpath).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size)
+
+    @classmethod
+    def _read(cls, r: _Reader, value, where: str) -> FileRef:
+        d = r.obj(value, where, ("path", "sha256", "bytes"))
+        path = r.string(d["path"], f"{where}.path")
+        pp = PurePosixPath(path)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in path:
+            r.fail(f"{where}.path", f"{path!r} must be a relative path inside the export directory")
+        digest = r.string(d["sha256"], f"{where}.sha256")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            r.fail(f"{where}.sha256", f"{digest!r} is not a lowercase hex sha256")
+        return cls(path=path, sha256=digest, bytes=r.integer(d["bytes"], f"{where}.bytes", lo=0))
+
+
+def _read_files(r: _Reader, value, where: str, required: tuple[str, ...] = ("onnx",)) -> dict[str, FileRef]:
+    d = r.obj(value, where, required, tuple(k for k in FILE_KINDS if k not in required))
+    return {k: FileRef._read(r, v, f"{where}.{k}") for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    name: str  # "ddim" | "pndm" | "euler"
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RouterInfo:
+    files: dict[str, FileRef]
+    max_length: int  # token length the router's prompt encoder was trained with
+    num_experts: int
+    embedding_dim: int
+    codes: FileRef | None = None  # the architecture codes, for provenance (the graph has what it needs)
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo:
+    files: dict[str, FileRef]
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class VaeDecoderInfo:
+    files: dict[str, FileRef]
+    scaling_factor: float
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    files: dict[str, FileRef]  # {"json": tokenizer.json}
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    id: int
+    macs: float  # MACs of one UNet call, batch 1, at sample_size
+    macs_fraction: float  # macs / dense_macs
+    params: int
+    share: float  # fraction of training prompts the router sent to this expert
+    files: dict[str, FileRef]
+
+
+@dataclass(frozen=True)
+class DenseInfo:
+    macs: float
+    params: int
+    files: dict[str, FileRef]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    base_model: str
+    precision: str
+    scheduler: SchedulerInfo
+    budget: float | None
+    dense_macs: float
+    text_len: int
+    sample_size: tuple[int, int]
+    in_channels: int
+    latent: bool
+    router: RouterInfo
+    text_encoder: TextEncoderInfo
+    tokenizer: TokenizerInfo
+    experts: list[ExpertInfo]
+    vae_decoder: VaeDecoderInfo | None = None
+    dense: DenseInfo | None = None
+    created_by: str = "aptp"
+    info: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Any, source: str = MANIFEST_NAME) -> Manifest:
+        """Validate and build; raises ManifestError naming `source` and the offending key."""
+        r = _Reader(source)
+        if not isinstance(d, dict):
+            r.fail("top level", "expected a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{source}: format_version {version!r} is not supported by this runtime "
+                f"(it reads format_version {FORMAT_VERSION}); re-export with a matching aptp version"
+            )
+        required = ("format_version", "base_model", "precision", "scheduler", "budget", "dense_macs",
+                    "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
+                    "tokenizer", "experts")
+        r.obj(d, "top level", required, ("vae_decoder", "dense", "created_by", "info"))
+
+        sch = r.obj(d["scheduler"], "scheduler", ("name", "config"))
+        if not isinstance(sch["config"], dict):
+            r.fail("scheduler.config", "expected an object")
+        scheduler = SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]))
+
+        size = d["sample_size"]
+        if not (isinstance(size, list) and len(size) == 2):
+            r.fail("sample_size", f"expected [height, width], got {size!r}")
+        sample_size = (r.integer(size[0], "sample_size[0]", lo=1), r.integer(size[1], "sample_size[1]", lo=1))
+
+        rt = r.obj(d["router"], "router", ("files", "max_length", "num_experts", "embedding_dim"), ("codes",))
+        router = RouterInfo(
+            files=_read_files(r, rt["files"], "router.files"),
+            max_length=r.integer(rt["max_length"], "router.max_length", lo=2),
+            num_experts=r.integer(rt["num_experts"], "router.num_experts", lo=1),
+            embedding_dim=r.integer(rt["embedding_dim"], "router.embedding_dim", lo=1),
+            codes=None if rt.get("codes") is None else FileRef._read(r, rt["codes"], "router.codes"),
+        )
+        te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"))
+        text_encoder = TextEncoderInfo(_read_files(r, te["files"], "text_encoder.files"),
+                                       r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1))
+        tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
+        tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",)))
+
+        latent = r.boolean(d["latent"], "latent")
+        vae = None
+        if d.get("vae_decoder") is not None:
+            v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"))
+            vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files"),
+                                 r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12))
+        if latent and vae is None:
+            r.fail("vae_decoder", "a latent model needs a vae_decoder")
+        if not latent and vae is not None:
+            r.fail("vae_decoder", "a pixel-space model (latent: false) has no vae_decoder")
+
+        if not isinstance(d["experts"], list) or not d["experts"]:
+            r.fail("experts", "expected a non-empty list")
+        experts = []
+        for i, e in enumerate(d["experts"]):
+            w = f"experts[{i}]"
+            e = r.obj(e, w, ("id", "macs", "macs_fraction", "params", "share", "files"))
+            experts.append(ExpertInfo(
+                id=r.integer(e["id"], f"{w}.id", lo=0),
+                macs=r.number(e["macs"], f"{w}.macs", lo=0),
+                macs_fraction=r.number(e["macs_fraction"], f"{w}.macs_fraction", lo=0),
+                params=r.integer(e["params"], f"{w}.params", lo=0),
+                share=r.number(e["share"], f"{w}.share", lo=0, hi=1),
+                files=_read_files(r, e["files"], f"{w}.files"),
+            ))
+        ids = [e.id for e in experts]
+        if ids != list(range(len(experts))):
+            r.fail("experts", f"ids must be 0..{len(experts) - 1} in order, got {ids}")
+        if router.num_experts != len(experts):
+            r.fail("router.num_experts", f"{router.num_experts} but {len(experts)} experts are listed")
+
+        dense = None
+        if d.get("dense") is not None:
+            dn = r.obj(d["dense"], "dense", ("macs", "params", "files"))
+            dense = DenseInfo(r.number(dn["macs"], "dense.macs", lo=0), r.integer(dn["params"], "dense.params", lo=0),
+                              _read_files(r, dn["files"], "dense.files"))
+        info = d.get("info", {})
+        if not isinstance(info, dict):
+            r.fail("info", "expected an object")
+
+        manifest = cls(
+            base_model=r.string(d["base_model"], "base_model"),
+            precision=r.string(d["precision"], "precision", PRECISIONS),
+            scheduler=scheduler,
+            budget=r.number(d["budget"], "budget", lo=0, hi=1, optional=True),
+            dense_macs=r.number(d["dense_macs"], "dense_macs", lo=0),
+            text_len=r.integer(d["text_len"], "text_len", lo=2),
+            sample_size=sample_size,
+            in_channels=r.integer(d["in_channels"], "in_channels", lo=1),
+            latent=latent,
+            router=router,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            experts=experts,
+            vae_decoder=vae,
+            dense=dense,
+            created_by=r.string(d.get("created_by", "aptp"), "created_by"),
+            info=info,
+        )
+        paths = [f.path for f in manifest.all_files()]
+        dup = sorted({p for p in paths if paths.count(p) > 1})
+        if dup:
+            r.fail("files", f"{dup[0]!r} is listed twice")
+        return manifest
+
+    # -- writing ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict in the documented key order (read back by `from_dict`)."""
+        d = asdict(self)
+        d["sample_size"] = list(self.sample_size)
+        order = ["format_version", "base_model", "created_by", "precision", "scheduler", "budget", "dense_macs",
+                 "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder", "vae_decoder",
+                 "tokenizer", "experts", "dense", "info"]
+        return {k: d[k] for k in order}
+
+    # -- queries ---------------------------------------------------------------------------------
+    def all_files(self) -> list[FileRef]:
+        """Every file the manifest lists, each once, in a stable order."""
+        groups = [self.router.files, self.text_encoder.files, self.tokenizer.files]
+        if self.vae_decoder is not None:
+            groups.append(self.vae_decoder.files)
+        groups += [e.files for e in self.experts]
+        if self.dense is not None:
+            groups.append(self.dense.files)
+        out = [f for g in groups for f in g.values()]
+        if self.router.codes is not None:
+            out.append(self.router.codes)
+        return out
+
+    def expert(self, expert_id: int) -> ExpertInfo:
+        if not 0 <= expert_id < len(self.experts):
+            raise ManifestError(f"no expert {expert_id} (the manifest lists {len(self.experts)})")
+        return self.experts[expert_id]
+
+
+def read_manifest(export_dir: str | os.PathLike) -> Manifest:
+    """Read and validate `export_dir/manifest.json` (files are not hashed here; see `verify_files`)."""
+    path = Path(export_dir) / MANIFEST_NAME
+    if not Path(export_dir).is_dir():
+        raise ManifestError(f"{export_dir}: not a directory (expected an export directory with {MANIFEST_NAME})")
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found (is this an `aptp export` output directory?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    return Manifest.from_dict(data, source=str(path))
+
+
+def verify_file(export_dir: str | os.PathLike, ref: FileRef) -> None:
+    """Raise IntegrityError naming the file if it is missing, of the wrong size or wrong sha256."""
+    path = Path(export_dir) / ref.path
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing (listed in {MANIFEST_NAME})")
+    size = path.stat().st_size
+    if size != ref.bytes:
+        what = "truncated" if size < ref.bytes else "larger than recorded"
+        raise IntegrityError(f"{path}: {what}: {size} bytes, {MANIFEST_NAME} records {ref.bytes}")
+    digest = sha256_file(path)
+    if digest != ref.sha256:
+        raise IntegrityError(
+            f"{path}: sha256 {digest[:16]}... does not match {MANIFEST_NAME} ({ref.sha256[:16]}...): "
+            "the file is corrupted or was replaced"
+        )
+
+
+def verify_files(export_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Check every listed file (existence, size, sha256); the first bad one raises IntegrityError."""
+    for ref in manifest.all_files():
+        verify_file(export_dir, ref)

@@ -1,0 +1,281 @@
+"""`Runtime`: load an export directory, route prompts to experts, generate images per expert.
+
+    rt = Runtime.load("export/NAME", provider="cpu")      # checks the manifest and every sha256
+    rt.route(["a red circle"])                            # -> [expert id]
+    images = rt.generate(prompts, steps=25, guidance_scale=7.5, seed=0)
+
+Sessions are opened lazily (an expert's graph is loaded the first time a prompt is routed to it)
+and cached. Before a session is opened its file is checked again against the manifest (size and
+modification time against what was verified at load; a changed file is hashed again), so a file
+corrupted after loading is refused too and nothing is generated from it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .denoise import denoise, initial_noise, resolve_seeds
+from .errors import EngineError
+from .images import decode, to_pil
+from .manifest import (
+    ROUTER_INPUTS,
+    ROUTER_OUTPUTS,
+    TEXT_ENCODER_INPUTS,
+    TEXT_ENCODER_OUTPUTS,
+    UNET_INPUTS,
+    UNET_OUTPUTS,
+    VAE_DECODER_INPUTS,
+    VAE_DECODER_OUTPUTS,
+    FileRef,
+    Manifest,
+    read_manifest,
+    verify_file,
+)
+from .schedulers import make_scheduler, scheduler_name
+from .sessions import Session, check_provider, open_session
+from .tokenization import PromptTokenizer, clean_prompts
+
+
+@dataclass
+class RouteResult:
+    """Routing of a list of prompts: expert ids [B] and router scores [B, K] (higher = closer)."""
+
+    expert_ids: list[int]
+    scores: np.ndarray
+
+
+@dataclass
+class GenerationResult:
+    """Images in prompt order with what made each one."""
+
+    images: list  # PIL images
+    expert_ids: list  # int per image, or "dense"
+    seeds: list[int]
+    prompts: list[str]  # the cleaned prompts actually used
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        """One JSON-ready record per image (index, prompt, expert, seed, sampler settings)."""
+        return [{"index": i, "prompt": p, "expert": e, "seed": s, "scheduler": self.scheduler,
+                 "steps": self.steps, "guidance_scale": self.guidance_scale}
+                for i, (p, e, s) in enumerate(zip(self.prompts, self.expert_ids, self.seeds, strict=True))]
+
+
+class Runtime:
+    """The deployable APTP runtime over one export directory (see the module doc)."""
+
+    def __init__(self, export_dir: str | os.PathLike, manifest: Manifest, provider: str = "cpu"):
+        self.export_dir = Path(export_dir)
+        self.manifest = manifest
+        self.provider = provider
+        self._sessions: dict[str, Session] = {}
+        self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when hashed
+        self._tokenizer: PromptTokenizer | None = None
+        self._uncond: np.ndarray | None = None
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, export_dir: str | os.PathLike, provider: str = "cpu", verify: bool = True) -> Runtime:
+        """Read `export_dir/manifest.json`, check its format version and (with `verify`) the size and
+        sha256 of every file it lists. Raises ManifestError / IntegrityError naming the file, or
+        BackendError if `provider` ("cpu" | "cuda" | "tensorrt") cannot run here."""
+        check_provider(provider)
+        manifest = read_manifest(export_dir)
+        rt = cls(export_dir, manifest, provider)
+        if provider == "tensorrt":
+            missing = [f"expert {e.id}" for e in manifest.experts if "tensorrt" not in e.files]
+            if missing:
+                raise EngineError(f"{export_dir}: provider 'tensorrt' needs TensorRT plans, none for "
+                                  f"{', '.join(missing)}; export with --backend tensorrt")
+        if verify:
+            for ref in manifest.all_files():
+                rt._verify(ref)
+        return rt
+
+    def _verify(self, ref: FileRef) -> None:
+        verify_file(self.export_dir, ref)
+        st = (self.export_dir / ref.path).stat()
+        self._verified[ref.path] = (st.st_size, st.st_mtime_ns)
+
+    def _recheck(self, ref: FileRef) -> None:
+        path = self.export_dir / ref.path
+        try:
+            st = path.stat()
+            unchanged = self._verified.get(ref.path) == (st.st_size, st.st_mtime_ns)
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            self._verify(ref)
+
+    def _session(self, key: str, files: dict[str, FileRef], inputs: tuple[str, ...],
+                 outputs: tuple[str, ...]) -> Session:
+        if key not in self._sessions:
+            kind = "tensorrt" if self.provider == "tensorrt" and "tensorrt" in files else "onnx"
+            for ref in files.values():
+                if kind == "onnx" and ref is files.get("tensorrt"):
+                    continue
+                self._recheck(ref)
+            self._sessions[key] = open_session(self.export_dir / files[kind].path, self.provider, kind,
+                                               inputs, outputs)
+        return self._sessions[key]
+
+    def _expert_session(self, expert_id) -> Session:
+        if expert_id == "dense":
+            if self.manifest.dense is None:
+                raise EngineError(f"{self.export_dir}: no dense model was exported (export with --with-dense)")
+            files = self.manifest.dense.files
+        else:
+            files = self.manifest.expert(int(expert_id)).files
+        return self._session(f"expert:{expert_id}", files, UNET_INPUTS, UNET_OUTPUTS)
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None:
+            ref = self.manifest.tokenizer.files["json"]
+            self._recheck(ref)
+            self._tokenizer = PromptTokenizer(self.export_dir / ref.path, self.manifest.text_len,
+                                              self.manifest.router.max_length)
+        return self._tokenizer
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.manifest.experts)
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> np.ndarray:
+        """UNet text context [B, text_len, hidden] float32 for prompts (validated unless internal)."""
+        prompts = clean_prompts(prompts) if _clean else list(prompts)
+        te = self._session("text_encoder", self.manifest.text_encoder.files, TEXT_ENCODER_INPUTS,
+                           TEXT_ENCODER_OUTPUTS)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = self.tokenizer.unet_tokens(prompts[i:i + batch_size])
+            out.append(te.run({TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask})[TEXT_ENCODER_OUTPUTS[0]])
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _uncond_context(self) -> np.ndarray:
+        if self._uncond is None:
+            self._uncond = self.encode_text([""], _clean=False)  # the unconditional prompt is ""
+        return self._uncond
+
+    # -- routing ---------------------------------------------------------------------------------
+    def route_scores(self, prompts: str | Sequence[str], batch_size: int = 64) -> RouteResult:
+        """Router scores [B, K] and the chosen expert (argmax) per prompt."""
+        prompts = clean_prompts(prompts)
+        _check_batch_size(batch_size)
+        router = self._session("router", self.manifest.router.files, ROUTER_INPUTS, ROUTER_OUTPUTS)
+        scores = []
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = self.tokenizer.router_tokens(prompts[i:i + batch_size])
+            scores.append(router.run({ROUTER_INPUTS[0]: ids, ROUTER_INPUTS[1]: mask})[ROUTER_OUTPUTS[0]])
+        s = np.concatenate(scores).astype(np.float32, copy=False)
+        if s.ndim != 2 or s.shape[1] != self.num_experts:
+            raise EngineError(f"router returned scores of shape {list(s.shape)}, expected [B, {self.num_experts}]")
+        if not np.isfinite(s).all():
+            raise EngineError("router returned non-finite scores")
+        return RouteResult(expert_ids=[int(k) for k in s.argmax(axis=1)], scores=s)
+
+    def route(self, prompts: str | Sequence[str], batch_size: int = 64) -> list[int]:
+        """Expert id per prompt (argmax of the router's scores)."""
+        return self.route_scores(prompts, batch_size).expert_ids
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
+                 seed: int | Sequence[int] = 0, scheduler: str | None = None, batch_size: int = 8,
+                 expert: int | str | None = None) -> list:
+        """PIL images in prompt order (see `generate_with_info` for arguments and provenance)."""
+        return self.generate_with_info(prompts, steps, guidance_scale, seed, scheduler, batch_size, expert).images
+
+    def generate_with_info(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
+                           seed: int | Sequence[int] = 0, scheduler: str | None = None, batch_size: int = 8,
+                           expert: int | str | None = None, progress=None) -> GenerationResult:
+        """Route, group prompts by expert, denoise each group with CFG, decode.
+
+        Args:
+            prompts: a string or list of strings (validated, see engines.tokenization).
+            steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance).
+            seed: int s (prompt i uses s + i) or one int per prompt (see engines.denoise).
+            scheduler: "ddim" | "pndm" | "euler", or None for the manifest's.
+            batch_size: most prompts per UNet call (the UNet batch is twice that with CFG).
+            expert: None to route; an expert id or "dense" to force one model for every prompt.
+            progress: optional callable(done_model_calls, total_model_calls).
+        Returns: GenerationResult with images, the expert of each image and the seeds used.
+        """
+        t0 = time.perf_counter()
+        prompts = clean_prompts(prompts)
+        seeds = resolve_seeds(seed, len(prompts))
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise EngineError(f"steps must be a positive integer, got {steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not np.isfinite(guidance_scale):
+            raise EngineError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        _check_batch_size(batch_size)
+        sched_name = scheduler_name(scheduler if scheduler is not None else self.manifest.scheduler.name)
+        probe = make_scheduler(sched_name, self.manifest.scheduler.config)
+        probe.set_timesteps(steps)  # validates config and steps before any work
+        calls_per_batch = len(probe.timesteps)
+        if expert is not None and expert != "dense":
+            if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)):
+                raise EngineError(f"expert must be an int id or 'dense', got {expert!r}")
+            self.manifest.expert(int(expert))
+
+        timings = {}
+        t = time.perf_counter()
+        if expert is None:
+            ids: list = self.route(prompts)
+        else:
+            ids = [expert if expert == "dense" else int(expert)] * len(prompts)
+        timings["route"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cond = self.encode_text(prompts, _clean=False)
+        uncond = self._uncond_context()
+        timings["text"] = time.perf_counter() - t
+
+        m = self.manifest
+        shape = (m.in_channels, *m.sample_size)
+        vae = None
+        if m.vae_decoder is not None:
+            vae = self._session("vae_decoder", m.vae_decoder.files, VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS)
+        images: list = [None] * len(prompts)
+        groups: dict = {}
+        for i, e in enumerate(ids):
+            groups.setdefault(e, []).append(i)
+        n_batches = sum((len(v) + batch_size - 1) // batch_size for v in groups.values())
+        done = [0]
+
+        def tick(_i, _total):
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], n_batches * calls_per_batch)
+
+        t = time.perf_counter()
+        for e, idx in groups.items():
+            unet = self._expert_session(e)
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j:j + batch_size]
+                noise = initial_noise([seeds[i] for i in chunk], shape)
+                latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond[chunk],
+                                  uncond, steps, float(guidance_scale), progress=tick)
+                pixels = decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0)
+                for i, img in zip(chunk, to_pil(pixels), strict=True):
+                    img.info["aptp_expert"] = str(e)
+                    images[i] = img
+        timings["denoise"] = time.perf_counter() - t
+        return GenerationResult(images=images, expert_ids=ids, seeds=seeds, prompts=prompts,
+                                scheduler=sched_name, steps=int(steps), guidance_scale=float(guidance_scale),
+                                seconds=time.perf_counter() - t0, timings=timings)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise EngineError(f"batch_size must be a positive integer, got {batch_size!r}")
