@@ -23,6 +23,10 @@ projection, ff output) and both attention products per kept head (QK^T and AV; s
 cross-attention N*L*d each), at batch 1. Not counted (small and not matrix products): GroupNorm, LayerNorm,
 SiLU/GELU, softmax, the attention scale, residual adds, bias adds, up-sampling interpolation, the sinusoidal
 timestep features.
+
+Stable Diffusion 2.1 at a 96x96 latent, 77 tokens: 1074.55 GMACs = convolutions 470.66 + linear layers 289.83
++ attention products 314.07. The APTP paper's 1384.2 G for the same model is within 0.32 % of counting the
+attention products twice (1388.62 G, FLOP-style for attention only); aptp always reports true MACs.
 """
 
 from __future__ import annotations
