@@ -188,7 +188,25 @@ class PruneTrainer:
         set_generator_state(self.gen, tensors["rng.shared"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(state["step"])
+        if self.dist.is_main:
+            self._truncate_log()
         return True
+
+    def _truncate_log(self) -> None:
+        """Drop log lines after the checkpoint (and a line cut by a kill), so the log reads as one run."""
+        from aptp_export.fileio import write_text
+
+        f = self.out_dir / "log.jsonl"
+        if not f.is_file():
+            return
+        keep = []
+        for line in f.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        write_text(f, "".join(x + "\n" for x in keep))
 
     # --- one step ------------------------------------------------------------------------------------
     def _draw(self, b: int) -> dict:
