@@ -134,7 +134,7 @@ class PruneConfig:
     batch_size: int = 32
     lr: float = 2e-2
     codes_lr: float | None = None        # learning rate of the codes; None = lr
-    scale_lr: bool = False               # multiply lr (and codes_lr) by batch_size (the reference's scale_lr)
+    scale_lr: bool = False               # multiply lr (and codes_lr) by sqrt(batch_size), as the reference
     lr_warmup_steps: int = 10
     weight_decay: float = 0.0
     train_unet: bool = False
@@ -184,6 +184,7 @@ class FinetuneConfig:
     allocation: str = "per_expert"
     batch_size: int = 32
     lr: float = 1e-4
+    scale_lr: bool = False               # multiply lr by sqrt(batch_size), as the reference
     lr_warmup_steps: int = 10
     weight_decay: float = 0.0
     caption_dropout: float = 0.1         # fraction of captions replaced by "" (keeps guidance working)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
     expert.train().requires_grad_(True)
     teacher.eval().requires_grad_(False)
     params = [p for p in expert.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=fcfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=fcfg.weight_decay)
+    lr = fcfg.lr * (math.sqrt(fcfg.batch_size) if fcfg.scale_lr else 1.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=fcfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     rec_s, rec_t = BlockRecorder(expert), BlockRecorder(teacher)
     n = len(indices)
@@ -99,7 +101,7 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g in opt.param_groups:
-                g["lr"] = fcfg.lr * (1.0 if fcfg.lr_warmup_steps <= 0 else min(1.0, (step + 1) / fcfg.lr_warmup_steps))
+                g["lr"] = lr * (1.0 if fcfg.lr_warmup_steps <= 0 else min(1.0, (step + 1) / fcfg.lr_warmup_steps))
             opt.step()
             hist.append(float(loss.detach()))
     finally:

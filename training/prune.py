@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,9 @@ class PruneTrainer:
         self.named = {"router.predictor.weight": self.router.predictor.weight,
                       "router.predictor.bias": self.router.predictor.bias,
                       "router.codes": self.router.codes}
-        lr = pc.lr * (pc.batch_size if pc.scale_lr else 1)
-        codes_lr = pc.codes_lr * (pc.batch_size if pc.scale_lr else 1) if pc.codes_lr else lr
+        scale = math.sqrt(pc.batch_size) if pc.scale_lr else 1.0  # the reference's square-root scaling rule
+        lr = pc.lr * scale
+        codes_lr = pc.codes_lr * scale if pc.codes_lr else lr
         groups = [{"params": [self.router.predictor.weight, self.router.predictor.bias], "lr": lr, "name": "predictor"},
                   {"params": [self.router.codes], "lr": codes_lr, "name": "codes"}]
         if pc.train_unet:
