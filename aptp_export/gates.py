@@ -16,9 +16,17 @@ classifier-free guidance pass the vector of each of the 2B rows). Gradients flow
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 from .errors import UserError
+
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()  # UNets currently inside gate_hooks
+
+
+def is_gated(unet) -> bool:
+    """True while `unet` is inside a `space.gated(...)` context."""
+    return unet in _ACTIVE
 
 
 def _per_sample(gate, x, where: str):
@@ -67,12 +75,15 @@ def gate_hooks(space, unet, arch):
     """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
     a = space.as_tensor(arch)
     space.check_unet(unet)
+    if is_gated(unet):
+        raise UserError("this UNet is already gated; nested space.gated() contexts would multiply the gates")
     for name, m in unet.named_modules():
         if getattr(m, "_chunk_size", None) is not None:
             raise UserError(f"chunked feed-forward (at {name}) cannot be gated per sample; "
                             "call unet.disable_forward_chunking()")
     mods = dict(unet.named_modules())
     handles = []
+    _ACTIVE.add(unet)
     try:
         for g in space.groups:
             if g.kind == "resnet_width":
@@ -94,3 +105,4 @@ def gate_hooks(space, unet, arch):
     finally:
         for h in handles:
             h.remove()
+        _ACTIVE.discard(unet)

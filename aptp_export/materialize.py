@@ -264,6 +264,10 @@ def materialize(space, unet, arch):
     if a.ndim != 1:
         raise UserError(f"materialize takes one architecture vector [D], got shape {list(a.shape)}")
     space.check_unet(unet)
+    from .gates import is_gated
+
+    if is_gated(unet):
+        raise UserError("materialize the dense UNet outside space.gated(): the copy would inherit the gates")
     keep = a.detach().cpu().numpy() > 0.5
     base = [*unet.parameters(), *unet.buffers()]
     base_ids = {id(t) for t in base}

@@ -82,11 +82,16 @@ def arch_suite(space, n: int, seed: int) -> list[tuple[str, torch.Tensor]]:
     (whole blocks dropped, whole width groups emptied, all but one head, every depth unit off)."""
     rng = np.random.default_rng(seed)
     out = [("ones", torch.ones(space.num_units))]
+    if n > 1:  # every width group emptied, every block kept: only shortcuts and constant branches remain
+        a = np.ones(space.num_units, dtype=np.float32)
+        for g in space.width_groups:
+            a[g.start:g.stop] = 0.0
+        out.append(("all_width_empty", torch.from_numpy(a)))
     width = space.width_groups
     depth = space.depth_groups
     attn = [g for g in width if g.kind == "attn_heads"]
     modes = ["random", "drop_blocks", "empty_groups", "one_head", "no_depth", "mixed"]
-    for i in range(1, n):
+    for i in range(len(out), n):
         keep = float(rng.uniform(0.2, 1.0))
         a = (rng.random(space.num_units) < keep).astype(np.float32)
         mode = modes[i % len(modes)]

@@ -219,6 +219,12 @@ def test_gated_restores_model_even_on_exception(toy):
             with space.gated(unet, a):
                 unet(x, t, ctx)
                 raise RuntimeError("boom")
+        with space.gated(unet, a):
+            with pytest.raises(UserError, match="already gated"):
+                with space.gated(unet, a):
+                    pass
+            with pytest.raises(UserError, match="outside"):
+                space.materialize(unet, a)
         y2 = unet(x, t, ctx).sample
     assert torch.equal(y0, y2) and _hooks(unet) == hooks
     assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
