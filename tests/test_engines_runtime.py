@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from engines_export_fixture import ANCHORS, build_export, copy_export, psnr, torch_reference
 
 from engines import EngineError, IntegrityError, ManifestError, PromptError, Runtime
-from engines_export_fixture import ANCHORS, build_export, copy_export, psnr, torch_reference
 
 STEPS = 8
 MIXED = [ANCHORS[0], ANCHORS[1], "a red circle", "the letter K above a square", "a blue background"]

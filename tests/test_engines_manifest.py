@@ -1,0 +1,110 @@
+"""engines.manifest: round trip, validation messages that name the key, file verification."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from engines.errors import IntegrityError, ManifestError
+from engines.manifest import (
+    FORMAT_VERSION,
+    ExpertInfo,
+    FileRef,
+    Manifest,
+    RouterInfo,
+    SchedulerInfo,
+    TextEncoderInfo,
+    TokenizerInfo,
+    VaeDecoderInfo,
+    read_manifest,
+    sha256_file,
+    verify_files,
+)
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A manifest over small dummy files (the runtime tests use real graphs)."""
+    names = ["router.onnx", "text_encoder.onnx", "tokenizer/tokenizer.json", "experts/expert_00.onnx",
+             "experts/expert_01.onnx"]
+    for i, n in enumerate(names):
+        p = tmp_path / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([i]) * (100 + i))
+    ref = lambda n: FileRef.of(tmp_path, n)  # noqa: E731
+    m = Manifest(
+        base_model="toy", precision="fp32", scheduler=SchedulerInfo("pndm", {"beta_schedule": "linear"}),
+        budget=0.6, dense_macs=1e9, text_len=16, sample_size=(32, 32), in_channels=3, latent=False,
+        router=RouterInfo({"onnx": ref("router.onnx")}, max_length=256, num_experts=2, embedding_dim=384),
+        text_encoder=TextEncoderInfo({"onnx": ref("text_encoder.onnx")}, hidden_size=384),
+        tokenizer=TokenizerInfo({"json": ref("tokenizer/tokenizer.json")}),
+        experts=[ExpertInfo(i, 5e8, 0.5, 1000, 0.5, {"onnx": ref(f"experts/expert_0{i}.onnx")}) for i in (0, 1)],
+        info={"run": "test"},
+    )
+    (tmp_path / "manifest.json").write_text(json.dumps(m.to_dict()))
+    return tmp_path, m
+
+
+def test_round_trip_and_verify(export):
+    d, m = export
+    back = read_manifest(d)
+    assert back == m
+    assert back.format_version == FORMAT_VERSION
+    assert [f.path for f in back.all_files()][:2] == ["router.onnx", "text_encoder.onnx"]
+    verify_files(d, back)
+    assert FileRef.of(d, "router.onnx").sha256 == sha256_file(d / "router.onnx")
+
+
+def _broken(m: Manifest, edit) -> dict:
+    data = copy.deepcopy(m.to_dict())
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.pop("experts"), "missing key 'experts'"),
+    (lambda d: d.update(surprise=1), "unknown key\\(s\\) 'surprise'"),
+    (lambda d: d.update(format_version="1"), "format_version '1' is not supported"),
+    (lambda d: d.pop("format_version"), "format_version None is not supported"),
+    (lambda d: d.update(precision="int8"), "precision: 'int8' is not one of fp32, fp16"),
+    (lambda d: d.update(budget=1.5), "budget: 1.5 is outside"),
+    (lambda d: d.update(sample_size=[32]), "sample_size"),
+    (lambda d: d["experts"][1].update(macs="big"), "experts\\[1\\].macs: expected a number"),
+    (lambda d: d["experts"][1].update(id=5), "ids must be 0..1 in order"),
+    (lambda d: d["experts"][0]["files"]["onnx"].update(sha256="xyz"), "experts\\[0\\].files.onnx.sha256"),
+    (lambda d: d["experts"][0]["files"]["onnx"].update(path="../../etc/passwd"), "must be a relative path"),
+    (lambda d: d["experts"][0]["files"]["onnx"].update(path="/abs.onnx"), "must be a relative path"),
+    (lambda d: d["experts"][0]["files"].update(weights={}), "unknown key\\(s\\) 'weights'"),
+    (lambda d: d["router"].update(num_experts=3), "router.num_experts: 3 but 2 experts"),
+    (lambda d: d.update(latent=True), "a latent model needs a vae_decoder"),
+    (lambda d: d["experts"][1]["files"].update(onnx=d["experts"][0]["files"]["onnx"]), "listed twice"),
+    (lambda d: d["scheduler"].update(config=[1]), "scheduler.config: expected an object"),
+])
+def test_validation_names_the_key(export, edit, match):
+    _, m = export
+    with pytest.raises(ManifestError, match=match):
+        Manifest.from_dict(_broken(m, edit), source="x/manifest.json")
+
+
+def test_vae_section(export):
+    d, m = export
+    data = _broken(m, lambda x: x.update(latent=True, vae_decoder={
+        "files": {"onnx": FileRef.of(d, "router.onnx").__dict__ | {"path": "router.onnx"}}, "scaling_factor": 0.18}))
+    with pytest.raises(ManifestError, match="listed twice"):  # a path may not serve two roles
+        Manifest.from_dict(data)
+    (d / "vae.onnx").write_bytes(b"v")
+    data["vae_decoder"]["files"]["onnx"] = FileRef.of(d, "vae.onnx").__dict__
+    back = Manifest.from_dict(data)
+    assert back.vae_decoder == VaeDecoderInfo({"onnx": FileRef.of(d, "vae.onnx")}, 0.18)
+
+
+def test_verify_reports_first_bad_file(export):
+    d, m = export
+    (d / "experts" / "expert_01.onnx").write_bytes(b"\x09" * 104)  # same size, other content
+    with pytest.raises(IntegrityError, match=r"expert_01\.onnx: sha256"):
+        verify_files(d, m)
+    (d / "experts" / "expert_01.onnx").write_bytes(b"\x01" * 300)
+    with pytest.raises(IntegrityError, match=r"expert_01\.onnx: larger than recorded: 300 bytes"):
+        verify_files(d, m)
