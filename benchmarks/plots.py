@@ -1,0 +1,58 @@
+"""PNG plots of benchmark rows (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency against MACs",
+                    batch: int | None = None) -> Path:
+    """Scatter of latency fraction against MACs fraction per backend, with the y = x line.
+
+    Points under the line are experts whose latency fell faster than their MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aptp_export.fileio import atomic_path
+
+    sel = [r for r in rows if batch is None or r["batch"] == batch]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    lo = min([r["macs_fraction"] for r in sel] + [r["latency_fraction"] for r in sel] + [0.3])
+    ax.plot([lo * 0.9, 1.05], [lo * 0.9, 1.05], "k--", lw=1, label="latency = MACs")
+    markers = {"onnxruntime": "o", "torch": "s", "tensorrt": "^"}
+    for backend in sorted({r["backend"] for r in sel}):
+        for b in sorted({r["batch"] for r in sel}):
+            pts = [r for r in sel if r["backend"] == backend and r["batch"] == b]
+            ax.scatter([r["macs_fraction"] for r in pts], [r["latency_fraction"] for r in pts],
+                       marker=markers.get(backend, "x"), label=f"{backend}, UNet batch {b}")
+            for r in pts:
+                if r["expert"] != "dense":
+                    ax.annotate(str(r["expert"]).replace("expert_", "e"), (r["macs_fraction"], r["latency_fraction"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MACs / dense MACs")
+    ax.set_ylabel("median latency / dense median latency")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows -> a Markdown table; columns are (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key, "")
+            cells.append(format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])

@@ -1,0 +1,148 @@
+"""Latency of one UNet evaluation per model and backend, side by side, against its MACs.
+
+A "model under test" is the dense UNet or one expert, available as an ONNX graph (onnxruntime),
+a TensorRT plan, and/or a torch module (eager). For every batch size the models of one backend
+are timed in alternating rounds (benchmarks.timing.interleaved); `latency_fraction` is a model's
+median over the dense model's median for the same backend and batch, to be read against
+`macs_fraction`. The batch is the UNet batch of `prompts` prompts with classifier-free guidance,
+i.e. 2 x prompts samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .timing import interleaved
+
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+
+
+@dataclass
+class ModelUnderTest:
+    name: str                      # "dense" or "expert_00", ...
+    macs: float                    # MACs of one call, batch 1
+    macs_fraction: float
+    params: int = 0
+    onnx: Path | None = None
+    plan: Path | None = None
+    load_torch: Callable[[], object] | None = None   # returns an eval-mode torch UNet
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputShape:
+    in_channels: int
+    height: int
+    width: int
+    text_len: int
+    context_dim: int
+
+
+def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of a CFG-doubled UNet call for `prompts` prompts."""
+    rng = np.random.default_rng(seed)
+    n = 2 * prompts
+    return {
+        UNET_INPUTS[0]: rng.standard_normal((n, shape.in_channels, shape.height, shape.width), dtype=np.float32),
+        UNET_INPUTS[1]: np.full((n,), 500.0, dtype=np.float32),
+        UNET_INPUTS[2]: rng.standard_normal((n, shape.text_len, shape.context_dim), dtype=np.float32),
+    }
+
+
+def _ort_callable(path: Path, feeds: dict, threads: int = 0):
+    from engines.sessions import OrtSession
+
+    sess = OrtSession(path, "cpu", threads=threads)
+    return lambda: sess.run(feeds)
+
+
+def _trt_callable(path: Path, feeds: dict):
+    from engines.tensorrt_session import TensorRTSession
+
+    sess = TensorRTSession(path)
+    return lambda: sess.run(feeds)
+
+
+def _torch_callable(module, feeds: dict):
+    import torch
+
+    args = [torch.from_numpy(feeds[k]) for k in UNET_INPUTS]
+
+    def call():
+        with torch.inference_mode():
+            return module(*args, return_dict=False)[0]
+
+    return call
+
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+def available_backends(models: list[ModelUnderTest]) -> list[str]:
+    out = []
+    if all(m.onnx is not None for m in models):
+        out.append("onnxruntime")
+    if all(m.load_torch is not None for m in models):
+        out.append("torch")
+    if all(m.plan is not None for m in models):
+        out.append("tensorrt")
+    return out
+
+
+def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_batch: list[int],
+                backends: list[str], warmup: int = 2, repeats: int = 10, progress=None) -> list[dict]:
+    """One row per (model, backend, prompts): medians, p90 and fractions against the dense model.
+
+    `models` must contain one named "dense" (the reference of latency_fraction)."""
+    if not any(m.name == "dense" for m in models):
+        raise ValueError("bench_unets needs the dense model as reference (name 'dense')")
+    torch_modules = {}
+    rows = []
+    for backend in backends:
+        for prompts in prompts_per_batch:
+            feeds = unet_feeds(shape, prompts)
+            fns = {}
+            for m in models:
+                if backend == "onnxruntime":
+                    fns[m.name] = _ort_callable(m.onnx, feeds)
+                elif backend == "tensorrt":
+                    fns[m.name] = _trt_callable(m.plan, feeds)
+                elif backend == "torch":
+                    if m.name not in torch_modules:
+                        torch_modules[m.name] = m.load_torch()
+                    fns[m.name] = _torch_callable(torch_modules[m.name], feeds)
+                else:
+                    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+            timings = interleaved(fns, warmup=warmup, repeats=repeats)
+            dense = timings["dense"].median_ms
+            for m in models:
+                t = timings[m.name]
+                rows.append({
+                    "expert": m.name, "backend": backend, "batch": 2 * prompts, "prompts": prompts,
+                    "macs": m.macs, "macs_fraction": m.macs_fraction, "params": m.params,
+                    **t.as_dict(), "latency_fraction": t.median_ms / dense,
+                    "latency_over_macs": (t.median_ms / dense) / m.macs_fraction,
+                    **m.extra,
+                })
+            if progress is not None:
+                progress(backend, prompts)
+            del fns
+    return rows
+
+
+def speedups(rows: list[dict], slow: str = "torch", fast: str = "onnxruntime") -> list[dict]:
+    """Per (model, batch): median latency of `slow` over `fast` backend."""
+    idx = {(r["expert"], r["batch"], r["backend"]): r for r in rows}
+    out = []
+    for (name, batch, backend), r in idx.items():
+        if backend != fast or (name, batch, slow) not in idx:
+            continue
+        s = idx[(name, batch, slow)]
+        out.append({"expert": name, "batch": batch, f"{slow}_ms": s["latency_ms_median"],
+                    f"{fast}_ms": r["latency_ms_median"],
+                    "speedup": s["latency_ms_median"] / r["latency_ms_median"]})
+    return out
