@@ -96,11 +96,15 @@ class ArchSpace:
             raise UserError(f"depth_blocks must be one of {', '.join(DEPTH_BLOCK_CHOICES)}, got {depth_blocks!r}")
         if not isinstance(ff_groups, int) or isinstance(ff_groups, bool) or ff_groups < 1:
             raise UserError(f"ff_groups must be a positive integer, got {ff_groups!r}")
-        self.unet_config = clean_config(unet_config)
+        if not isinstance(unet_config, dict) and not hasattr(unet_config, "items"):
+            raise UserError(f"a UNet config must be a dict, got {type(unet_config).__name__}")
+        model = _model if _model is not None else _build_structure(clean_config(unet_config))
+        # The full config (diffusers' defaults filled in), so that a space built from a partial config
+        # recognises every UNet built from it.
+        self.unet_config = clean_config(model.config)
         self.depth_blocks = depth_blocks
         self.ff_groups = ff_groups
         self.config_key = config_key(self.unet_config)
-        model = _model if _model is not None else _build_structure(self.unet_config)
         self.dense_params = int(sum(p.numel() for p in model.parameters()))
         self._ref_shapes = _shapes(model)
         groups, terms, program = _Discovery(model, self.unet_config, depth_blocks, ff_groups).run()

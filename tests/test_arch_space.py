@@ -81,6 +81,16 @@ def test_reference_depth_units_and_options():
         ArchSpace.from_config(TOY, ff_groups=7)
 
 
+def test_space_from_partial_config_accepts_models_built_from_it(toy):
+    unet, space = toy
+    again = ArchSpace.from_config(TOY)  # a partial config: diffusers fills in its defaults
+    assert again == space and again.unet_config["act_fn"] == "silu"
+    with torch.no_grad(), again.gated(unet, again.ones()):
+        pass
+    with pytest.raises(UserError, match="config differs"):
+        ArchSpace.from_config({**TOY, "attention_head_dim": (2, 2, 4)}).check_unet(unet)  # same shapes, other heads
+
+
 def test_to_dict_round_trip_is_json():
     space = ArchSpace.from_config(SD1_LIKE, depth_blocks="all", ff_groups=16)
     d = json.loads(json.dumps(space.to_dict()))
