@@ -1,0 +1,36 @@
+"""Export a training run's experts, router and shared parts to ONNX (and TensorRT engines).
+
+Writes OUT/manifest.json (read by the torch-free runtime `engines`), router.onnx, text_encoder.onnx,
+experts/expert_XX.onnx (and .plan with --backend tensorrt), the tokenizer, and with --with-dense the
+dense UNet as the latency reference. Every graph passes onnx.checker and is compared with its torch
+model on fresh random inputs (fp32: relative error <= 1e-4) or the export fails.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--run", required=True, metavar="DIR", help="training run directory (after aptp finetune)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
+    parser.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+                        help="onnx (default) or tensorrt (ONNX + TensorRT plans; needs a GPU and aptp[tensorrt])")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="graph precision")
+    parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")
+    parser.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), default="ddim",
+                        help="default sampler recorded in the manifest (the runtime can override it)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most prompts per UNet call the profiles allow")
+
+
+def run(args) -> int:
+    from ..errors import UserError
+    from ..export_run import export_run
+
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
+    manifest, _ = export_run(args.run, args.out, backend=args.backend, precision=args.precision,
+                             with_dense=args.with_dense, scheduler=args.scheduler, max_batch=args.max_batch)
+    print(f"exported {len(manifest.experts)} experts to {args.out} ({manifest.precision})")
+    for e in manifest.experts:
+        print(f"  expert {e.id:2d}: {e.macs / 1e6:8.1f} MMACs ({e.macs_fraction:.2f} of dense), "
+              f"{e.params / 1e6:.2f} M params, share {e.share:.2f}")
+    return 0

@@ -1,0 +1,87 @@
+"""Export a finished training run (RUN/prune + RUN/experts) to an engines directory.
+
+    manifest, report = export_run("runs/toy", "export/toy", with_dense=True)
+
+Loads the run's resolved config, its base model, the router (predictor + codes) and every
+fine-tuned expert file, and hands them to `manifest_writer.write_export_dir`, which exports and
+verifies every graph against torch and writes manifest.json last. Expert MACs come from the
+architecture space at the model's sample size and text length (batch 1, true MACs); `share` is the
+fraction of training prompts the router sent to each expert at the end of the pruning phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _read_run(run_dir: Path):
+    import yaml
+
+    from training.config import config_from_dict
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir}: not a training run (no config.yaml)")
+    if not (run_dir / "prune" / "router.json").is_file():
+        raise UserError(f"{run_dir}: the pruning phase has not finished (no prune/router.json); run `aptp prune`")
+    return config_from_dict(yaml.safe_load(cfg_path.read_text()))
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnx",
+               precision: str = "fp32", with_dense: bool = False, scheduler: str = "ddim", max_batch: int = 8,
+               progress: bool = True):
+    """Export run `run_dir` to `out_dir`; returns (manifest, report) of write_export_dir."""
+    from training.base_model import load_base_model
+    from training.finetune import expert_dir
+    from training.router import Router
+    from training.text import SentenceEncoder
+
+    from . import ArchSpace, load_expert
+    from .expert_io import read_expert_info
+    from .manifest_writer import ExpertModel, write_export_dir
+
+    run_dir = Path(run_dir)
+    cfg = _read_run(run_dir)
+    router = Router.load(run_dir / "prune")
+    meta = json.loads((run_dir / "prune" / "router.json").read_text())
+    k = router.num_experts
+    missing = [expert_dir(run_dir, i) for i in range(k) if not (expert_dir(run_dir, i) / "arch.json").is_file()]
+    if missing:
+        raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
+                        f"{missing[0]}); run `aptp finetune --run {run_dir}`")
+    base = load_base_model(cfg.model)
+    if base.kind == "latent":
+        # The runtime reads one tokenizer.json for both the UNet's text encoder and the router's
+        # sentence encoder; a CLIP text encoder with a MiniLM/mpnet router needs two.
+        raise UserError(f"{base.path}: exporting latent (Stable Diffusion) runs needs two tokenizers in the "
+                        "export (CLIP for the UNet, the sentence encoder's for the router); not supported yet")
+    space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
+    h = w = base.sample_size
+    text_len = base.text_len
+    dense_macs = space.dense_macs(h, w, text_len)
+    shares = meta.get("train_shares") or [0.0] * k
+    experts = []
+    for i in range(k):
+        unet = load_expert(expert_dir(run_dir, i))
+        _, arch, _ = read_expert_info(expert_dir(run_dir, i))
+        if arch.numel() != space.num_units:
+            raise UserError(f"{expert_dir(run_dir, i)}: its vector has {arch.numel()} units, the base model's space "
+                            f"{space.num_units}; the expert was not made from this run's base model")
+        macs = space.macs(arch.tolist(), h, w, text_len)
+        experts.append(ExpertModel(unet, macs, share=float(shares[i])))
+    sentence = SentenceEncoder(cfg.router.sentence_encoder)
+    text_model = base.text_encoder.enc.model  # pixel models: the MiniLM token states (training.text.TextEncoder)
+    dense = ExpertModel(base.unet, dense_macs, share=0.0) if with_dense else None
+    return write_export_dir(
+        out_dir, experts=experts, text_encoder=text_model, router_encoder=sentence.model,
+        router_head=router.scorer(), tokenizer=sentence.model_dir, scheduler_config=dict(base.scheduler.config),
+        scheduler=scheduler, sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
+        context_dim=int(base.unet.config.cross_attention_dim), router_max_length=int(sentence.max_seq_length),
+        embedding_dim=router.embed_dim, dense_macs=dense_macs, budget=cfg.prune.budget,
+        base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None, precision=precision,
+        backend=backend, max_batch=max_batch, info={"run": str(run_dir), "arch_space": space.to_dict()},
+        progress=progress)
