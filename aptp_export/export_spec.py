@@ -133,8 +133,9 @@ class ExportSpec:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
 
-    def dynamic_shapes(self) -> dict[str, dict]:
-        """`dynamic_shapes` for the torch.export-based exporter (keys = forward argument names)."""
+    def dynamic_shapes(self) -> tuple[dict, ...]:
+        """`dynamic_shapes` for the torch.export-based exporter: one {dim: Dim} per input, positionally
+        (so the forward's argument names need not match the tensor names)."""
         import torch
 
         dims = {}
@@ -142,7 +143,7 @@ class ExportSpec:
             m = ax.multiple_of
             base = torch.export.Dim(name, min=max(1, ax.min // m), max=ax.max // m)
             dims[name] = base * m if m > 1 else base
-        return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs}
+        return tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs)
 
     def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT optimisation profile: input name -> (min shape, opt shape, max shape)."""
