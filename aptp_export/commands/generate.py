@@ -46,20 +46,23 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    bars = []  # created at the first model call, so a refused request prints nothing but its error
+
+    def progress(done, total):
+        if not bars:
+            bars.append(tqdm(desc="denoise", unit="call", total=total))
+        bars[0].update(done - bars[0].n)
+
     try:
         rt = Runtime.load(args.engines, provider=args.provider)
-        bar = tqdm(desc="denoise", unit="call")
-
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
         result = rt.generate_with_info(prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                                        scheduler=args.scheduler, batch_size=args.batch_size, expert=expert,
                                        progress=progress)
-        bar.close()
     except EngineError as e:
         raise UserError(str(e)) from None
+    finally:
+        for bar in bars:
+            bar.close()
     out.mkdir(parents=True, exist_ok=True)
     records = result.records()
     for rec, img in zip(records, result.images, strict=True):

@@ -1,0 +1,74 @@
+"""TensorRT engine building and the TensorRT session. The GPU tests skip when tensorrt (or a GPU) is
+absent; the "missing extra" behaviour is tested everywhere else."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from engines_export_fixture import tiny_unet
+
+from aptp_export.export_spec import unet_spec
+from aptp_export.onnx_export import UNetGraph, export_onnx
+from aptp_export.tensorrt_build import TensorRTUnavailable, build_engine, tensorrt_available
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the missing-extra path cannot be exercised")
+def test_missing_tensorrt_names_the_extra(tmp_path):
+    spec = unet_spec(3, (16, 16), 16, 32)
+    with pytest.raises(TensorRTUnavailable, match=r'pip install "aptp\[tensorrt\]"'):
+        build_engine(tmp_path / "x.onnx", spec, tmp_path / "x.plan")
+    assert not tensorrt_available()
+
+    from engines import BackendError, Runtime
+
+    with pytest.raises(BackendError, match=r'aptp\[tensorrt\]'):
+        Runtime.load(tmp_path, provider="tensorrt")  # refused before the directory is even read
+
+    from aptp_export.manifest_writer import ExpertModel, write_export_dir
+
+    out = tmp_path / "export"
+    with pytest.raises(TensorRTUnavailable, match="tensorrt"):
+        write_export_dir(out, experts=[ExpertModel(torch.nn.Identity(), 1.0)], text_encoder=None,
+                         router_encoder=None, router_head=None, tokenizer=tmp_path, scheduler_config={},
+                         sample_size=(16, 16), in_channels=3, text_len=16, context_dim=32, router_max_length=64,
+                         embedding_dim=32, dense_macs=1.0, backend="tensorrt", progress=False)
+    assert not out.exists(), "nothing may be exported when the backend cannot be built"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not (HAS_TRT and tensorrt_available()), reason="needs tensorrt and an NVIDIA GPU")
+def test_engine_matches_onnxruntime(tmp_path):
+    """Build a plan from the same ExportSpec as the ONNX graph and compare the TensorRT session with
+    onnxruntime on shapes inside the profile; a shape outside it is refused with a clear error."""
+    from engines import BackendError
+    from engines.sessions import OrtSession
+    from engines.tensorrt_session import TensorRTSession
+
+    unet = tiny_unet((8, 16), 3, 16, seed=4)
+    spec = unet_spec(3, (16, 16), 16, 32, batch=(1, 2, 8), size_multiple=2)
+    onnx_path = tmp_path / "u.onnx"
+    export_onnx(UNetGraph(unet), spec, onnx_path)
+    cache = tmp_path / "timing.cache"
+    res = build_engine(onnx_path, spec, tmp_path / "u.plan", timing_cache=cache)
+    assert res.plan.is_file() and cache.is_file()
+    trt_sess = TensorRTSession(res.plan, expected_inputs=tuple(spec.input_names))
+    ort_sess = OrtSession(onnx_path)
+    for n in (1, 2, 6):
+        x, t, e = (v.numpy() for v in spec.sample_inputs(spec.sizes(batch=n), seed=n))
+        feeds = {"sample": x, "timestep": t, "encoder_hidden_states": e}
+        a, b = trt_sess.run(feeds)["out_sample"], ort_sess.run(feeds)["out_sample"]
+        # TensorRT may use TF32 for fp32 convolutions/matmuls on Ampere and later
+        assert np.abs(a - b).max() / np.abs(b).max() <= 5e-3
+    with pytest.raises(BackendError, match="outside the engine's profile"):
+        x, t, e = (v.numpy() for v in spec.sample_inputs(spec.sizes(batch=8), seed=0))
+        trt_sess.run({"sample": np.concatenate([x, x]), "timestep": np.concatenate([t, t]),
+                      "encoder_hidden_states": np.concatenate([e, e])})
+    # rebuilding with the timing cache works and is not slower by much
+    build_engine(onnx_path, spec, tmp_path / "u2.plan", timing_cache=cache)
