@@ -116,7 +116,9 @@ class ArchSpace:
     # ---------------------------------------------------------------- construction and serialisation
     @classmethod
     def from_unet(cls, unet, depth_blocks: str = "last", ff_groups: int = 32) -> ArchSpace:
-        """The space of a dense `UNet2DConditionModel` (its config must describe its weights)."""
+        """The space of a dense `UNet2DConditionModel` (its config must describe its weights); DDP /
+        accelerate / torch.compile wrappers are looked through."""
+        unet = unwrap_unet(unet)
         check_unet_class(unet)
         cfg = clean_config(unet.config)
         model = _build_structure(cfg)
@@ -371,10 +373,27 @@ class ArchSpace:
 
 
 # ==================================================================== support checks
-def check_unet_class(unet) -> None:
+def unwrap_unet(unet):
+    """The UNet2DConditionModel inside DistributedDataParallel / accelerate / torch.compile wrappers."""
+    seen = 0
+    while seen < 8 and not _is_unet(unet):
+        inner = getattr(unet, "module", None)
+        if inner is None:
+            inner = getattr(unet, "_orig_mod", None)
+        if inner is None:
+            break
+        unet, seen = inner, seen + 1
+    return unet
+
+
+def _is_unet(m) -> bool:
     from diffusers import UNet2DConditionModel
 
-    if not isinstance(unet, UNet2DConditionModel):
+    return isinstance(m, UNet2DConditionModel)
+
+
+def check_unet_class(unet) -> None:
+    if not _is_unet(unet):
         raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
 
 

@@ -73,7 +73,10 @@ def _depth_hook(arch, index):
 @contextmanager
 def gate_hooks(space, unet, arch):
     """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
+    from .arch_space import unwrap_unet
+
     a = space.as_tensor(arch)
+    unet = unwrap_unet(unet)  # hooks on the inner modules also act through DDP / compile wrappers
     space.check_unet(unet)
     if is_gated(unet):
         raise UserError("this UNet is already gated; nested space.gated() contexts would multiply the gates")

@@ -263,9 +263,11 @@ def materialize(space, unet, arch):
     a = space.as_tensor(arch)
     if a.ndim != 1:
         raise UserError(f"materialize takes one architecture vector [D], got shape {list(a.shape)}")
-    space.check_unet(unet)
+    from .arch_space import unwrap_unet
     from .gates import is_gated
 
+    unet = unwrap_unet(unet)
+    space.check_unet(unet)
     if is_gated(unet):
         raise UserError("materialize the dense UNet outside space.gated(): the copy would inherit the gates")
     keep = a.detach().cpu().numpy() > 0.5

@@ -240,6 +240,30 @@ def test_gated_restores_model_even_on_exception(toy):
     assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
 
 
+def test_wrapped_unet_is_looked_through(toy):
+    unet, space = toy
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel / accelerate look like
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    x, t, ctx = inputs(TOY, 16, 1, 4, seed=2)
+    a = space.sample(torch.Generator().manual_seed(9), keep=0.5)
+    with torch.no_grad():
+        with space.gated(Wrapper(unet), a):
+            y_wrapped = unet(x, t, ctx).sample
+        with space.gated(unet, a):
+            y = unet(x, t, ctx).sample
+        assert torch.equal(y, y_wrapped)
+        expert = space.materialize(Wrapper(unet), a)
+        assert rel_err(y, expert(x, t, ctx).sample) < 1e-5
+    assert ArchSpace.from_unet(Wrapper(unet)) == space
+
+
 def test_gated_per_sample_equals_one_at_a_time_and_is_differentiable(toy):
     unet, space = toy
     x, t, ctx = inputs(TOY, 16, 3, 4, seed=1)
