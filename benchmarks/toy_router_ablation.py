@@ -1,0 +1,184 @@
+"""The router's acceptance figures on the toy teacher and toy world (CPU, tens of minutes).
+
+    python -m benchmarks.toy_router_ablation --out runs/ablation [--model DIR] [--steps 240] [--ft-steps 240]
+
+Runs (each a normal `aptp prune` run directory under --out, reused when already complete):
+  ot_b50     K=8, budget 0.50, optimal transport            -> shares, MACs levels, easy vs hard
+  noot_b50   K=8, budget 0.50, nearest code (OT disabled)   -> shares (the ablation)
+  ot_b75     K=8, budget 0.75, optimal transport            -> mean MACs vs budget
+  k1         K=1 (the paper's Uni-Arch), budget = ot_b50's held-out mean MACs
+Then ot_b50's experts and k1's single expert are fine-tuned with the same total number of steps on the
+same training set (`finetune.allocation=split`), and both are compared on held-out samples: mean squared
+error of the routed expert's output to the dense teacher's (fixed noise, 5 timesteps).
+Held-out prompts: the first --heldout samples of the toy world's evaluation seed (captions never seen in
+training). Writes OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--model", default=None, help="base model dir (default: the shipped toy teacher)")
+    p.add_argument("--config", default="toy", help="base config (file or packaged name)")
+    p.add_argument("--steps", type=int, default=None, help="pruning steps (default: the config's)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the config's)")
+    p.add_argument("--ft-steps", type=int, default=240, help="total fine-tuning steps of each method")
+    p.add_argument("--heldout", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--only", default=None, help="comma-separated subset of runs: ot_b50,noot_b50,ot_b75,k1,ft")
+    p.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    return p.parse_args(argv)
+
+
+def _prune(name, out: Path, base_cfg, overrides, args) -> Path:
+    from training.config import load_config
+    from training.prune import run_prune
+
+    run = out / name
+    if (run / "prune" / "router.json").is_file():
+        print(f"[{name}] reusing {run}")
+        return run
+    ov = list(args.set) + list(overrides) + [f"name={name}", f"runs_dir={out}"]
+    if args.model:
+        ov.append(f"model.path={args.model}")
+    if args.steps:
+        ov.append(f"prune.steps={args.steps}")
+    if args.warmup is not None:
+        ov.append(f"prune.warmup_steps={args.warmup}")
+    cfg = load_config(base_cfg, overrides=ov)
+    t0 = time.time()
+    resume = (run / "prune" / "checkpoints" / "latest.json").is_file()
+    run_prune(cfg, run, resume=resume)
+    print(f"[{name}] pruned in {time.time() - t0:.0f} s")
+    return run
+
+
+def _routing(run: Path, captions, difficulty):
+    from training.evaluation import RunEvaluator
+
+    ev = RunEvaluator(run)
+    r = ev.routing(captions, difficulty)
+    r.pop("assignment")
+    return ev, r
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from training import toy
+    from training.config import resolve_config_arg
+    from training.data import ToyDataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_cfg = resolve_config_arg(args.config)
+    only = set(args.only.split(",")) if args.only else {"ot_b50", "noot_b50", "ot_b75", "k1", "ft"}
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    held = ToyDataset(args.heldout, seed=toy.EVAL_SEED)
+    caps, diff = held.captions, held.difficulty
+    results["heldout"] = {"n": len(caps), "seed": toy.EVAL_SEED,
+                          "difficulty_counts": {d: diff.count(d) for d in sorted(set(diff))}}
+
+    def save():
+        from aptp_export.fileio import write_json
+
+        write_json(results_path, results)
+
+    for name, ov in (("ot_b50", ["prune.budget=0.5"]), ("noot_b50", ["prune.budget=0.5", "router.optimal_transport=false"]),
+                     ("ot_b75", ["prune.budget=0.75"])):
+        if name not in only:
+            continue
+        run = _prune(name, out, base_cfg, ov, args)
+        _, r = _routing(run, caps, diff)
+        r["budget"] = float(ov[0].split("=")[1])
+        r["distinct_macs_levels"] = len({round(m, 3) for m in r["expert_macs"]})
+        results[name] = r
+        save()
+        print(f"[{name}] shares {[round(s, 3) for s in r['shares']]} max {r['max_share']:.3f} "
+              f"mean MACs {r['mean_macs']:.4f} (budget {r['budget']}) levels {r['distinct_macs_levels']} "
+              f"easy {r['groups']['easy']['mean_macs']:.3f} hard {r['groups']['hard']['mean_macs']:.3f}")
+
+    if "k1" in only:
+        target = results.get("ot_b50", {}).get("mean_macs", 0.5)
+        run = _prune("k1", out, base_cfg, ["router.num_experts=1", f"prune.budget={target:.4f}"], args)
+        _, r = _routing(run, caps, diff)
+        r["budget"] = round(target, 4)
+        results["k1"] = r
+        save()
+        print(f"[k1] MACs {r['mean_macs']:.4f} (budget {target:.4f})")
+
+    if "ft" in only:
+        from training.evaluation import RunEvaluator, distill_error
+        from training.finetune import run_finetune
+
+        comp = {}
+        for name in ("ot_b50", "k1"):
+            run = out / name
+            ev = RunEvaluator(run)
+            a = ev.router.route(ev.embeddings(caps))
+            before = distill_error(ev.materialized_experts(), a, ev.base.unet, ev.base, held, progress=True)
+            if not (run / "experts" / "experts.json").is_file():
+                _set_finetune(run, args.ft_steps)
+                t0 = time.time()
+                run_finetune(run, resume=True)
+                print(f"[{name}] fine-tuned in {time.time() - t0:.0f} s")
+            after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, progress=True)
+            macs = ev.expert_macs()
+            comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
+                          "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],
+                          "finetune_steps_total": args.ft_steps}
+            print(f"[{name}] held-out distillation MSE {before['mse']:.5f} -> {after['mse']:.5f} "
+                  f"at mean MACs {comp[name]['mean_macs']:.4f}")
+        results["finetune"] = comp
+        save()
+    _write_markdown(out, results)
+    print(f"results: {results_path}")
+    return 0
+
+
+def _set_finetune(run: Path, steps: int) -> None:
+    """Same total fine-tuning steps for every method: `split` shares them by routed samples."""
+    import yaml
+
+    from training.config import config_from_dict, save_config
+
+    d = yaml.safe_load((run / "config.yaml").read_text())
+    d["finetune"]["steps"] = steps
+    d["finetune"]["allocation"] = "split"
+    save_config(config_from_dict(d), run / "config.yaml")
+
+
+def _write_markdown(out: Path, res: dict) -> None:
+    lines = ["# Toy router ablation", "", f"Held-out prompts: {res['heldout']['n']} "
+             f"({res['heldout']['difficulty_counts']})", ""]
+    lines += ["| run | budget | mean MACs | max share | shares | experts' MACs | easy | medium | hard |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in ("ot_b50", "noot_b50", "ot_b75", "k1"):
+        if name not in res:
+            continue
+        r = res[name]
+        g = r.get("groups", {})
+        lines.append(f"| {name} | {r['budget']} | {r['mean_macs']:.4f} | {r['max_share']:.3f} | "
+                     f"{' '.join(f'{s:.2f}' for s in r['shares'])} | {' '.join(f'{m:.3f}' for m in r['expert_macs'])} | "
+                     + " | ".join(f"{g[d]['mean_macs']:.3f}" if d in g else "-" for d in ("easy", "medium", "hard")) + " |")
+    if "finetune" in res:
+        lines += ["", "| method | mean MACs | held-out MSE to teacher, before fine-tuning | after |", "|---|---|---|---|"]
+        for name, r in res["finetune"].items():
+            lines.append(f"| {name} | {r['mean_macs']:.4f} | {r['mse_before_finetune']:.5f} | {r['mse_after_finetune']:.5f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
