@@ -64,9 +64,11 @@ def _aptp_version() -> str:
         return "aptp"
 
 
-def copy_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike, pad_token: str | None = None) -> str:
-    """Copy a `tokenizers` tokenizer.json (a file, or a model dir containing one) to
-    out_dir/tokenizer/tokenizer.json with its padding token set; returns the relative path."""
+def copy_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike, pad_token: str | None = None,
+                   rel: str = "tokenizer/tokenizer.json") -> str:
+    """Copy a `tokenizers` tokenizer.json (a file, or a model dir containing one) to out_dir/`rel`
+    with its padding token set (give `pad_token` when the model pads with a token that is not in the
+    file's padding section or named [PAD]/<pad>, e.g. "!" for SD 2's CLIP); returns `rel`."""
     from tokenizers import Tokenizer
 
     src = Path(src)
@@ -83,7 +85,6 @@ def copy_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike, pad_token
     if pad_token is None or tok.token_to_id(pad_token) is None:
         raise UserError(f"{src}: cannot find a padding token; pass pad_token=")
     tok.enable_padding(pad_id=tok.token_to_id(pad_token), pad_token=pad_token)
-    rel = "tokenizer/tokenizer.json"
     with atomic_path(Path(out_dir) / rel) as tmp:
         tok.save(str(tmp))
     return rel
@@ -135,6 +136,9 @@ def write_export_dir(
     max_batch: int = 8,
     size_range: tuple[int, int] | None = None,
     pad_token: str | None = None,
+    router_tokenizer: str | os.PathLike | None = None,
+    router_pad_token: str | None = None,
+    text_encoder_uses_mask: bool = True,
     info: dict | None = None,
     progress: bool = True,
 ) -> tuple[Manifest, dict]:
@@ -143,7 +147,10 @@ def write_export_dir(
     Args (shapes for batch 1 unless said): experts / dense: UNets with their MACs and shares;
     text_encoder: transformers-style encoder giving the UNet context [B, text_len, context_dim];
     router_encoder + router_head: prompt encoder (mean-pooled, L2-normalised, embedding_dim) and the
-    head mapping embeddings to K expert scores; tokenizer: tokenizer.json or its directory;
+    head mapping embeddings to K expert scores; tokenizer: the text encoder's tokenizer.json or its
+    directory (pad_token overrides its padding token); router_tokenizer / router_pad_token: the
+    router encoder's, when it is another model (default: the same file); text_encoder_uses_mask:
+    False for encoders their pipeline calls without an attention mask (SD's CLIP);
     scheduler_config: diffusers scheduler config dict, `scheduler` the default sampler name;
     sample_size / in_channels: UNet input (latent if `vae` is given); max_batch: most prompts per
     UNet call the profiles allow (the UNet batch is twice that); size_range: (min, max) UNet
@@ -179,7 +186,12 @@ def write_export_dir(
     from tokenizers import Tokenizer
 
     tok_rel = copy_tokenizer(tokenizer, out_dir, pad_token)
+    tok_files = {"json": tok_rel}
+    if router_tokenizer is not None:
+        tok_files["router_json"] = copy_tokenizer(router_tokenizer, out_dir, router_pad_token,
+                                                  rel="tokenizer/router/tokenizer.json")
     vocab = Tokenizer.from_file(str(out_dir / tok_rel)).get_vocab_size()
+    router_vocab = Tokenizer.from_file(str(out_dir / tok_files.get("router_json", tok_rel))).get_vocab_size()
     unet0 = experts[0].unet
     n_down = len(getattr(unet0, "config", {}).get("block_out_channels", (0, 0, 0))) - 1
     unet_batch = (1, 2, 2 * max_batch)
@@ -192,9 +204,9 @@ def write_export_dir(
 
     jobs: list[tuple[str, Any, ExportSpec, Path]] = [
         ("router", RouterGraph(router_encoder, router_head),
-         router_spec(router_max_length, vocab, len(experts), embedding_dim, batch=(1, 2, 64)),
+         router_spec(router_max_length, router_vocab, len(experts), embedding_dim, batch=(1, 2, 64)),
          out_dir / "router.onnx"),
-        ("text_encoder", TextEncoderGraph(text_encoder),
+        ("text_encoder", TextEncoderGraph(text_encoder, use_attention_mask=text_encoder_uses_mask),
          text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64)), out_dir / "text_encoder.onnx"),
     ]
     if vae is not None:
@@ -257,7 +269,7 @@ def write_export_dir(
         router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(router_max_length),
                           num_experts=len(experts), embedding_dim=int(embedding_dim), codes=codes_ref),
         text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(context_dim)),
-        tokenizer=TokenizerInfo(files={"json": FileRef.of(out_dir, tok_rel)}),
+        tokenizer=TokenizerInfo(files={k: FileRef.of(out_dir, v) for k, v in tok_files.items()}),
         experts=expert_infos,
         vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
                                                             float(vae_scaling_factor)),

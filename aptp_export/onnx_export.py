@@ -75,14 +75,19 @@ def _last_hidden_state(encoder: nn.Module, input_ids, attention_mask):
 
 
 class TextEncoderGraph(nn.Module):
-    """(input_ids, attention_mask) -> last_hidden_state of a transformers-style encoder."""
+    """(input_ids, attention_mask) -> last_hidden_state of a transformers-style encoder.
 
-    def __init__(self, encoder: nn.Module):
+    `use_attention_mask=False` reproduces pipelines that call the encoder without a mask (Stable
+    Diffusion's CLIP text encoder): the exported graph then has no attention_mask input, and the
+    runtime feeds only the inputs a graph has."""
+
+    def __init__(self, encoder: nn.Module, use_attention_mask: bool = True):
         super().__init__()
         self.encoder = encoder
+        self.use_attention_mask = use_attention_mask
 
     def forward(self, input_ids, attention_mask):
-        return _last_hidden_state(self.encoder, input_ids, attention_mask)
+        return _last_hidden_state(self.encoder, input_ids, attention_mask if self.use_attention_mask else None)
 
 
 def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -199,7 +204,9 @@ def _compare(path: Path, module: nn.Module, spec: ExportSpec, seed: int) -> dict
     options = ort.SessionOptions()
     options.log_severity_level = 3
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    outs = sess.run(spec.output_names, {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)})
+    graph_inputs = {i.name for i in sess.get_inputs()}  # an input torch never reads is not in the graph
+    feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True) if t.name in graph_inputs}
+    outs = sess.run(spec.output_names, feeds)
     errors = {}
     for name, o, r in zip(spec.output_names, outs, ref, strict=True):
         r = r.detach().float().numpy()

@@ -18,7 +18,8 @@
                  "codes": FILE | null},
       "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384},
       "vae_decoder": null | {"files": {"onnx": FILE}, "scaling_factor": 0.18215},
-      "tokenizer": {"files": {"json": FILE}},
+      "tokenizer": {"files": {"json": FILE, "router_json": FILE?}},  # router_json: when the router's
+                                              # prompt encoder tokenises differently (CLIP UNet + MiniLM router)
       "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
                    "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?}}, ...],
       "dense": null | {"macs": ..., "params": ..., "files": {...}},
@@ -154,8 +155,9 @@ class FileRef:
         return cls(path=path, sha256=digest, bytes=r.integer(d["bytes"], f"{where}.bytes", lo=0))
 
 
-def _read_files(r: _Reader, value, where: str, required: tuple[str, ...] = ("onnx",)) -> dict[str, FileRef]:
-    d = r.obj(value, where, required, tuple(k for k in FILE_KINDS if k not in required))
+def _read_files(r: _Reader, value, where: str, required: tuple[str, ...] = ("onnx",),
+                allowed: tuple[str, ...] = FILE_KINDS) -> dict[str, FileRef]:
+    d = r.obj(value, where, required, tuple(k for k in allowed if k not in required))
     return {k: FileRef._read(r, v, f"{where}.{k}") for k, v in d.items()}
 
 
@@ -188,7 +190,13 @@ class VaeDecoderInfo:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    files: dict[str, FileRef]  # {"json": tokenizer.json}
+    """{"json": the text encoder's tokenizer.json, "router_json": the router's, when it differs}."""
+
+    files: dict[str, FileRef]
+
+    @property
+    def router_file(self) -> FileRef:
+        return self.files.get("router_json", self.files["json"])
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,8 @@ class Manifest:
         text_encoder = TextEncoderInfo(_read_files(r, te["files"], "text_encoder.files"),
                                        r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1))
         tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
-        tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",)))
+        tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",),
+                                              allowed=("json", "router_json")))
 
         latent = r.boolean(d["latent"], "latent")
         vae = None

@@ -141,10 +141,12 @@ class Runtime:
     @property
     def tokenizer(self) -> PromptTokenizer:
         if self._tokenizer is None:
-            ref = self.manifest.tokenizer.files["json"]
-            self._recheck(ref)
-            self._tokenizer = PromptTokenizer(self.export_dir / ref.path, self.manifest.text_len,
-                                              self.manifest.router.max_length)
+            info = self.manifest.tokenizer
+            for ref in info.files.values():
+                self._recheck(ref)
+            self._tokenizer = PromptTokenizer(self.export_dir / info.files["json"].path, self.manifest.text_len,
+                                              self.manifest.router.max_length,
+                                              self.export_dir / info.router_file.path)
         return self._tokenizer
 
     @property
@@ -155,12 +157,16 @@ class Runtime:
     def encode_text(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> np.ndarray:
         """UNet text context [B, text_len, hidden] float32 for prompts (validated unless internal)."""
         prompts = clean_prompts(prompts) if _clean else list(prompts)
-        te = self._session("text_encoder", self.manifest.text_encoder.files, TEXT_ENCODER_INPUTS,
+        # input_ids is required; attention_mask is optional: a text encoder run without a mask (CLIP in
+        # Stable Diffusion pipelines) is exported without that input
+        te = self._session("text_encoder", self.manifest.text_encoder.files, TEXT_ENCODER_INPUTS[:1],
                            TEXT_ENCODER_OUTPUTS)
         out = []
         for i in range(0, len(prompts), batch_size):
             ids, mask = self.tokenizer.unet_tokens(prompts[i:i + batch_size])
-            out.append(te.run({TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask})[TEXT_ENCODER_OUTPUTS[0]])
+            feeds = {TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask}
+            feeds = {k: v for k, v in feeds.items() if k in te.input_names}
+            out.append(te.run(feeds)[TEXT_ENCODER_OUTPUTS[0]])
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _uncond_context(self) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Prompt validation and tokenisation with the `tokenizers` library (no transformers).
 
-The export directory carries the text model's `tokenizer.json`; the same file serves two token
-layouts, both giving the ids transformers' tokenizer gives with the same settings:
+The export directory carries the text model's `tokenizer.json` (and the router's own when its prompt
+encoder is another model, e.g. a CLIP UNet with a MiniLM router); they give two token layouts, both
+the ids transformers' tokenizer gives with the same settings:
 
 - UNet context (text encoder): padded to exactly `text_len` and truncated to it
   (transformers: `padding="max_length", truncation=True, max_length=text_len`).
@@ -70,29 +71,33 @@ class PromptTokenizer:
     """Token ids and attention masks (int64) for the text encoder and the router.
 
     Args:
-        tokenizer_json: path of a `tokenizers` tokenizer.json.
+        tokenizer_json: path of a `tokenizers` tokenizer.json (the text encoder's).
         text_len: UNet context length (pad and truncate to exactly this).
         router_max_length: truncation length of the router's prompt encoder.
+        router_tokenizer_json: the router's tokenizer.json if it differs (default: the same file).
     """
 
-    def __init__(self, tokenizer_json: str | os.PathLike, text_len: int, router_max_length: int):
+    def __init__(self, tokenizer_json: str | os.PathLike, text_len: int, router_max_length: int,
+                 router_tokenizer_json: str | os.PathLike | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a runtime dependency
             raise BackendError('the runtime needs `tokenizers`: pip install "aptp[runtime]"') from e
-        try:
-            base = Tokenizer.from_file(str(tokenizer_json))
-        except Exception as e:
-            raise BackendError(f"{tokenizer_json}: cannot be read as a tokenizer.json ({e})") from None
-        pad_id, pad_token = self._pad_token(base, tokenizer_json)
         self.text_len = int(text_len)
         self.router_max_length = int(router_max_length)
 
-        self._unet = Tokenizer.from_file(str(tokenizer_json))
+        def load(path):
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as e:
+                raise BackendError(f"{path}: cannot be read as a tokenizer.json ({e})") from None
+            return tok, *self._pad_token(tok, path)
+
+        self._unet, pad_id, pad_token = load(tokenizer_json)
         self._unet.enable_truncation(max_length=self.text_len)
         self._unet.enable_padding(length=self.text_len, pad_id=pad_id, pad_token=pad_token)
 
-        self._router = Tokenizer.from_file(str(tokenizer_json))
+        self._router, pad_id, pad_token = load(router_tokenizer_json or tokenizer_json)
         self._router.enable_truncation(max_length=self.router_max_length)
         self._router.enable_padding(pad_id=pad_id, pad_token=pad_token)  # to the longest in the batch
 

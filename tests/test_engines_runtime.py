@@ -222,3 +222,23 @@ def test_file_corrupted_after_load_is_refused_at_first_use(pixel, tmp_path):
     with pytest.raises(IntegrityError, match=r"expert_00\.onnx"):
         rt.generate([ANCHORS[0]], steps=2)
     assert "expert:0" not in rt._sessions
+
+
+def test_separate_router_tokenizer_is_used(pixel, tmp_path):
+    """tokenizer.files.router_json (a router encoder that tokenises differently from the UNet's text
+    encoder, e.g. MiniLM router + CLIP UNet) feeds the router; the UNet side keeps tokenizer.json."""
+    from engines.manifest import FileRef
+
+    d = copy_export(pixel, tmp_path / "x")
+    tok = json.loads((d / "tokenizer" / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False  # upper-case words become [UNK] for the router only
+    (d / "tokenizer" / "router").mkdir()
+    (d / "tokenizer" / "router" / "tokenizer.json").write_text(json.dumps(tok))
+    m = json.loads((d / "manifest.json").read_text())
+    m["tokenizer"]["files"]["router_json"] = FileRef.of(d, "tokenizer/router/tokenizer.json").__dict__
+    (d / "manifest.json").write_text(json.dumps(m))
+    shouting = ANCHORS[1].upper()
+    base, split = Runtime.load(pixel.dir), Runtime.load(d)
+    assert np.allclose(split.route_scores([ANCHORS[0]]).scores, base.route_scores([ANCHORS[0]]).scores, atol=1e-6)
+    assert not np.allclose(split.route_scores([shouting]).scores, base.route_scores([shouting]).scores, atol=1e-3)
+    np.testing.assert_array_equal(split.encode_text([shouting]), base.encode_text([shouting]))

@@ -192,3 +192,18 @@ def test_argument_validation(tmp_path):
                           ({"opset": 13}, "opset")]:
         with pytest.raises(ValueError, match=match):
             export_onnx(torch.nn.Identity(), spec, tmp_path / "x.onnx", **kwargs)
+
+
+def test_text_encoder_without_mask_input(tmp_path):
+    """Stable Diffusion calls CLIP without an attention mask: the graph then has input_ids only, and
+    the check against torch feeds only the inputs the graph has."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=2, pad_token_id=1)).eval()
+    res = export_onnx(TextEncoderGraph(clip, use_attention_mask=False), text_encoder_spec(77, 32, 1000),
+                      tmp_path / "clip.onnx")
+    assert res.max_rel_error["last_hidden_state"] <= 1e-4
+    assert [i.name for i in _ort(tmp_path / "clip.onnx").get_inputs()] == ["input_ids"]
