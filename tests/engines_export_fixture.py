@@ -117,11 +117,11 @@ class Export:
 
 
 @functools.cache
-def build_export(kind: str = "pixel") -> Export:
+def build_export(kind: str = "pixel", precision: str = "fp32") -> Export:
     """Export the tiny models once per session into a temporary directory (removed at exit)."""
     from aptp_export.manifest_writer import ExpertModel, write_export_dir
 
-    out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_"))
+    out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_{precision}_"))
     atexit.register(shutil.rmtree, out, True)
     latent = kind == "latent"
     in_ch, size = (4, 8) if latent else (3, 16)
@@ -141,7 +141,7 @@ def build_export(kind: str = "pixel") -> Export:
             text_len=TEXT_LEN, context_dim=HIDDEN, router_max_length=256, embedding_dim=HIDDEN,
             dense_macs=float(max(params)), budget=0.5, base_model=f"tiny-{kind}", vae=vae,
             vae_scaling_factor=0.3 if latent else None, max_batch=4, info={"test": True}, progress=False,
-            codes={"codes": [[1, 0, 1], [0, 1, 1]]},
+            codes={"codes": [[1, 0, 1], [0, 1, 1]]}, precision=precision,
         )
     return Export(out, kind, unets, encoder, head, vae, manifest, report)
 

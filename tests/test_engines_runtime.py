@@ -242,3 +242,17 @@ def test_separate_router_tokenizer_is_used(pixel, tmp_path):
     assert np.allclose(split.route_scores([ANCHORS[0]]).scores, base.route_scores([ANCHORS[0]]).scores, atol=1e-6)
     assert not np.allclose(split.route_scores([shouting]).scores, base.route_scores([shouting]).scores, atol=1e-3)
     np.testing.assert_array_equal(split.encode_text([shouting]), base.encode_text([shouting]))
+
+
+@pytest.mark.slow
+def test_fp16_export_runs_and_stays_close(pixel):
+    """fp16 graphs (fp32 I/O) run in the same runtime; images stay close to the fp32 ones."""
+    half = build_export("pixel", "fp16")
+    rt16, rt32 = Runtime.load(half.dir), Runtime.load(pixel.dir)
+    assert rt16.manifest.precision == "fp16"
+    a = rt16.generate_with_info(list(ANCHORS), steps=STEPS, seed=11)
+    b = rt32.generate_with_info(list(ANCHORS), steps=STEPS, seed=11)
+    assert a.expert_ids == b.expert_ids
+    values = [psnr(_arr(x), _arr(y)) for x, y in zip(a.images, b.images, strict=True)]
+    print("fp16 vs fp32 PSNR (dB):", [round(float(v), 1) for v in values])
+    assert min(values) >= 30
