@@ -141,3 +141,30 @@ def test_router_scorer_exports_to_onnx(tmp_path):
     z2 = torch.nn.functional.normalize(torch.randn(11, 5), dim=-1)
     got = sess.run(None, {"embeddings": z2.numpy()})[0]
     assert torch.allclose(torch.from_numpy(got), r.inference_scores(z2), atol=1e-5)
+
+
+def test_codes_from_predictor_kmeans_recovers_prompt_clusters():
+    torch.manual_seed(0)
+    lay = _layout()
+    r = Router(lay, embed_dim=6, num_experts=3, seed=0)
+    with torch.no_grad():
+        r.predictor.weight.copy_(torch.randn(9, 6) * 8)
+    centres = torch.nn.functional.normalize(torch.randn(3, 6), dim=-1)
+    truth = torch.arange(60) % 3
+    z = torch.nn.functional.normalize(centres[truth] + 0.002 * torch.randn(60, 6), dim=-1)
+    a = r.init_codes_from_predictor_(z, torch.Generator().manual_seed(1))
+    # every true cluster maps to one code, different clusters to different codes (if their gates differ)
+    pred_vec = r.arch_vectors(r.gates(r.predict(centres), None))
+    distinct = len({tuple(v.tolist()) for v in pred_vec})
+    mapping = {int(t): set(a[truth == t].tolist()) for t in range(3)}
+    assert all(len(v) == 1 for v in mapping.values())
+    assert len(set().union(*mapping.values())) == distinct
+    # each code is the mean logit vector of its members, and routing sends members back to it
+    for j in a.unique().tolist():
+        assert torch.allclose(r.codes[j], r.predict(z[a == j]).mean(0), atol=1e-5)
+    assert torch.equal(r.route(z), a) or distinct < 3
+    # deterministic for a generator seed
+    r2 = Router(lay, embed_dim=6, num_experts=3, seed=0)
+    with torch.no_grad():
+        r2.predictor.weight.copy_(r.predictor.weight)
+    assert torch.equal(r2.init_codes_from_predictor_(z, torch.Generator().manual_seed(1)), a)

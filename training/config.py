@@ -90,9 +90,15 @@ class RouterConfig:
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     min_width_units: int = 1             # hard gates keep >= this many units per width group
+    # "orthogonal" (reference): codes keep their orthogonal init, all gates open when routing starts;
+    # "predictor": when routing starts, codes = k-means centres of the predictor's logits over training
+    # prompts, so the experts start from the prompt-dependent architectures the warm-up learned.
+    codes_init: str = "orthogonal"
 
     def validate(self, p: str) -> None:
         _check(self.num_experts >= 1, f"{p}.num_experts", "must be >= 1", self.num_experts)
+        _check(self.codes_init in ("orthogonal", "predictor"), f"{p}.codes_init", "must be orthogonal|predictor",
+               self.codes_init)
         _check(self.gumbel_tau > 0, f"{p}.gumbel_tau", "must be > 0", self.gumbel_tau)
         _check(self.sinkhorn_epsilon > 0, f"{p}.sinkhorn_epsilon", "must be > 0", self.sinkhorn_epsilon)
         _check(self.sinkhorn_iterations >= 1, f"{p}.sinkhorn_iterations", "must be >= 1", self.sinkhorn_iterations)

@@ -251,6 +251,8 @@ class PruneTrainer:
         pred_gates = self.router.gates(logits, mine(rnd["gumbel"]))
         pred_vec = self.router.arch_vectors(pred_gates)
         warm = self.step < pc.warmup_steps
+        if self.step == pc.warmup_steps and rc.codes_init == "predictor":
+            self._init_codes()
         if warm:
             gates = pred_gates
             ratios = self.s.macs_fraction(pred_gates)
@@ -314,6 +316,13 @@ class PruneTrainer:
                     stats["assign"] = a_all.tolist()
                 stats["code_macs"] = [round(float(x), 5) for x in code_ratio]
         return stats
+
+    def _init_codes(self) -> None:
+        """Codes from the warmed-up predictor (router.codes_init = predictor); same on every process."""
+        n = len(self.s.dataset)
+        rows = torch.randperm(n, generator=self.gen)[: min(n, 2048)]
+        self.router.init_codes_from_predictor_(self.s.embeddings[rows.to(self.dist.device)], self.gen)
+        log.info("codes initialised from the predictor over %d training prompts", len(rows))
 
     # --- loop ----------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> None:

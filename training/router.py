@@ -113,6 +113,40 @@ class Router(nn.Module):
     def arch_vectors(self, gates: torch.Tensor) -> torch.Tensor:
         return normalized_arch_vectors(gates, self.depth_index, self.unit_scale)
 
+    @torch.no_grad()
+    def init_codes_from_predictor_(self, z: torch.Tensor, generator: torch.Generator, iterations: int = 10) -> torch.Tensor:
+        """Set the codes to k-means centres of the predictor's logits for prompt embeddings z [N, E].
+
+        Clusters are formed on the noise-free normalised architecture vectors (cosine, k-means++ seeding
+        from `generator`, `iterations` Lloyd steps); each code becomes the mean logit vector of its
+        cluster. Returns the cluster index of every row. Deterministic for a given generator state.
+        """
+        logits = self.predict(z)
+        vec = self.arch_vectors(self.gates(logits, None))
+        n, k = vec.shape[0], self.num_experts
+        if n < k:
+            raise ValueError(f"need >= {k} prompts to initialise {k} codes, got {n}")
+        first = int(torch.randint(0, n, (1,), generator=generator))
+        centres = [vec[first]]
+        for _ in range(1, k):  # k-means++: the next centre with probability ~ squared distance
+            d = (1 - vec @ torch.stack(centres).t()).clamp(min=0).amin(dim=1)
+            p = d ** 2
+            idx = int(torch.multinomial(p / p.sum(), 1, generator=generator)) if float(p.sum()) > 0 else \
+                int(torch.randint(0, n, (1,), generator=generator))
+            centres.append(vec[idx])
+        c = torch.stack(centres)
+        for _ in range(iterations):
+            a = (vec @ c.t()).argmax(dim=1)
+            for j in range(k):
+                m = a == j
+                if bool(m.any()):
+                    c[j] = torch.nn.functional.normalize(vec[m].mean(0), dim=0)
+        a = (vec @ c.t()).argmax(dim=1)
+        codes = torch.stack([logits[a == j].mean(0) if bool((a == j).any()) else logits[int(c[j].argmax())]
+                             for j in range(k)])
+        self.codes.copy_(codes)
+        return a
+
     # --- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def expert_gates(self) -> torch.Tensor:
