@@ -6,11 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, copy_export
+from engines_export_fixture import ANCHORS, build_export, copy_export, one_thread
 from PIL import Image
 
 from aptp_export.cli import main
 from engines import Runtime
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from engines_export_fixture import ANCHORS, build_export
+from engines_export_fixture import ANCHORS, build_export, one_thread
 
 HEAVY = ["torch", "torchvision", "diffusers", "transformers", "accelerate", "sentence_transformers",
          "torch_pruning", "safetensors", "onnx", "onnxscript", "matplotlib"]
@@ -50,6 +50,11 @@ CLI_SCRIPT = BLOCKER + textwrap.dedent("""
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"code": code, "loaded": loaded}))
 """)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
 
 
 def _run(script: str, *args: str) -> dict:

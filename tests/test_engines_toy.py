@@ -9,11 +9,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from engines_export_fixture import one_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 PROMPTS = ["a red circle on a blue background", "the letter K in green above a small yellow square",
            "two small blue squares", "the digit 7 in white"]
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
 
 
 @pytest.fixture(scope="module")

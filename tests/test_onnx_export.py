@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from engines_export_fixture import minilm_dir, tiny_bert, tiny_unet, tiny_vae
+from engines_export_fixture import minilm_dir, one_thread, tiny_bert, tiny_unet, tiny_vae
 
 from aptp_export.errors import UserError
 from aptp_export.export_spec import (
@@ -33,6 +33,11 @@ from aptp_export.onnx_export import (
 from engines.manifest import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
 
 
 def _ort(path):

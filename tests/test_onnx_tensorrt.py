@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from engines_export_fixture import tiny_unet
+from engines_export_fixture import one_thread, tiny_unet
 
 from aptp_export.export_spec import unet_spec
 from aptp_export.onnx_export import UNetGraph, export_onnx
@@ -17,6 +17,11 @@ from aptp_export.tensorrt_build import TensorRTUnavailable, build_engine, tensor
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the missing-extra path cannot be exercised")
