@@ -74,10 +74,11 @@ class GenerationResult:
 class Runtime:
     """The deployable APTP runtime over one export directory (see the module doc)."""
 
-    def __init__(self, export_dir: str | os.PathLike, manifest: Manifest, provider: str = "cpu"):
+    def __init__(self, export_dir: str | os.PathLike, manifest: Manifest, provider: str = "cpu", threads: int = 0):
         self.export_dir = Path(export_dir)
         self.manifest = manifest
         self.provider = provider
+        self.threads = int(threads)
         self._sessions: dict[str, Session] = {}
         self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when hashed
         self._tokenizer: PromptTokenizer | None = None
@@ -85,13 +86,17 @@ class Runtime:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, export_dir: str | os.PathLike, provider: str = "cpu", verify: bool = True) -> Runtime:
+    def load(cls, export_dir: str | os.PathLike, provider: str = "cpu", verify: bool = True,
+             threads: int = 0) -> Runtime:
         """Read `export_dir/manifest.json`, check its format version and (with `verify`) the size and
         sha256 of every file it lists. Raises ManifestError / IntegrityError naming the file, or
-        BackendError if `provider` ("cpu" | "cuda" | "tensorrt") cannot run here."""
+        BackendError if `provider` ("cpu" | "cuda" | "tensorrt") cannot run here. `threads`:
+        onnxruntime intra-op threads per session (0 = one per core)."""
         check_provider(provider)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise EngineError(f"threads must be a non-negative integer, got {threads!r}")
         manifest = read_manifest(export_dir)
-        rt = cls(export_dir, manifest, provider)
+        rt = cls(export_dir, manifest, provider, threads)
         if provider == "tensorrt":
             missing = [f"expert {e.id}" for e in manifest.experts if "tensorrt" not in e.files]
             if missing:
@@ -126,7 +131,7 @@ class Runtime:
                     continue
                 self._recheck(ref)
             self._sessions[key] = open_session(self.export_dir / files[kind].path, self.provider, kind,
-                                               inputs, outputs)
+                                               inputs, outputs, threads=self.threads)
         return self._sessions[key]
 
     def _expert_session(self, expert_id) -> Session:

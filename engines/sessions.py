@@ -60,9 +60,10 @@ def check_provider(provider: str) -> None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError('provider "cuda" needs onnxruntime-gpu and a CUDA GPU: pip install "aptp[gpu]"')
     else:
-        from .tensorrt_session import import_tensorrt
+        from .tensorrt_session import import_cudart, import_tensorrt
 
         import_tensorrt()
+        import_cudart()
 
 
 class OrtSession:
@@ -119,8 +120,10 @@ class OrtSession:
 
 
 def open_session(path: str | os.PathLike, provider: str, kind: str = "onnx",
-                 expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = ()) -> Session:
-    """Open `path` with the backend for (`provider`, file `kind` "onnx" | "tensorrt")."""
+                 expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
+                 threads: int = 0) -> Session:
+    """Open `path` with the backend for (`provider`, file `kind` "onnx" | "tensorrt");
+    `threads` = onnxruntime intra-op threads (0 = its default, one per core)."""
     if kind == "tensorrt":
         from .tensorrt_session import TensorRTSession
 
@@ -128,4 +131,4 @@ def open_session(path: str | os.PathLike, provider: str, kind: str = "onnx",
     ort_provider = "cpu" if provider == "cpu" else "cuda"
     if provider == "tensorrt" and "CUDAExecutionProvider" not in _import_ort().get_available_providers():
         ort_provider = "cpu"  # a part exported without a plan (e.g. the tokenizer-side graphs) stays usable
-    return OrtSession(path, ort_provider, expected_inputs, expected_outputs)
+    return OrtSession(path, ort_provider, expected_inputs, expected_outputs, threads=threads)
