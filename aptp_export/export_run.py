@@ -33,8 +33,11 @@ def _read_run(run_dir: Path):
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnx",
                precision: str = "fp32", with_dense: bool = False, scheduler: str = "ddim", max_batch: int = 8,
-               progress: bool = True):
-    """Export run `run_dir` to `out_dir`; returns (manifest, report) of write_export_dir."""
+               progress: bool = True, round_to: int = 1):
+    """Export run `run_dir` to `out_dir`; returns (manifest, report) of write_export_dir.
+
+    `round_to` > 1 rounds every expert's kept channels per width group up to a multiple of that many
+    channels (aptp_export.rounding: added units are zero, the function is unchanged, MACs recomputed)."""
     from training.base_model import load_base_model
     from training.finetune import expert_dir
     from training.router import Router
@@ -71,6 +74,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
         if arch.numel() != space.num_units:
             raise UserError(f"{expert_dir(run_dir, i)}: its vector has {arch.numel()} units, the base model's space "
                             f"{space.num_units}; the expert was not made from this run's base model")
+        if round_to > 1:
+            from .rounding import pad_expert, round_units
+
+            rounded = round_units(space, arch, round_to)
+            if bool((rounded != (arch > 0.5).float()).any()):
+                unet = pad_expert(space, unet, arch, rounded)
+            arch = rounded
         macs = space.macs(arch.tolist(), h, w, text_len)
         experts.append(ExpertModel(unet, macs, share=float(shares[i])))
     sentence = SentenceEncoder(cfg.router.sentence_encoder)

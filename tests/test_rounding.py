@@ -119,3 +119,56 @@ def test_pad_expert_refuses_a_vector_that_drops_units():
     fewer[int(np.nonzero(arch.numpy())[0][0])] = 0.0
     with pytest.raises(UserError):
         pad_expert(space, expert, arch, fewer)
+
+
+@pytest.mark.slow
+def test_export_run_round_to_writes_padded_experts_that_match_the_run(tmp_path):
+    """`aptp export --round-to 8`: the manifest's MACs are the rounded vectors', each expert graph computes
+    what the fine-tuned (unrounded) torch expert computes."""
+    import onnxruntime as ort
+    from prune_fixtures import tiny_config, write_toy_model
+
+    from aptp_export.expert_io import load_expert, read_expert_info
+    from aptp_export.export_run import export_run
+    from training.config import config_from_dict
+    from training.finetune import expert_dir, run_finetune
+    from training.prune import run_prune
+
+    model = write_toy_model(tmp_path / "model", seed=4)
+    cfg = tiny_config(model, tmp_path / "runs", prune={"steps": 4, "warmup_steps": 1, "budget": 0.5},
+                      finetune={"steps": 1, "batch_size": 4})
+    run_dir = tmp_path / "run"
+    run_prune(config_from_dict(cfg), run_dir, progress=False)
+    run_finetune(run_dir, progress=False)
+    # a few pruning steps leave every expert dense: overwrite two experts with random materialised ones
+    from diffusers import UNet2DConditionModel
+
+    from aptp_export.expert_io import save_expert
+
+    base = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+    space = ArchSpace.from_unet(base)
+    for i, keep in ((1, 0.5), (2, 0.7)):
+        arch = space.sample(torch.Generator().manual_seed(i), keep=keep)
+        save_expert(expert_dir(run_dir, i), space, arch, space.materialize(base, arch))
+    manifest, _ = export_run(run_dir, tmp_path / "engines", progress=False, round_to=8)
+    padded_any = 0
+    for e in manifest.experts:
+        space, arch, _ = read_expert_info(expert_dir(run_dir, e.id))
+        rounded = round_units(space, arch, 8)
+        padded_any += bool((rounded != (arch > 0.5).float()).any())
+        h, w = manifest.sample_size
+        assert e.macs == pytest.approx(space.macs(rounded.tolist(), h, w, manifest.text_len), rel=1e-9)
+        expert = load_expert(expert_dir(run_dir, e.id)).eval()
+        g = torch.Generator().manual_seed(e.id)
+        x = torch.randn(2, manifest.in_channels, h, w, generator=g)
+        t = torch.tensor([10.0, 700.0])
+        ctx = torch.randn(2, manifest.text_len, manifest.text_encoder.hidden_size, generator=g)
+        with torch.no_grad():
+            ref = expert(x, t, ctx).sample.numpy()
+        sess = ort.InferenceSession(str(tmp_path / "engines" / e.files["onnx"].path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        feeds = dict(zip(("sample", "timestep", "encoder_hidden_states"), (x.numpy(), t.numpy(), ctx.numpy()),
+                         strict=True))
+        out = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+    assert padded_any >= 2, "no expert needed rounding: the test exercises nothing"

@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), default="ddim",
                         help="default sampler recorded in the manifest (the runtime can override it)")
     parser.add_argument("--max-batch", type=int, default=8, help="most prompts per UNet call the profiles allow")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="round every expert's kept channels per layer up to a multiple of N (added channels "
+                             "are zero, outputs unchanged; e.g. 16 for AVX-512 CPUs, 8 for tensor cores; 1 = off)")
 
 
 def run(args) -> int:
@@ -27,8 +30,11 @@ def run(args) -> int:
 
     if args.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
+    if args.round_to < 1:
+        raise UserError("--round-to must be at least 1 (1 = no rounding)")
     manifest, _ = export_run(args.run, args.out, backend=args.backend, precision=args.precision,
-                             with_dense=args.with_dense, scheduler=args.scheduler, max_batch=args.max_batch)
+                             with_dense=args.with_dense, scheduler=args.scheduler, max_batch=args.max_batch,
+                             round_to=args.round_to)
     print(f"exported {len(manifest.experts)} experts to {args.out} ({manifest.precision})")
     for e in manifest.experts:
         print(f"  expert {e.id:2d}: {e.macs / 1e6:8.1f} MMACs ({e.macs_fraction:.2f} of dense), "
