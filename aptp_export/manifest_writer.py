@@ -98,6 +98,18 @@ def _count_params(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
+def _publish_modes(out_dir: Path) -> None:
+    """Files written through a temporary file are created 0600; an export directory is meant to be
+    shipped and read by another user (a serving container), so give every file the usual mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out_dir.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
+        elif p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     """Validate `manifest` by a round trip through the reader, then write it atomically."""
     data = manifest.to_dict()
@@ -276,5 +288,7 @@ def write_export_dir(
         dense=dense_info,
         info={**(info or {}), "export": report},
     )
+    _publish_modes(out_dir)
     write_manifest(out_dir, manifest)
+    _publish_modes(out_dir)
     return manifest, report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -37,6 +38,17 @@ def _arr(img) -> np.ndarray:
 
 def _unsaturated(ref: np.ndarray) -> float:
     return float(((ref > 0.02) & (ref < 0.98)).mean())
+
+
+def test_export_files_are_readable_by_others(pixel):
+    import stat
+
+    modes = {p.relative_to(pixel.dir).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in pixel.dir.rglob("*") if p.is_file()}
+    assert {"manifest.json", "specs.json", "tokenizer/tokenizer.json", "router.onnx"} <= set(modes)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(m == 0o666 & ~mask for m in modes.values()), modes  # not the 0600 of temporary files
 
 
 def test_routes_anchor_prompts_to_their_experts(rt):
