@@ -124,7 +124,7 @@ class TensorRTSession:
             ptr = self._buffer(name, out.nbytes)
             self._context.set_tensor_address(name, ptr)
             outputs[name] = out
-        if not self._context.execute_async_v3(self._stream):
+        if not self._context.execute_async_v3(int(self._stream)):
             raise BackendError(f"{self.path}: TensorRT execution failed")
         for name, out in outputs.items():
             _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes, d2h, self._stream),
