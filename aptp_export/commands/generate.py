@@ -29,9 +29,16 @@ def add_arguments(parser) -> None:
                         help="inference backend (default cpu)")
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+def _progress_bar(total: int):
+    """A tqdm bar when tqdm is installed (it is not a runtime dependency), else None."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(desc="denoise", unit="call", total=total)
 
+
+def run(args) -> int:
     from engines import EngineError, Runtime
 
     from ..fileio import atomic_path, write_json
@@ -50,8 +57,9 @@ def run(args) -> int:
 
     def progress(done, total):
         if not bars:
-            bars.append(tqdm(desc="denoise", unit="call", total=total))
-        bars[0].update(done - bars[0].n)
+            bars.append(_progress_bar(total))
+        if bars[0] is not None:
+            bars[0].update(done - bars[0].n)
 
     try:
         rt = Runtime.load(args.engines, provider=args.provider)
@@ -62,7 +70,8 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     finally:
         for bar in bars:
-            bar.close()
+            if bar is not None:
+                bar.close()
     out.mkdir(parents=True, exist_ok=True)
     records = result.records()
     for rec, img in zip(records, result.images, strict=True):
