@@ -16,6 +16,7 @@ and at the end unet/ (EMA weights, diffusers save_pretrained layout), scheduler/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="init / noise seed")
     p.add_argument("--data-seed", type=int, default=0, help="toy world stream seed (< EVAL_SEED)")
     p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="save a checkpoint and exit after this step (the schedule still targets --steps)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     return p.parse_args(argv)
 
@@ -107,6 +110,9 @@ def write_teacher(out: Path, unet, ema: dict) -> None:
     for sub, obj in (("unet", unet), ("scheduler", DDPMScheduler(**SCHEDULER_CONFIG))):
         tmp = Path(tempfile.mkdtemp(prefix=f".{sub}.", dir=out))
         obj.save_pretrained(tmp, safe_serialization=True) if sub == "unet" else obj.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the teacher ships as package data
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if (out / sub).exists():
             shutil.rmtree(out / sub)
         tmp.rename(out / sub)
@@ -121,14 +127,21 @@ def write_teacher(out: Path, unet, ema: dict) -> None:
         "truncation": True,
         "uncond_prompt": "",
     })
+    (out / "text_encoder.json").chmod(0o644)
+
+
+@functools.lru_cache(maxsize=1)
+def _text_encoder(max_length: int):
+    """One MiniLM per process (tests run the recipe several times in one process)."""
+    from training.text import TextEncoder
+
+    return TextEncoder(max_length=max_length)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from tqdm import tqdm
-
-    from training.text import TextEncoder
 
     from .model import TEXT_LEN, make_train_scheduler, make_unet
     from .world import EVAL_SEED, sample_at
@@ -144,7 +157,7 @@ def main(argv=None) -> int:
     params = [p for p in unet.parameters()]
     sched = make_train_scheduler()
     alphas = sched.alphas_cumprod.float()
-    text = TextEncoder(max_length=TEXT_LEN)
+    text = _text_encoder(TEXT_LEN)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     start = 0
@@ -190,14 +203,17 @@ def main(argv=None) -> int:
                     ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
                 else:
                     ema[k].copy_(v)
-        lv = float(loss)
+        lv = loss.item()
         ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
         bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", gn=f"{float(gnorm):.2f}")
         if (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {ema_loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{(time.time() - t0) / (step + 1 - start):.2f}s/step", flush=True)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 in (args.steps, args.stop_after):
             save_checkpoint(ckpt, step + 1, unet, ema, opt, params, args)
+        if args.stop_after is not None and step + 1 >= args.stop_after and step + 1 < args.steps:
+            print(f"stopped after step {step + 1}; run again to resume", flush=True)
+            return 0
     write_teacher(out, unet, ema)
     print(f"wrote teacher to {out}", flush=True)
     return 0
