@@ -1,20 +1,96 @@
 """Latency against MACs at real scale: the Stable Diffusion 2.1 UNet architecture (random weights).
 
-    python -m benchmarks.sd21_latency [--sizes 32 64] [--keep 0.9 0.78 0.66 0.5] [--repeats 3] [--out DIR]
+    python -m benchmarks.sd21_latency [--sizes 32 64] [--keep 0.9 0.78 0.66 0.5] [--round-to 16] [--profile]
+                                      [--repeats 5] [--out DIR]
 
-For each latent size: random architecture vectors at the given keep ratios (ArchSpace.sample), each
-materialised, exported to ONNX (verified against torch) and timed side by side with the dense UNet,
-onnxruntime CPU against torch eager, UNet batch 2 (one prompt with CFG), 77 tokens. Writes
-DIR/sd21_bench.json, DIR/sd21_bench.csv and DIR/sd21_latency_vs_macs_<size>.png, and prints a table.
-Takes about an hour on 2 cores (dominated by the 64x64 torch runs); --sizes 32 alone is ~15 min.
+For each latent size: random architecture vectors at the given keep ratios (ArchSpace.sample, seed
+`--seed`), each materialised from the dense UNet, exported to ONNX (verified against torch) and timed side
+by side with the dense UNet, onnxruntime CPU against torch eager, UNet batch 2 (one prompt with CFG),
+77 tokens. `--round-to N` adds, next to every expert `keep_X`, the expert `keep_X_rN` whose kept
+channels are rounded up to multiples of N (aptp_export.rounding); each pair is then timed in its own
+interleaved set with the dense model (three models in memory at a time). `--profile` adds an
+onnxruntime per-operator profile of every model (benchmarks.ort_profile).
+
+Phases keep the peak memory to one backend's set of models: export (the dense torch UNet plus one
+expert at a time), onnxruntime (sessions only; the torch UNet is freed), torch eager (the dense UNet is
+rebuilt from the seed, experts materialised from it). ONNX graphs are cached under OUT/onnx/SIZE/ with a
+name that carries a hash of the vector and the seed, so a rerun with other settings never reuses a
+stale graph.
+
+Writes OUT/sd21_bench.json, OUT/sd21_bench.csv, OUT/sd21_latency_vs_macs_<size>.png and
+OUT/sd21_table_<size>.md, and prints the tables. Time on the 2-core machine: about 15 min for
+--sizes 32 (export included), over an hour for 64.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import time
 from pathlib import Path
+
+LAT_TOLERANCE = 1.05  # acceptance: latency fraction <= 1.05 x MACs fraction (experts with MACs fraction <= 0.9)
+MIN_SPEEDUP = 2.0     # acceptance: onnxruntime >= 2x torch eager
+
+
+def _tag(arch, seed: int) -> str:
+    import numpy as np
+
+    bits = np.packbits(arch.numpy() > 0.5).tobytes()
+    return hashlib.sha1(bits + f"seed={seed}".encode()).hexdigest()[:10]
+
+
+def _onnx_params(path: Path) -> int:
+    """Parameter count of a saved graph from its initialisers' shapes (external data not read)."""
+    import math
+
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(sum(math.prod(t.dims) for t in m.graph.initializer))
+
+
+def _rss_gb() -> float:
+    from .materialize_sd21 import rss_gb
+
+    return rss_gb()
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per model: MACs fraction, both backends' medians and fractions, speed-up, acceptance flags.
+
+    With several interleaved sets the dense model appears once per set; its medians are averaged."""
+    by = {}
+    for r in rows:
+        d = by.setdefault(r["expert"], {"model": r["expert"], "macs_fraction": r["macs_fraction"],
+                                        "gmacs": r["macs"] / 1e9, "params_m": r["params"] / 1e6})
+        b = r["backend"]
+        d.setdefault(f"{b}_ms_all", []).append(r["latency_ms_median"])
+        d.setdefault(f"{b}_frac_all", []).append(r["latency_fraction"])
+    out = []
+    for d in by.values():
+        for b in ("onnxruntime", "torch"):
+            if f"{b}_ms_all" in d:
+                d[f"{b}_ms"] = sum(d[f"{b}_ms_all"]) / len(d[f"{b}_ms_all"])
+                d[f"{b}_latency_fraction"] = sum(d[f"{b}_frac_all"]) / len(d[f"{b}_frac_all"])
+            d.pop(f"{b}_ms_all", None)
+            d.pop(f"{b}_frac_all", None)
+        if "onnxruntime_ms" in d:
+            d["latency_over_macs"] = d["onnxruntime_latency_fraction"] / d["macs_fraction"]
+            if d["model"] != "dense" and d["macs_fraction"] <= 0.9:
+                d["latency_ok"] = d["latency_over_macs"] <= LAT_TOLERANCE
+        if "onnxruntime_ms" in d and "torch_ms" in d:
+            d["speedup"] = d["torch_ms"] / d["onnxruntime_ms"]
+            d["speedup_ok"] = d["speedup"] >= MIN_SPEEDUP
+        out.append(d)
+    return out
+
+
+TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"), ("gmacs", "GMACs", ".1f"),
+                 ("onnxruntime_ms", "ORT ms", ".0f"), ("onnxruntime_latency_fraction", "ORT latency fraction", ".3f"),
+                 ("latency_over_macs", "latency / MACs", ".3f"), ("torch_ms", "torch ms", ".0f"),
+                 ("torch_latency_fraction", "torch latency fraction", ".3f"), ("speedup", "ORT speed-up", ".2f")]
 
 
 def main(argv=None) -> int:
@@ -22,13 +98,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides (32 = 256 px)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.78, 0.66, 0.5])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
+    ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
     ap.add_argument("--round-to", type=int, default=1,
-                    help="round kept units of every group up to a multiple of this many (1 = off)")
+                    help="also time every expert with its kept channels rounded up to multiples of N (1 = off)")
+    ap.add_argument("--profile", action="store_true", help="onnxruntime per-operator profile of every model")
     ap.add_argument("--out", default="bench/sd21", help="output directory (ONNX graphs go to OUT/onnx)")
     args = ap.parse_args(argv)
+    if args.round_to < 1:
+        ap.error("--round-to must be >= 1")
 
     import torch
 
@@ -36,59 +115,121 @@ def main(argv=None) -> int:
     from aptp_export.export_spec import unet_spec
     from aptp_export.fileio import write_json, write_text
     from aptp_export.onnx_export import UNetGraph, export_onnx
+    from aptp_export.unet_configs import SD21_UNET_CONFIG
 
     from .engines_bench import rows_to_csv
     from .materialize_sd21 import peak_rss_gb, random_sd21
     from .plots import latency_vs_macs, markdown_table
-    from .unet_latency import InputShape, ModelUnderTest, bench_unets, speedups
+    from .unet_latency import InputShape, ModelUnderTest, bench_unets, speedups, unet_feeds
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    dense = random_sd21(args.seed)
-    space = ArchSpace.from_unet(dense)
+    space = ArchSpace.from_config(SD21_UNET_CONFIG)
     g = torch.Generator().manual_seed(args.seed)
     archs = {f"keep_{k:.2f}": space.sample(generator=g, keep=k) for k in args.keep}
+    sets = [["dense", *archs]]
+    rounding = {}
     if args.round_to > 1:
-        from aptp_export.rounding import round_units
+        from aptp_export.rounding import round_units, rounding_summary
 
-        archs = {n: round_units(space, a, args.round_to) for n, a in archs.items()}
-    result = {"config": vars(args), "threads": torch.get_num_threads(), "sizes": {}}
+        sets = []
+        for name in list(archs):
+            rname = f"{name}_r{args.round_to}"
+            archs[rname] = round_units(space, archs[name], args.round_to)
+            rounding[rname] = rounding_summary(space, archs[name], archs[rname], args.round_to)
+            sets.append(["dense", name, rname])
+    result = {"config": vars(args), "threads": torch.get_num_threads(), "rounding": rounding, "sizes": {}}
     all_rows = []
     for size in args.sizes:
         dense_macs = space.dense_macs(size, size, 77)
         spec = unet_spec(4, (size, size), 77, 1024, batch=(2, 2, 2))
-        models = []
+        models: dict[str, ModelUnderTest] = {}
+        info = {"dense_gmacs": dense_macs / 1e9, "exports": {}}
+
+        # -- export: the dense torch UNet and one expert at a time
+        dense = None
         for name, arch in [("dense", None), *archs.items()]:
-            path = out / "onnx" / f"{size}" / f"{name}.onnx"
-            model = dense if arch is None else space.materialize(dense, arch)
+            tag = f"seed{args.seed}" if arch is None else _tag(arch, args.seed)
+            path = out / "onnx" / f"{size}" / f"{name}-{tag}.onnx"
             macs = dense_macs if arch is None else space.macs(arch.tolist(), size, size, 77)
             if not path.exists():
-                t = time.perf_counter()
-                res = export_onnx(UNetGraph(model), spec, path)
-                print(f"[{size}] exported {name} in {time.perf_counter() - t:.0f} s "
-                      f"(max rel err vs torch {max(res.max_rel_error.values()):.1e})", flush=True)
-            params = sum(p.numel() for p in model.parameters())
-            loader = (lambda: dense) if arch is None else (lambda a=arch: space.materialize(dense, a))
-            models.append(ModelUnderTest(name, macs, macs / dense_macs, params, onnx=path, load_torch=loader))
-            del model
+                if dense is None:
+                    dense = random_sd21(args.seed)
+                model = dense if arch is None else space.materialize(dense, arch)
+                params = sum(p.numel() for p in model.parameters())
+                if not path.exists():
+                    t = time.perf_counter()
+                    res = export_onnx(UNetGraph(model), spec, path)
+                    err = max(res.max_rel_error.values())
+                    info["exports"][name] = {"seconds": res.seconds, "max_rel_error": err}
+                    print(f"[{size}] exported {name} in {time.perf_counter() - t:.0f} s (max rel err vs torch "
+                          f"{err:.1e}), RSS {_rss_gb():.1f} GB", flush=True)
+                del model
+            else:
+                params = _onnx_params(path)
+            models[name] = ModelUnderTest(name, macs, macs / dense_macs, params, onnx=path,
+                                          extra={"latent": size})
             gc.collect()
+        del dense
+        gc.collect()
+
         shape = InputShape(4, size, size, 77, 1024)
         rows = []
-        for backend in args.backends:  # one backend at a time keeps peak memory to one set of models
-            rows += bench_unets(models, shape, [1], [backend], warmup=args.warmup, repeats=args.repeats)
+        # -- onnxruntime: sessions only
+        if "onnxruntime" in args.backends:
+            for i, names in enumerate(sets):
+                rs = bench_unets([models[n] for n in names], shape, [1], ["onnxruntime"], warmup=args.warmup,
+                                 repeats=args.repeats)
+                info.setdefault("rss_gb", {})[f"onnxruntime_set{i}"] = _rss_gb()
+                rows += [{**r, "set": i} for r in rs]
+                gc.collect()
+            print(f"[{size}] onnxruntime done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+        if args.profile:
+            from .ort_profile import compare_profiles, profile_graph
+
+            feeds = unet_feeds(shape, 1)
+            profiles = {}
+            for name, m in models.items():
+                profiles[name] = profile_graph(m.onnx, feeds, runs=2)
+                profiles[name]["nodes"] = profiles[name]["nodes"][:60]
+                gc.collect()
+            info["profiles"] = profiles
+            info["profile_by_op"] = compare_profiles(profiles)
+            write_json(out / f"sd21_profile_{size}.json", {"profiles": profiles, "by_op": info["profile_by_op"]})
+            print(f"[{size}] profiles written", flush=True)
+        # -- torch eager: the dense UNet rebuilt from the seed, experts materialised from it
+        if "torch" in args.backends:
+            dense = random_sd21(args.seed)
+            for name, m in models.items():
+                m.load_torch = ((lambda d=dense: d) if name == "dense"
+                                else (lambda a=archs[name], d=dense: space.materialize(d, a)))
+            for i, names in enumerate(sets):
+                rs = bench_unets([models[n] for n in names], shape, [1], ["torch"], warmup=args.warmup,
+                                 repeats=args.repeats)
+                info.setdefault("rss_gb", {})[f"torch_set{i}"] = _rss_gb()
+                rows += [{**r, "set": i} for r in rs]
+                gc.collect()
+            for m in models.values():
+                m.load_torch = None
+            del dense
             gc.collect()
-        for r in rows:
-            r["latent"] = size
+            print(f"[{size}] torch done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
         all_rows += rows
-        result["sizes"][size] = {"dense_gmacs": dense_macs / 1e9, "rows": rows, "speedups": speedups(rows)}
+        summary = summary_rows(rows)
+        info.update(rows=rows, summary=summary, speedups=speedups(rows))
+        result["sizes"][size] = info
         latency_vs_macs(rows, out / f"sd21_latency_vs_macs_{size}.png",
                         title=f"SD 2.1 UNet architecture, {size}x{size} latent, batch 2")
-        print(markdown_table(rows, [("expert", "model", ""), ("backend", "backend", ""), ("macs_fraction", "MACs frac", ".3f"),
-                                    ("latency_ms_median", "median ms", ".0f"), ("latency_fraction", "latency frac", ".3f"),
-                                    ("latency_over_macs", "lat/MACs", ".3f")]), flush=True)
-        for s in result["sizes"][size]["speedups"]:
-            print(f"[{size}] {s['expert']}: torch {s['torch_ms']:.0f} ms, onnxruntime {s['onnxruntime_ms']:.0f} ms, "
-                  f"x{s['speedup']:.2f}", flush=True)
+        table = markdown_table(summary, TABLE_COLUMNS)
+        write_text(out / f"sd21_table_{size}.md", table + "\n")
+        print(f"\n[{size}x{size} latent, UNet batch 2, dense {dense_macs / 1e9:.1f} GMACs per sample]\n{table}\n",
+              flush=True)
+        for d in summary:
+            if "latency_ok" in d:
+                print(f"  {d['model']}: ORT latency/MACs {d['latency_over_macs']:.3f} "
+                      f"({'ok' if d['latency_ok'] else 'OVER'} <= {LAT_TOLERANCE})", flush=True)
+        write_json(out / "sd21_bench.json", {**result, "partial": True})  # a later size may not finish
     result["peak_rss_gb"] = peak_rss_gb()
     result["seconds"] = time.perf_counter() - t0
     write_json(out / "sd21_bench.json", result)

@@ -1,0 +1,67 @@
+"""Benchmark helpers: onnxruntime per-operator profiles and the SD latency summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _conv_graph(path, cin: int, cout: int, side: int, seed: int):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) * 0.1).astype(np.float32), "W")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cout, side, side])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_profile_graph_accounts_the_nodes_of_each_call(tmp_path):
+    from benchmarks.ort_profile import compare_profiles, profile_graph
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 32, 24, 24), dtype=np.float32)}
+    small = profile_graph(_conv_graph(tmp_path / "a.onnx", 32, 16, 24, 0), feeds, runs=3, threads=1)
+    big = profile_graph(_conv_graph(tmp_path / "b.onnx", 32, 128, 24, 1), feeds, runs=3, threads=1)
+    for p in (small, big):
+        assert p["runs"] == 3 and p["total_ms"] > 0
+        assert 0 < p["node_ms"] <= p["total_ms"] * 1.05  # node events lie inside the timed calls
+        conv = [k for k in p["by_op"] if "Conv" in k]
+        assert conv, p["by_op"]
+        assert sum(p["count_by_op"][k] for k in conv) == 1  # one convolution per call, not per profiled run
+        assert p["nodes"][0]["ms"] == max(n["ms"] for n in p["nodes"])
+    conv_key = max(big["by_op"], key=big["by_op"].get)
+    assert "Conv" in conv_key  # 8x the output channels: the convolution dominates
+    rows = compare_profiles({"dense": big, "small": small}, reference="dense")
+    assert rows[-1]["op"] == "(other)"
+    assert sum(r["dense_ms"] for r in rows) == pytest.approx(big["node_ms"], rel=1e-9)
+    assert sum(r["share_of_dense"] for r in rows) == pytest.approx(1.0, rel=1e-9)
+    conv_row = next(r for r in rows if r["op"] == conv_key)
+    if conv_key in small["by_op"]:
+        assert conv_row["small_ratio"] < 1.0
+
+
+def test_summary_rows_flags_latency_against_macs_and_speedup():
+    from benchmarks.sd21_latency import LAT_TOLERANCE, summary_rows
+
+    def row(name, backend, macs_f, ms, dense_ms, s=0):
+        return {"expert": name, "backend": backend, "macs_fraction": macs_f, "macs": macs_f * 1e11, "params": 1e6,
+                "latency_ms_median": ms, "latency_fraction": ms / dense_ms, "set": s}
+
+    rows = [row("dense", "onnxruntime", 1.0, 100, 100, 0), row("a", "onnxruntime", 0.5, 50 * LAT_TOLERANCE * 0.99, 100),
+            row("dense", "onnxruntime", 1.0, 110, 110, 1), row("b", "onnxruntime", 0.6, 0.6 * 110 * LAT_TOLERANCE * 1.01,
+                                                               110, 1),
+            row("c", "onnxruntime", 0.95, 120, 100),
+            row("dense", "torch", 1.0, 300, 300), row("a", "torch", 0.5, 110, 300), row("b", "torch", 0.6, 120, 300)]
+    s = {d["model"]: d for d in summary_rows(rows)}
+    assert s["dense"]["onnxruntime_ms"] == pytest.approx(105)  # two interleaved sets: averaged
+    assert s["a"]["latency_ok"] is True and s["b"]["latency_ok"] is False
+    assert "latency_ok" not in s["c"] and "latency_ok" not in s["dense"]  # MACs fraction > 0.9 / the reference
+    assert s["a"]["speedup"] == pytest.approx(110 / (50 * LAT_TOLERANCE * 0.99))
+    assert s["a"]["speedup_ok"] is True and s["b"]["speedup_ok"] is False
+    assert "speedup" not in s["c"]
