@@ -212,3 +212,24 @@ def test_text_encoder_without_mask_input(tmp_path):
                       tmp_path / "clip.onnx")
     assert res.max_rel_error["last_hidden_state"] <= 1e-4
     assert [i.name for i in _ort(tmp_path / "clip.onnx").get_inputs()] == ["input_ids"]
+
+
+def test_external_data_for_big_graphs(tmp_path, monkeypatch):
+    """Graphs over the protobuf limit (SD UNets in fp32 are ~3.5 GB) keep their weights in one
+    `<name>.onnx.data` file next to the graph; simulated here by lowering the threshold."""
+    import aptp_export.onnx_export as oe
+
+    monkeypatch.setattr(oe, "EXTERNAL_DATA_THRESHOLD", 0)
+    unet = tiny_unet((8, 16), 3, 16, seed=8)
+    spec = unet_spec(3, (16, 16), 16, 32, batch=(1, 2, 4), size_multiple=2)
+    res = export_onnx(UNetGraph(unet), spec, tmp_path / "big.onnx")
+    assert set(res.files) == {"onnx", "onnx_data"} and res.files["onnx_data"].name == "big.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
+    assert res.verified and res.max_rel_error["out_sample"] <= 1e-4
+    assert res.sha256["onnx_data"] == sha256_file(tmp_path / "big.onnx.data")
+    x, t, e = (v.numpy() for v in spec.sample_inputs(seed=2))
+    out = _ort(tmp_path / "big.onnx").run(None, {"sample": x, "timestep": t, "encoder_hidden_states": e})[0]
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e)).sample.numpy()
+    assert _rel(out, ref) <= 1e-4
