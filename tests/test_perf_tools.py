@@ -42,8 +42,8 @@ def test_profile_graph_accounts_the_nodes_of_each_call(tmp_path):
     assert sum(r["dense_ms"] for r in rows) == pytest.approx(big["node_ms"], rel=1e-9)
     assert sum(r["share_of_dense"] for r in rows) == pytest.approx(1.0, rel=1e-9)
     conv_row = next(r for r in rows if r["op"] == conv_key)
-    if conv_key in small["by_op"]:
-        assert conv_row["small_ratio"] < 1.0
+    small_conv = sum(v for k, v in small["by_op"].items() if k == conv_key)
+    assert conv_row["small_ratio"] == pytest.approx(small_conv / big["by_op"][conv_key], rel=1e-9)
 
 
 def test_summary_rows_flags_latency_against_macs_and_speedup():
