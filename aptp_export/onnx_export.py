@@ -286,6 +286,10 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | os.PathLike, *,
                 final[kind] = target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in final.values():  # onnx writes external data 0600; graphs are meant to be shipped
+        os.chmod(p, 0o666 & ~mask)
     return ExportResult(
         path=path, files=final, sha256={k: sha256_file(p) for k, p in final.items()},
         precision=precision, exporter=exporter, opset=opset if exporter == "torchscript" else max(opset, 18),
