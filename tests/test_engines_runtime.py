@@ -173,6 +173,15 @@ def test_unknown_provider_is_refused(pixel):
         Runtime.load(pixel.dir, provider="gpu")
 
 
+def test_cuda_provider_without_gpu_names_the_extra(pixel):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is available here")
+    with pytest.raises(EngineError, match=r'aptp\[gpu\]'):
+        Runtime.load(pixel.dir, provider="cuda")
+
+
 # -- integrity: acceptance "a corrupted or truncated expert file, a wrong hash, an unknown format version" --
 def _corrupt_byte(path, offset=-100):
     data = bytearray(path.read_bytes())
