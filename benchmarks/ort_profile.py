@@ -6,7 +6,7 @@
 
 The session is opened as the benchmarks open it (ORT_ENABLE_ALL, so after NCHWc and fusion
 rewrites) with `SessionOptions.enable_profiling`; one untimed call, then `runs` profiled calls whose
-node events (category "Node", `*_kernel_time`) are averaged per call. Operator types are those of the
+node events (category "Node", `*_kernel_time`) give each node's median time per call. Operator types are those of the
 optimised graph: an NCHWc convolution shows as `Conv` with provider tag `nchwc`, onnxruntime's
 im2col fallback as `FusedConv`/`Conv` without it, so the report separates them as `Conv(nchwc)`.
 """
@@ -60,27 +60,31 @@ def profile_graph(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: i
                         key=lambda e: e["ts"])[-runs:]
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in run_events]
     total_ms = float(np.mean([e["dur"] for e in run_events])) / 1e3
-    by_op: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    nodes: dict[str, dict] = {}
+    per_node: dict[str, dict] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         if not any(lo <= e["ts"] <= hi for lo, hi in windows):
             continue
-        key = _op_key(e)
-        ms = e["dur"] / 1e3 / runs
-        by_op[key] += ms
-        count[key] += 1
         name = e["name"][: -len("_kernel_time")]
-        n = nodes.setdefault(name, {"node": name, "op": key, "ms": 0.0,
-                                    "shapes": e.get("args", {}).get("input_type_shape")})
-        n["ms"] += ms
+        n = per_node.setdefault(name, {"node": name, "op": _op_key(e), "durs": [],
+                                       "shapes": e.get("args", {}).get("input_type_shape")})
+        n["durs"].append(e["dur"] / 1e3)
+    # a node's time per call: the median over the profiled calls (robust to a preempted call)
+    by_op: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    nodes = {}
+    for name, n in per_node.items():
+        durs = n.pop("durs")
+        n["ms"] = float(np.median(durs)) * len(durs) / runs  # a node run k times per call counts k times
+        by_op[n["op"]] += n["ms"]
+        count[n["op"]] += max(1, round(len(durs) / runs))
+        nodes[name] = n
     node_ms = sum(by_op.values())
     return {
         "path": str(path), "runs": runs, "total_ms": total_ms, "node_ms": node_ms,
         "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
-        "count_by_op": {k: count[k] // runs for k in by_op},
+        "count_by_op": dict(count),
         "nodes": sorted(nodes.values(), key=lambda n: -n["ms"]),
     }
 

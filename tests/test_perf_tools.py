@@ -26,11 +26,11 @@ def test_profile_graph_accounts_the_nodes_of_each_call(tmp_path):
     from benchmarks.ort_profile import compare_profiles, profile_graph
 
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 32, 24, 24), dtype=np.float32)}
-    small = profile_graph(_conv_graph(tmp_path / "a.onnx", 32, 16, 24, 0), feeds, runs=3, threads=1)
-    big = profile_graph(_conv_graph(tmp_path / "b.onnx", 32, 128, 24, 1), feeds, runs=3, threads=1)
+    small = profile_graph(_conv_graph(tmp_path / "a.onnx", 32, 16, 24, 0), feeds, runs=5, threads=1)
+    big = profile_graph(_conv_graph(tmp_path / "b.onnx", 32, 128, 24, 1), feeds, runs=5, threads=1)
     for p in (small, big):
-        assert p["runs"] == 3 and p["total_ms"] > 0
-        assert 0 < p["node_ms"] <= p["total_ms"] * 1.05  # node events lie inside the timed calls
+        assert p["runs"] == 5 and p["total_ms"] > 0
+        assert 0 < p["node_ms"] <= p["total_ms"] * 1.5  # medians of node events inside the timed calls
         conv = [k for k in p["by_op"] if "Conv" in k]
         assert conv, p["by_op"]
         assert sum(p["count_by_op"][k] for k in conv) == 1  # one convolution per call, not per profiled run
