@@ -227,7 +227,7 @@ class Runtime:
         seeds = resolve_seeds(seed, len(prompts))
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise EngineError(f"steps must be a positive integer, got {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(guidance_scale):
             raise EngineError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         _check_batch_size(batch_size)
