@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -57,11 +58,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
         raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
                         f"{missing[0]}); run `aptp finetune --run {run_dir}`")
     base = load_base_model(cfg.model)
-    if base.kind == "latent":
-        # The runtime reads one tokenizer.json for both the UNet's text encoder and the router's
-        # sentence encoder; a CLIP text encoder with a MiniLM/mpnet router needs two.
-        raise UserError(f"{base.path}: exporting latent (Stable Diffusion) runs needs two tokenizers in the "
-                        "export (CLIP for the UNet, the sentence encoder's for the router); not supported yet")
     space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
     h = w = base.sample_size
     text_len = base.text_len
@@ -84,14 +80,48 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
         macs = space.macs(arch.tolist(), h, w, text_len)
         experts.append(ExpertModel(unet, macs, share=float(shares[i])))
     sentence = SentenceEncoder(cfg.router.sentence_encoder)
-    text_model = base.text_encoder.enc.model  # pixel models: the MiniLM token states (training.text.TextEncoder)
     dense = ExpertModel(base.unet, dense_macs, share=0.0) if with_dense else None
-    return write_export_dir(
-        out_dir, experts=experts, text_encoder=text_model, router_encoder=sentence.model,
-        router_head=router.scorer(), tokenizer=sentence.model_dir, scheduler_config=dict(base.scheduler.config),
-        scheduler=scheduler, sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
-        context_dim=int(base.unet.config.cross_attention_dim), router_max_length=int(sentence.max_seq_length),
-        embedding_dim=router.embed_dim, dense_macs=dense_macs, budget=cfg.prune.budget,
-        base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None, precision=precision,
-        backend=backend, max_batch=max_batch, info={"run": str(run_dir), "arch_space": space.to_dict()},
-        progress=progress)
+    if base.kind == "pixel":  # the toy layout: MiniLM token states, one tokenizer for both encoders
+        shared = {"text_encoder": base.text_encoder.enc.model, "tokenizer": sentence.model_dir}
+    else:
+        # SD: CLIP text encoder (no attention mask, as the pipelines call it) with its own tokenizer and
+        # padding token; the router keeps the sentence encoder's tokenizer.
+        clip_tok = base.text_encoder.tokenizer
+        shared = {"text_encoder": base.text_encoder.model, "tokenizer": _fast_tokenizer_json(base.path / "tokenizer"),
+                  "pad_token": clip_tok.pad_token, "router_tokenizer": sentence.model_dir,
+                  "text_encoder_uses_mask": False, "vae": base.vae, "vae_scaling_factor": base.scaling_factor}
+    with tempfile.TemporaryDirectory() as scratch:
+        if isinstance(shared["tokenizer"], _Deferred):
+            shared["tokenizer"] = shared["tokenizer"].write(Path(scratch))
+        return write_export_dir(
+            out_dir, experts=experts, router_encoder=sentence.model, router_head=router.scorer(),
+            scheduler_config=dict(base.scheduler.config), scheduler=scheduler, sample_size=(h, w),
+            in_channels=base.sample_channels, text_len=text_len, context_dim=int(base.unet.config.cross_attention_dim),
+            router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim, dense_macs=dense_macs,
+            budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None,
+            precision=precision, backend=backend, max_batch=max_batch,
+            info={"run": str(run_dir), "arch_space": space.to_dict()}, progress=progress, **shared)
+
+
+class _Deferred:
+    """A tokenizer.json to be written into a scratch directory at export time."""
+
+    def __init__(self, tokenizer_dir: Path):
+        self.tokenizer_dir = tokenizer_dir
+
+    def write(self, scratch: Path) -> Path:
+        from transformers import CLIPTokenizerFast
+
+        tok = CLIPTokenizerFast.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
+        tok.save_pretrained(str(scratch / "clip_tokenizer"))
+        return scratch / "clip_tokenizer" / "tokenizer.json"
+
+
+def _fast_tokenizer_json(tokenizer_dir: Path):
+    """SD's tokenizer/ as a tokenizers-library file: its tokenizer.json if present, else converted from the
+    slow CLIP files (vocab.json + merges.txt) at export time."""
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        return tokenizer_dir / "tokenizer.json"
+    if not (tokenizer_dir / "vocab.json").is_file():
+        raise UserError(f"{tokenizer_dir}: neither tokenizer.json nor vocab.json + merges.txt")
+    return _Deferred(tokenizer_dir)

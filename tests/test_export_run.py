@@ -89,3 +89,33 @@ def test_export_verb_rejects_an_unfinished_run(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "pruning phase has not finished" in r.stderr.strip().splitlines()[-1]
+
+
+def test_latent_run_exports_clip_text_encoder_vae_and_router_tokenizer(tmp_path):
+    """SD layout: the UNet context comes from CLIP (its own tokenizer, no mask), routing from the
+    sentence encoder; the runtime reproduces CLIP's states and decodes with the VAE."""
+    from prune_fixtures import write_sd_model
+
+    from aptp_export.export_run import export_run
+    from engines import Runtime
+    from training.base_model import load_base_model
+    from training.config import config_from_dict
+    from training.finetune import run_finetune
+    from training.prune import run_prune
+
+    model = write_sd_model(tmp_path / "sd")
+    cfg = config_from_dict(tiny_config(model, tmp_path / "runs", router={"num_experts": 2},
+                                       prune={"steps": 2, "warmup_steps": 1, "batch_size": 4},
+                                       finetune={"steps": 1, "batch_size": 2}))
+    run = tmp_path / "run"
+    run_prune(cfg, run, progress=False)
+    run_finetune(run, progress=False)
+    out = tmp_path / "engines"
+    manifest, _ = export_run(run, out, progress=False)
+    assert manifest.latent and manifest.vae_decoder is not None
+    rt = Runtime.load(out)
+    prompts = ["a red circle", "the blue"]
+    base = load_base_model(cfg.model)
+    np.testing.assert_allclose(rt.encode_text(prompts), base.encode_text(prompts).numpy(), atol=1e-4)
+    images = rt.generate(prompts, steps=2, seed=5)
+    assert [im.size for im in images] == [(base.image_size, base.image_size)] * 2
