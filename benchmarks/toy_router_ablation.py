@@ -9,7 +9,7 @@ Runs (each a normal `aptp prune` run directory under --out, reused when already 
   k1         K=1 (the paper's Uni-Arch), budget = ot_b50's held-out mean MACs
 Then ot_b50's experts and k1's single expert are fine-tuned with the same total number of steps on the
 same training set (`finetune.allocation=split`), and both are compared on held-out samples: mean squared
-error of the routed expert's output to the dense teacher's (fixed noise, 5 timesteps).
+error of the routed expert's output to the dense teacher's (fixed noise, timesteps 200/500/800).
 Held-out prompts: the first --heldout samples of the toy world's evaluation seed (captions never seen in
 training). Writes OUT/results.json and OUT/results.md.
 """
@@ -20,6 +20,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+TIMESTEPS = (200, 500, 800)  # held-out distillation error: every sample at these timesteps, fixed noise
 
 
 def parse_args(argv=None):
@@ -91,10 +93,16 @@ def main(argv=None) -> int:
     results["heldout"] = {"n": len(caps), "seed": toy.EVAL_SEED,
                           "difficulty_counts": {d: diff.count(d) for d in sorted(set(diff))}}
 
+    mine: set[str] = {"heldout"}
+
     def save():
+        # several instances (--only subsets) may run at once: merge into the file, keep others' keys
         from aptp_export.fileio import write_json
 
-        write_json(results_path, results)
+        current = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        current.update({k: results[k] for k in mine})
+        results.update({k: v for k, v in current.items() if k not in mine})
+        write_json(results_path, current)
 
     for name, ov in (("ot_b50", ["prune.budget=0.5"]), ("noot_b50", ["prune.budget=0.5", "router.optimal_transport=false"]),
                      ("ot_b75", ["prune.budget=0.75"])):
@@ -105,17 +113,21 @@ def main(argv=None) -> int:
         r["budget"] = float(ov[0].split("=")[1])
         r["distinct_macs_levels"] = len({round(m, 3) for m in r["expert_macs"]})
         results[name] = r
+        mine.add(name)
         save()
         print(f"[{name}] shares {[round(s, 3) for s in r['shares']]} max {r['max_share']:.3f} "
               f"mean MACs {r['mean_macs']:.4f} (budget {r['budget']}) levels {r['distinct_macs_levels']} "
               f"easy {r['groups']['easy']['mean_macs']:.3f} hard {r['groups']['hard']['mean_macs']:.3f}")
 
     if "k1" in only:
+        if "ot_b50" not in results and results_path.is_file():
+            results.update(json.loads(results_path.read_text()))
         target = results.get("ot_b50", {}).get("mean_macs", 0.5)
         run = _prune("k1", out, base_cfg, ["router.num_experts=1", f"prune.budget={target:.4f}"], args)
         _, r = _routing(run, caps, diff)
         r["budget"] = round(target, 4)
         results["k1"] = r
+        mine.add("k1")
         save()
         print(f"[k1] MACs {r['mean_macs']:.4f} (budget {target:.4f})")
 
@@ -128,13 +140,13 @@ def main(argv=None) -> int:
             run = out / name
             ev = RunEvaluator(run)
             a = ev.router.route(ev.embeddings(caps))
-            before = distill_error(ev.materialized_experts(), a, ev.base.unet, ev.base, held, progress=True)
+            before = distill_error(ev.materialized_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             if not (run / "experts" / "experts.json").is_file():
                 _set_finetune(run, args.ft_steps)
                 t0 = time.time()
                 run_finetune(run, resume=True)
                 print(f"[{name}] fine-tuned in {time.time() - t0:.0f} s")
-            after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, progress=True)
+            after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             macs = ev.expert_macs()
             comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
                           "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],
@@ -142,8 +154,10 @@ def main(argv=None) -> int:
             print(f"[{name}] held-out distillation MSE {before['mse']:.5f} -> {after['mse']:.5f} "
                   f"at mean MACs {comp[name]['mean_macs']:.4f}")
         results["finetune"] = comp
+        mine.add("finetune")
         save()
-    _write_markdown(out, results)
+    save()
+    _write_markdown(out, json.loads(results_path.read_text()))
     print(f"results: {results_path}")
     return 0
 
