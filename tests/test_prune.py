@@ -80,7 +80,7 @@ def _one_step(model_dir, tmp_path, emb_cache, losses, warmup):
     from training.prune import PruneTrainer, build_setup
 
     zero = {k: 0.0 for k in ("ddpm", "distill_out", "distill_block", "resource", "spread_std", "spread_max",
-                             "contrastive")}
+                             "contrastive", "routing")}
     cfg = _cfg(model_dir, tmp_path, emb_cache, prune={"warmup_steps": 1 if warmup else 0, "losses": {**zero, **losses}})
     setup = build_setup(cfg, tmp_path / "run", Dist(), progress=False)
     tr = PruneTrainer(setup, tmp_path / "run", progress=False)
@@ -95,6 +95,7 @@ def _one_step(model_dir, tmp_path, emb_cache, losses, warmup):
     ({"distill_out": 1.0}, False, False, True),     # gated forward -> codes (straight-through)
     ({"resource": 1.0}, False, False, True),        # analytic MACs -> codes
     ({"contrastive": 1.0}, False, True, False),     # contrastive -> predictor only
+    ({"routing": 1.0}, False, True, False),         # routing consistency -> predictor only (codes detached)
     ({"distill_block": 1.0}, True, True, False),    # warm-up: the predictor's own gates
     ({"ddpm": 1.0}, True, True, False),
 ])

@@ -94,11 +94,15 @@ class RouterConfig:
     # "predictor": when routing starts, codes = k-means centres of the predictor's logits over training
     # prompts, so the experts start from the prompt-dependent architectures the warm-up learned.
     codes_init: str = "orthogonal"
+    # Gumbel noise scale at the last step; it decays linearly from 1 over the routing phase (1.0 = constant
+    # noise, the reference). 0 makes the final codes exactly the noise-free experts that inference uses.
+    noise_final_scale: float = 1.0
 
     def validate(self, p: str) -> None:
         _check(self.num_experts >= 1, f"{p}.num_experts", "must be >= 1", self.num_experts)
         _check(self.codes_init in ("orthogonal", "predictor"), f"{p}.codes_init", "must be orthogonal|predictor",
                self.codes_init)
+        _check(0 <= self.noise_final_scale <= 1, f"{p}.noise_final_scale", "must be in [0, 1]", self.noise_final_scale)
         _check(self.gumbel_tau > 0, f"{p}.gumbel_tau", "must be > 0", self.gumbel_tau)
         _check(self.sinkhorn_epsilon > 0, f"{p}.sinkhorn_epsilon", "must be > 0", self.sinkhorn_epsilon)
         _check(self.sinkhorn_iterations >= 1, f"{p}.sinkhorn_iterations", "must be >= 1", self.sinkhorn_iterations)
@@ -120,14 +124,20 @@ class PruneLosses:
     spread_max: float = 0.1
     contrastive: float = 100.0
     contrastive_tau: float = 0.03
+    # Not in the reference: cross-entropy of softmax(cosine(predictor vector, codes) / routing_tau) to the
+    # optimal-transport assignment, so that inference's plain argmax reproduces the balanced routing.
+    routing: float = 0.0
+    routing_tau: float = 0.1
 
     def validate(self, p: str) -> None:
-        for k in ("ddpm", "distill_out", "distill_block", "resource", "spread_std", "spread_max", "contrastive"):
+        for k in ("ddpm", "distill_out", "distill_block", "resource", "spread_std", "spread_max", "contrastive",
+                  "routing"):
             _check(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0", getattr(self, k))
         _check(self.snr_gamma is None or self.snr_gamma > 0, f"{p}.snr_gamma", "must be null or > 0", self.snr_gamma)
         _check(self.resource_type in ("log", "abs", "square"), f"{p}.resource_type", "must be log|abs|square",
                self.resource_type)
         _check(self.contrastive_tau > 0, f"{p}.contrastive_tau", "must be > 0", self.contrastive_tau)
+        _check(self.routing_tau > 0, f"{p}.routing_tau", "must be > 0", self.routing_tau)
 
 
 @dataclass

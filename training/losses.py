@@ -116,6 +116,16 @@ def spread_loss(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -std, 1.0 - ratios.max()
 
 
+def routing_loss(pred_vectors: torch.Tensor, code_vectors: torch.Tensor, assignment: torch.Tensor,
+                 tau: float = 0.1) -> torch.Tensor:
+    """Per-sample cross-entropy [B] of softmax(cosine(pred_vectors, code_vectors) / tau) to `assignment`.
+
+    pred_vectors [B, D] and code_vectors [K, D] are normalised architecture vectors; the codes are
+    detached (the predictor learns to point at the code optimal transport chose, as in SwAV)."""
+    logits = pred_vectors @ code_vectors.detach().t() / tau
+    return F.cross_entropy(logits, assignment, reduction="none")
+
+
 def contrastive_loss(arch_vectors: torch.Tensor, prompt_embeddings: torch.Tensor, tau: float = 0.03,
                      prompt_tau: float | None = None) -> torch.Tensor:
     """Row-wise cross-entropy  -mean_i sum_j softmax(P P^T / tau)_ij log softmax(A A^T / tau)_ij.

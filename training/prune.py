@@ -49,6 +49,7 @@ from .losses import (
     diffusion_target,
     per_sample_mse,
     resource_loss,
+    routing_loss,
     spread_loss,
 )
 from .router import ArchLayout, Router
@@ -247,8 +248,9 @@ class PruneTrainer:
         t, noise = mine(rnd["t"]), mine(rnd["noise"])
         z = self.s.embeddings[idx.to(dev)]
 
+        ns = self.noise_scale(self.step)
         logits = self.router.predict(z)
-        pred_gates = self.router.gates(logits, mine(rnd["gumbel"]))
+        pred_gates = self.router.gates(logits, ns * mine(rnd["gumbel"]))
         pred_vec = self.router.arch_vectors(pred_gates)
         warm = self.step < pc.warmup_steps
         if self.step == pc.warmup_steps and rc.codes_init == "predictor":
@@ -258,7 +260,7 @@ class PruneTrainer:
             ratios = self.s.macs_fraction(pred_gates)
             assignment, code_ratio = None, None
         else:
-            code_gates = self.router.gates(self.router.codes, rnd["gumbel_codes"].to(dev))
+            code_gates = self.router.gates(self.router.codes, ns * rnd["gumbel_codes"].to(dev))
             code_vec = self.router.arch_vectors(code_gates)
             scores = pred_vec.detach() @ code_vec.detach().t()
             assignment = assign(scores, rc.optimal_transport, rc.sinkhorn_epsilon, rc.sinkhorn_iterations,
@@ -280,8 +282,11 @@ class PruneTrainer:
         l_ddpm = diffusion_loss(out, target, t, base.scheduler, lw.snr_gamma, base.prediction_type)
         l_out = per_sample_mse(out, teacher_out)
         l_block = block_distill_loss(student_blocks, teacher_blocks)
+        l_route = routing_loss(pred_vec, code_vec, assignment, lw.routing_tau) if assignment is not None \
+            else torch.zeros_like(l_ddpm)
         # per-sample terms: sum over local rows / global B, so the sum over processes is the global mean
-        local = (lw.ddpm * l_ddpm + lw.distill_out * l_out + lw.distill_block * l_block).sum() / B
+        local = (lw.ddpm * l_ddpm + lw.distill_out * l_out + lw.distill_block * l_block
+                 + lw.routing * l_route).sum() / B
         # global-batch terms: gathered tensors carry gradients only through this process's rows
         ratios_all = dist.gather_with_grad(ratios)
         r_mean = ratios_all.mean()
@@ -301,13 +306,15 @@ class PruneTrainer:
         self.step += 1
 
         with torch.no_grad():
-            sums = torch.stack([l_ddpm.sum(), l_out.sum(), l_block.sum()]).detach()
+            sums = torch.stack([l_ddpm.sum(), l_out.sum(), l_block.sum(), l_route.sum()]).detach()
             sums = dist.all_reduce_sum(sums) / B
             stats = {"step": self.step, "phase": "warmup" if warm else "route",
-                     "loss": float(sums @ torch.tensor([lw.ddpm, lw.distill_out, lw.distill_block], dtype=sums.dtype))
+                     "loss": float(sums @ torch.tensor([lw.ddpm, lw.distill_out, lw.distill_block, lw.routing],
+                                                       dtype=sums.dtype))
                      + float(lw.resource * l_res + lw.spread_std * l_std + lw.spread_max * l_max + lw.contrastive * l_con),
                      "ddpm": float(sums[0]), "out": float(sums[1]), "block": float(sums[2]),
-                     "res": float(l_res), "con": float(l_con), "std": float(-l_std), "max": float(1 - l_max),
+                     "res": float(l_res), "con": float(l_con), "route": float(sums[3]), "noise": ns,
+                     "std": float(-l_std), "max": float(1 - l_max),
                      "macs": float(r_mean), "lr": self.opt.param_groups[0]["lr"]}
             if assignment is not None:
                 a_all = dist.gather(assignment)
@@ -316,6 +323,15 @@ class PruneTrainer:
                     stats["assign"] = a_all.tolist()
                 stats["code_macs"] = [round(float(x), 5) for x in code_ratio]
         return stats
+
+    def noise_scale(self, step: int) -> float:
+        """Gumbel noise scale: 1 in warm-up, then linear to router.noise_final_scale at the last step."""
+        pc, final = self.cfg.prune, self.cfg.router.noise_final_scale
+        if step < pc.warmup_steps or final == 1.0:
+            return 1.0
+        span = max(1, pc.steps - 1 - pc.warmup_steps)
+        f = min(1.0, (step - pc.warmup_steps) / span)
+        return 1.0 + (final - 1.0) * f
 
     def _init_codes(self) -> None:
         """Codes from the warmed-up predictor (router.codes_init = predictor); same on every process."""
@@ -347,7 +363,7 @@ class PruneTrainer:
                 bar.update(1)
                 if self.dist.is_main:
                     post = f"L={st['loss']:.3f} ddpm={st['ddpm']:.3f} out={st['out']:.4f} blk={st['block']:.4f} " \
-                           f"res={st['res']:.3f} con={st['con']:.3f} macs={st['macs']:.3f}"
+                           f"res={st['res']:.3f} con={st['con']:.3f} route={st['route']:.3f} macs={st['macs']:.3f}"
                     if "code_macs" in st:
                         share = (window.float() / max(1, int(window.sum()))).tolist()
                         post += " experts(macs/share)=" + " ".join(
