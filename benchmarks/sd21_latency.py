@@ -6,7 +6,8 @@
 For each latent size: random architecture vectors at the given keep ratios (ArchSpace.sample, seed
 `--seed`), each materialised from the dense UNet, exported to ONNX (verified against torch) and timed side
 by side with the dense UNet, onnxruntime CPU against torch eager, UNet batch 2 (one prompt with CFG),
-77 tokens. `--round-to N` adds, next to every expert `keep_X`, the expert `keep_X_rN` whose kept
+77 tokens. `--sets per-keep` times every expert in its own interleaved set with the dense model
+(memory: at 64x64 the activations of five sessions do not fit in 14 GB). `--round-to N` adds, next to every expert `keep_X`, the expert `keep_X_rN` whose kept
 channels are rounded up to multiples of N (aptp_export.rounding); each pair is then timed in its own
 interleaved set with the dense model (three models in memory at a time). `--profile` adds an
 onnxruntime per-operator profile of every model (benchmarks.ort_profile).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -103,8 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
     ap.add_argument("--round-to", type=int, default=1,
                     help="also time every expert with its kept channels rounded up to multiples of N (1 = off)")
+    ap.add_argument("--sets", choices=("all", "per-keep"), default="all",
+                    help="time all models in one interleaved set, or each expert in its own set with the dense "
+                         "model (less memory: needed at 64x64; implied by --round-to)")
     ap.add_argument("--profile", action="store_true", help="onnxruntime per-operator profile of every model")
     ap.add_argument("--out", default="bench/sd21", help="output directory (ONNX graphs go to OUT/onnx)")
+    ap.add_argument("--onnx-dir", help="ONNX graph cache (default OUT/onnx; shareable between runs)")
     args = ap.parse_args(argv)
     if args.round_to < 1:
         ap.error("--round-to must be >= 1")
@@ -123,11 +129,12 @@ def main(argv=None) -> int:
     from .unet_latency import InputShape, ModelUnderTest, bench_unets, speedups, unet_feeds
 
     out = Path(args.out)
+    onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx"
     t0 = time.perf_counter()
     space = ArchSpace.from_config(SD21_UNET_CONFIG)
     g = torch.Generator().manual_seed(args.seed)
     archs = {f"keep_{k:.2f}": space.sample(generator=g, keep=k) for k in args.keep}
-    sets = [["dense", *archs]]
+    sets = [["dense", *archs]] if args.sets == "all" else [["dense", n] for n in archs]
     rounding = {}
     if args.round_to > 1:
         from aptp_export.rounding import round_units, rounding_summary
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
             archs[rname] = round_units(space, archs[name], args.round_to)
             rounding[rname] = rounding_summary(space, archs[name], archs[rname], args.round_to)
             sets.append(["dense", name, rname])
-    result = {"config": vars(args), "threads": torch.get_num_threads(), "rounding": rounding, "sizes": {}}
+    result = {"config": vars(args), "threads": torch.get_num_threads(), "rounding": rounding,
+              "loadavg_start": os.getloadavg(), "sizes": {}}
     all_rows = []
     for size in args.sizes:
         dense_macs = space.dense_macs(size, size, 77)
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
         dense = None
         for name, arch in [("dense", None), *archs.items()]:
             tag = f"seed{args.seed}" if arch is None else _tag(arch, args.seed)
-            path = out / "onnx" / f"{size}" / f"{name}-{tag}.onnx"
+            path = onnx_dir / f"{size}" / f"{name}-{tag}.onnx"
             macs = dense_macs if arch is None else space.macs(arch.tolist(), size, size, 77)
             if not path.exists():
                 if dense is None:
@@ -230,6 +238,7 @@ def main(argv=None) -> int:
                 print(f"  {d['model']}: ORT latency/MACs {d['latency_over_macs']:.3f} "
                       f"({'ok' if d['latency_ok'] else 'OVER'} <= {LAT_TOLERANCE})", flush=True)
         write_json(out / "sd21_bench.json", {**result, "partial": True})  # a later size may not finish
+    result["loadavg_end"] = os.getloadavg()
     result["peak_rss_gb"] = peak_rss_gb()
     result["seconds"] = time.perf_counter() - t0
     write_json(out / "sd21_bench.json", result)
