@@ -25,8 +25,11 @@ def test_two_processes_route_like_one(tmp_path):
     from safetensors.torch import load_file
 
     model = write_toy_model(tmp_path / "model")
+    # the toy config's options too: codes from the predictor (k-means), noise annealing, routing loss
     cfg = tiny_config(model, tmp_path / "runs", prune={"steps": 10, "warmup_steps": 2, "batch_size": 8, "lr": 0.2,
-                                                       "codes_lr": 1.0, "checkpoint_every": 100})
+                                                       "codes_lr": 1.0, "checkpoint_every": 100,
+                                                       "losses": {"routing": 1.0}},
+                      router={"num_experts": 4, "codes_init": "predictor", "noise_final_scale": 0.0})
     cfg["data"]["embedding_cache"] = str(tmp_path / "cache")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

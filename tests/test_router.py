@@ -111,12 +111,14 @@ def test_router_save_load_roundtrip(tmp_path):
     with torch.no_grad():
         r.codes.add_(torch.randn(4, 9) * 4)
         r.predictor.bias.add_(torch.randn(9))
+        r.code_bias.copy_(torch.randn(4) * 0.1)
     r.save(tmp_path, extra={"budget": 0.5})
     for f in ("router.safetensors", "codes.safetensors", "router.json"):
         assert (tmp_path / f).is_file()
     r2 = Router.load(tmp_path)
     for a, b in zip(r.state_dict().values(), r2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    assert torch.equal(r.code_bias, r2.code_bias)
     z = torch.nn.functional.normalize(torch.randn(16, 5), dim=-1)
     assert torch.equal(r.inference_scores(z), r2.inference_scores(z))
     from safetensors.torch import load_file
@@ -132,6 +134,7 @@ def test_router_scorer_exports_to_onnx(tmp_path):
     with torch.no_grad():
         r.codes.add_(torch.randn(3, 9) * 4)
         r.predictor.weight.mul_(8)
+        r.code_bias.copy_(torch.tensor([0.05, -0.02, 0.01]))
     scorer = r.scorer().eval()
     z = torch.nn.functional.normalize(torch.randn(7, 5), dim=-1)
     path = tmp_path / "router.onnx"

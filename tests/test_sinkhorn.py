@@ -94,3 +94,21 @@ def test_split_rows_with_sum_reduction_equal_the_whole():
     for t in threads:
         t.join()
     assert torch.allclose(torch.cat(results), whole, rtol=1e-12, atol=1e-15)
+
+
+def test_balancing_bias_turns_argmax_into_the_balanced_assignment():
+    from training.sinkhorn import balancing_bias
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 800, 8
+    s = 0.2 * torch.rand(n, k, generator=g)
+    s[:, 3] += 0.15  # a code every prompt prefers a little: plain argmax collapses onto it
+    assert torch.bincount(s.argmax(1), minlength=k)[3] > 0.9 * n
+    b = balancing_bias(s, epsilon=0.05)
+    counts = torch.bincount((s + b).argmax(1), minlength=k)
+    assert counts.max() <= 1.25 * n / k and counts.min() >= 0.75 * n / k, counts
+    # the offsets generalise: fresh rows from the same distribution are balanced too
+    s2 = 0.2 * torch.rand(n, k, generator=g)
+    s2[:, 3] += 0.15
+    c2 = torch.bincount((s2 + b).argmax(1), minlength=k)
+    assert c2.max() <= 1.5 * n / k, c2

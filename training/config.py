@@ -97,6 +97,9 @@ class RouterConfig:
     # Gumbel noise scale at the last step; it decays linearly from 1 over the routing phase (1.0 = constant
     # noise, the reference). 0 makes the final codes exactly the noise-free experts that inference uses.
     noise_final_scale: float = 1.0
+    # after pruning, per-expert score offsets make inference's argmax reproduce the balanced optimal
+    # transport of the training prompts (false = plain cosine argmax, the reference)
+    inference_balance: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.num_experts >= 1, f"{p}.num_experts", "must be >= 1", self.num_experts)

@@ -471,6 +471,8 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
     trainer.run(stop_after=stop_after)
     if trainer.step < cfg.prune.steps:
         return {"stopped_at": trainer.step}
+    if cfg.router.inference_balance and cfg.router.optimal_transport and cfg.router.num_experts > 1:
+        trainer.router.calibrate_(setup.embeddings, cfg.router.sinkhorn_epsilon)
     summary = routing_summary(trainer.router, setup, setup.embeddings)
     summary.pop("assignment")
     summary.update({"budget": cfg.prune.budget, "dense_macs": setup.dense_macs, "steps": trainer.step})
@@ -485,3 +487,30 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
         write_json(run_dir / "prune" / "summary.json", summary)
     dist.barrier()
     return summary
+
+
+def calibrate_run(run_dir: str | Path) -> list[float]:
+    """Re-derive the inference balancing offsets of a finished run (router.inference_balance) from its
+    training prompts and rewrite RUN/prune's router files; returns the offsets."""
+    import yaml
+
+    from .base_model import load_base_model  # noqa: F401  (documented dependency of the config)
+    from .data import build_dataset
+    from .embeddings import prompt_embeddings
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    router = Router.load(run_dir / "prune")
+    meta = json.loads((run_dir / "prune" / "router.json").read_text())
+    size = cfg.model.resolution or 32
+    captions = build_dataset(cfg.data, size).captions
+    cache = Path(cfg.data.embedding_cache) if cfg.data.embedding_cache else run_dir / "cache"
+    emb = prompt_embeddings(captions, cache, cfg.router.sentence_encoder)
+    bias = router.calibrate_(emb, cfg.router.sinkhorn_epsilon)
+    a = router.route(emb)
+    meta["train_shares"] = (torch.bincount(a, minlength=router.num_experts).double() / len(a)).tolist()
+    keep = {k: v for k, v in meta.items() if k not in ("format", "num_experts", "num_units", "embedding_dim",
+                                                       "gumbel_tau", "gumbel_offset", "min_width_units",
+                                                       "width_slices", "scores")}
+    router.save(run_dir / "prune", extra=keep)
+    return bias.tolist()

@@ -98,6 +98,8 @@ class Router(nn.Module):
         nn.init.orthogonal_(self.codes, generator=g)
         self.register_buffer("depth_index", layout.depth_index.clone(), persistent=False)
         self.register_buffer("unit_scale", layout.unit_scale.clone(), persistent=False)
+        # per-expert score offsets added at inference (zeros = plain cosine argmax, the reference)
+        self.register_buffer("code_bias", torch.zeros(self.num_experts), persistent=False)
 
     # --- training-time pieces ---------------------------------------------------------------------
     def predict(self, z: torch.Tensor) -> torch.Tensor:
@@ -163,12 +165,23 @@ class Router(nn.Module):
         """A standalone, buffers-only module computing `inference_scores` (for ONNX export)."""
         return RouterScorer(self.predictor.weight.detach().clone(), self.predictor.bias.detach().clone(),
                             self.code_vectors().clone(), self.depth_index.clone(), self.unit_scale.clone(),
-                            self.offset)
+                            self.offset, self.code_bias.clone())
+
+    @torch.no_grad()
+    def calibrate_(self, z: torch.Tensor, epsilon: float = 0.05) -> torch.Tensor:
+        """Set `code_bias` so that inference routing of prompt embeddings z [N, E] (the training set) is
+        the balanced optimal-transport assignment (see sinkhorn.balancing_bias). Returns the bias [K]."""
+        from .sinkhorn import balancing_bias
+
+        self.code_bias.zero_()
+        self.code_bias.copy_(balancing_bias(self.inference_scores(z), epsilon))
+        return self.code_bias.clone()
 
     @torch.no_grad()
     def inference_scores(self, z: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings [B, E] -> cosine similarity [B, K] of the noise-free predicted architecture
-        vector to each expert's vector. Route with `.argmax(1)`."""
+        vector to each expert's vector, plus the per-expert `code_bias` (zeros unless calibrated).
+        Route with `.argmax(1)`."""
         return self.scorer().to(z.device)(z)
 
     @torch.no_grad()
@@ -193,11 +206,13 @@ class Router(nn.Module):
         gates = self.expert_gates()
         with atomic_path(out / "codes.safetensors") as tmp:
             save_file({"logits": self.codes.detach().contiguous(), "gates": gates.contiguous(),
-                       "vectors": self.arch_vectors(gates).contiguous()}, str(tmp))
+                       "vectors": self.arch_vectors(gates).contiguous(), "bias": self.code_bias.contiguous()},
+                      str(tmp))
         meta = {"format": ROUTER_FORMAT, "num_experts": self.num_experts, "num_units": self.layout.num_units,
                 "embedding_dim": self.embed_dim, "gumbel_tau": self.tau, "gumbel_offset": self.offset,
                 "min_width_units": self.min_width_units, "width_slices": [list(s) for s in self.layout.width_slices],
-                "scores": "cosine(normalize(g(W z + b) * depth * unit_scale), code_vectors); g(x) = 1[x + offset > 0]"}
+                "scores": "cosine(normalize(g(W z + b) * depth * unit_scale), code_vectors) + code_bias; "
+                          "g(x) = 1[x + offset > 0]"}
         meta.update(extra or {})
         write_json(out / "router.json", meta)
 
@@ -225,18 +240,22 @@ class Router(nn.Module):
             router.predictor.weight.copy_(r["predictor.weight"])
             router.predictor.bias.copy_(r["predictor.bias"])
             router.codes.copy_(c["logits"])
+            if "bias" in c:
+                router.code_bias.copy_(c["bias"])
         return router
 
 
 class RouterScorer(nn.Module):
-    """scores = cosine(normalised noise-free architecture vector of W z + b, code vectors): [B, E] -> [B, K].
+    """scores = cosine(normalised noise-free architecture vector of W z + b, code vectors) + code_bias:
+    [B, E] -> [B, K].
 
     Only buffers and elementwise/matmul ops, so `torch.onnx.export` handles it; the exporter puts the
     sentence encoder in front of it.
     """
 
-    def __init__(self, weight, bias, code_vectors, depth_index, unit_scale, offset: float):
+    def __init__(self, weight, bias, code_vectors, depth_index, unit_scale, offset: float, code_bias=None):
         super().__init__()
+        self.register_buffer("code_bias", code_bias if code_bias is not None else torch.zeros(code_vectors.shape[0]))
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("code_vectors", code_vectors)
@@ -248,4 +267,4 @@ class RouterScorer(nn.Module):
         logits = embeddings @ self.weight.t() + self.bias
         gates = (logits + self.offset > 0).to(embeddings.dtype)
         vec = normalized_arch_vectors(gates, self.depth_index, self.unit_scale)
-        return vec @ self.code_vectors.t()
+        return vec @ self.code_vectors.t() + self.code_bias

@@ -55,3 +55,23 @@ def assign(scores: torch.Tensor, optimal_transport: bool = True, epsilon: float 
     if tie_break is not None:
         q = q + 1e-9 * q.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) * tie_break.to(q)
     return q.argmax(dim=1)
+
+
+@torch.no_grad()
+def balancing_bias(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 500) -> torch.Tensor:
+    """Per-code offsets b [K] such that argmax_k(scores[i, k] + b[k]) is the equipartitioned optimal
+    transport assignment of the rows of `scores` [N, K] (run to convergence, in the log domain).
+
+    The plan is Q = diag(u) exp(S / eps) diag(v); a row's argmax is argmax_k(S_k / eps + log v_k), so
+    b = eps * log v extends the balanced assignment of a reference set (the training prompts) to new
+    prompts one at a time. Returns float32, shifted to mean 0.
+    """
+    s = scores.detach().to(torch.float64) / epsilon
+    n, k = s.shape
+    log_v = torch.zeros(k, dtype=torch.float64, device=s.device)
+    log_r, log_c = -torch.log(torch.tensor(float(n), dtype=torch.float64)), -torch.log(torch.tensor(float(k), dtype=torch.float64))
+    for _ in range(iterations):
+        log_u = log_r - torch.logsumexp(s + log_v, dim=1)
+        log_v = log_c - torch.logsumexp(s + log_u[:, None], dim=0)
+    b = epsilon * log_v
+    return (b - b.mean()).to(torch.float32)
