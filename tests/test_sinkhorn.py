@@ -103,7 +103,7 @@ def test_balancing_bias_turns_argmax_into_the_balanced_assignment():
     n, k = 800, 8
     s = 0.2 * torch.rand(n, k, generator=g)
     s[:, 3] += 0.15  # a code every prompt prefers a little: plain argmax collapses onto it
-    assert torch.bincount(s.argmax(1), minlength=k)[3] > 0.9 * n
+    assert torch.bincount(s.argmax(1), minlength=k)[3] > 0.8 * n
     b = balancing_bias(s, epsilon=0.05)
     counts = torch.bincount((s + b).argmax(1), minlength=k)
     assert counts.max() <= 1.25 * n / k and counts.min() >= 0.75 * n / k, counts
