@@ -59,6 +59,12 @@ def _rss_gb() -> float:
     return rss_gb()
 
 
+# summary key -> row key; a model timed in several sets (the dense one) gets the mean over its sets
+_AVERAGED = (("ms", "latency_ms_median"), ("latency_fraction", "latency_fraction"),
+             ("latency_fraction_paired", "latency_fraction_paired"), ("latency_fraction_min", "latency_fraction_min"),
+             ("cpu_fraction", "cpu_fraction"))
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
     """One row per model: MACs fraction, both backends' medians and fractions, speed-up, acceptance flags.
 
@@ -68,16 +74,16 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         d = by.setdefault(r["expert"], {"model": r["expert"], "macs_fraction": r["macs_fraction"],
                                         "gmacs": r["macs"] / 1e9, "params_m": r["params"] / 1e6})
         b = r["backend"]
-        d.setdefault(f"{b}_ms_all", []).append(r["latency_ms_median"])
-        d.setdefault(f"{b}_frac_all", []).append(r["latency_fraction"])
+        for key, src in _AVERAGED:
+            if src in r:
+                d.setdefault(f"_{b}_{key}", []).append(r[src])
     out = []
     for d in by.values():
         for b in ("onnxruntime", "torch"):
-            if f"{b}_ms_all" in d:
-                d[f"{b}_ms"] = sum(d[f"{b}_ms_all"]) / len(d[f"{b}_ms_all"])
-                d[f"{b}_latency_fraction"] = sum(d[f"{b}_frac_all"]) / len(d[f"{b}_frac_all"])
-            d.pop(f"{b}_ms_all", None)
-            d.pop(f"{b}_frac_all", None)
+            for key, _ in _AVERAGED:
+                vals = d.pop(f"_{b}_{key}", None)
+                if vals:
+                    d[f"{b}_{key}"] = sum(vals) / len(vals)
         if "onnxruntime_ms" in d:
             d["latency_over_macs"] = d["onnxruntime_latency_fraction"] / d["macs_fraction"]
             if d["model"] != "dense" and d["macs_fraction"] <= 0.9:
@@ -89,6 +95,12 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+ROBUSTNESS_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"),
+                      ("onnxruntime_latency_fraction", "ORT ratio of medians", ".3f"),
+                      ("onnxruntime_latency_fraction_paired", "ORT median of paired ratios", ".3f"),
+                      ("onnxruntime_latency_fraction_min", "ORT ratio of minima", ".3f"),
+                      ("onnxruntime_cpu_fraction", "ORT CPU-time ratio", ".3f"),
+                      ("torch_latency_fraction_paired", "torch median of paired ratios", ".3f")]
 TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"), ("gmacs", "GMACs", ".1f"),
                  ("onnxruntime_ms", "ORT ms", ".0f"), ("onnxruntime_latency_fraction", "ORT latency fraction", ".3f"),
                  ("latency_over_macs", "latency / MACs", ".3f"), ("torch_ms", "torch ms", ".0f"),
@@ -230,9 +242,10 @@ def main(argv=None) -> int:
         latency_vs_macs(rows, out / f"sd21_latency_vs_macs_{size}.png",
                         title=f"SD 2.1 UNet architecture, {size}x{size} latent, batch 2")
         table = markdown_table(summary, TABLE_COLUMNS)
-        write_text(out / f"sd21_table_{size}.md", table + "\n")
-        print(f"\n[{size}x{size} latent, UNet batch 2, dense {dense_macs / 1e9:.1f} GMACs per sample]\n{table}\n",
-              flush=True)
+        robust = markdown_table(summary, ROBUSTNESS_COLUMNS)
+        write_text(out / f"sd21_table_{size}.md", table + "\n\nLatency fraction, other estimators:\n\n" + robust + "\n")
+        print(f"\n[{size}x{size} latent, UNet batch 2, dense {dense_macs / 1e9:.1f} GMACs per sample]\n{table}\n\n"
+              f"{robust}\n", flush=True)
         for d in summary:
             if "latency_ok" in d:
                 print(f"  {d['model']}: ORT latency/MACs {d['latency_over_macs']:.3f} "

@@ -18,6 +18,8 @@ import numpy as np
 
 from .timing import interleaved
 
+PAIRED_KEYS = ("latency_fraction_paired", "latency_fraction_min", "cpu_ms_median", "cpu_fraction")
+
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 
 
@@ -117,8 +119,11 @@ def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_bat
                     fns[m.name] = _torch_callable(torch_modules[m.name], feeds)
                 else:
                     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-            timings = interleaved(fns, warmup=warmup, repeats=repeats)
+            calls = {k: [] for k in fns}
+            timings = interleaved({k: _recorded(fn, calls[k]) for k, fn in fns.items()}, warmup=warmup,
+                                  repeats=repeats)
             dense = timings["dense"].median_ms
+            paired = _paired(calls, warmup)
             for m in models:
                 t = timings[m.name]
                 rows.append({
@@ -126,12 +131,38 @@ def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_bat
                     "macs": m.macs, "macs_fraction": m.macs_fraction, "params": m.params,
                     **t.as_dict(), "latency_fraction": t.median_ms / dense,
                     "latency_over_macs": (t.median_ms / dense) / m.macs_fraction,
-                    **m.extra,
+                    **paired[m.name], **m.extra,
                 })
             if progress is not None:
                 progress(backend, prompts)
             del fns
     return rows
+
+
+def _recorded(fn, out: list):
+    """`fn` that also appends (wall s, process CPU s) of every call to `out`."""
+    import time
+
+    def call():
+        c, t = time.process_time(), time.perf_counter()
+        r = fn()
+        out.append((time.perf_counter() - t, time.process_time() - c))
+        return r
+
+    return call
+
+
+def _paired(calls: dict[str, list], warmup: int) -> dict[str, dict]:
+    """Estimators of the latency fraction that a busy shared machine disturbs less than the ratio of medians:
+    the median over rounds of (model / dense in the same round), the ratio of the fastest calls, and the
+    process CPU time per call (all threads; time spent descheduled does not count)."""
+    wall = {k: np.array([w for w, _ in v[warmup:]]) for k, v in calls.items()}
+    cpu = {k: np.array([c for _, c in v[warmup:]]) for k, v in calls.items()}
+    wd, cd = wall["dense"], cpu["dense"]
+    return {k: {"latency_fraction_paired": float(np.median(wall[k] / wd)),
+                "latency_fraction_min": float(wall[k].min() / wd.min()),
+                "cpu_ms_median": float(np.median(cpu[k]) * 1e3),
+                "cpu_fraction": float(np.median(cpu[k]) / np.median(cd))} for k in calls}
 
 
 def speedups(rows: list[dict], slow: str = "torch", fast: str = "onnxruntime") -> list[dict]:

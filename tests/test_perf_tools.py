@@ -65,3 +65,44 @@ def test_summary_rows_flags_latency_against_macs_and_speedup():
     assert s["a"]["speedup"] == pytest.approx(110 / (50 * LAT_TOLERANCE * 0.99))
     assert s["a"]["speedup_ok"] is True and s["b"]["speedup_ok"] is False
     assert "speedup" not in s["c"]
+
+
+def test_paired_estimators_cancel_a_slowdown_shared_by_a_round():
+    from benchmarks.unet_latency import _paired
+
+    rng = np.random.default_rng(0)
+    load = 1.0 + 2.0 * rng.random(9)  # the machine's slowdown per round, shared by both models
+    calls = {"dense": [(99.0, 9.0)] + [(1.0 * f, 1.0) for f in load],  # one warm-up call, then 9 rounds
+             "e": [(99.0, 9.0)] + [(0.4 * f, 0.4 + 0.01 * i) for i, f in enumerate(load)]}
+    p = _paired(calls, warmup=1)
+    assert p["e"]["latency_fraction_paired"] == pytest.approx(0.4)
+    assert p["e"]["latency_fraction_min"] == pytest.approx(0.4)
+    assert p["e"]["cpu_fraction"] == pytest.approx(0.44)
+    assert p["e"]["cpu_ms_median"] == pytest.approx(440.0)
+    assert p["dense"]["latency_fraction_paired"] == pytest.approx(1.0)
+
+
+def test_bench_unets_rows_carry_the_fractions_and_paired_estimators():
+    import torch
+    from arch_testkit import CONFIGS, make_unet
+
+    from aptp_export import ArchSpace
+    from benchmarks.unet_latency import PAIRED_KEYS, InputShape, ModelUnderTest, bench_unets
+
+    torch.set_num_threads(1)
+    config, depth_blocks, side = CONFIGS["toy"]
+    unet = make_unet(config, seed=0)
+    space = ArchSpace.from_unet(unet, depth_blocks=depth_blocks)
+    arch = space.sample(torch.Generator().manual_seed(0), keep=0.5)
+    dense_macs = space.dense_macs(side, side, 4)
+    macs = space.macs(arch.tolist(), side, side, 4)
+    models = [ModelUnderTest("dense", dense_macs, 1.0, load_torch=lambda: unet),
+              ModelUnderTest("e", macs, macs / dense_macs, load_torch=lambda: space.materialize(unet, arch))]
+    rows = bench_unets(models, InputShape(3, side, side, 4, config["cross_attention_dim"]), [1], ["torch"],
+                       warmup=1, repeats=3)
+    assert [r["expert"] for r in rows] == ["dense", "e"]
+    for r in rows:
+        assert r["batch"] == 2 and r["repeats"] == 3
+        for k in ("macs_fraction", "latency_ms_median", "latency_fraction", *PAIRED_KEYS):
+            assert np.isfinite(r[k]) and r[k] > 0, k
+    assert rows[0]["latency_fraction"] == rows[0]["latency_fraction_paired"] == 1.0
