@@ -96,9 +96,19 @@ def test_teacher_ships_and_loads():
         assert (list(got) if isinstance(got, (list, tuple)) else got) == (list(v) if isinstance(v, tuple) else v)
     assert 4e6 < sum(p.numel() for p in unet.parameters()) < 6e6
     sched = DDIMScheduler.from_pretrained(d, subfolder="scheduler")
-    assert sched.config.prediction_type == "epsilon"
+    assert sched.config.prediction_type in ("epsilon", "v_prediction")
+    assert sched.config.beta_schedule == "squaredcos_cap_v2"
     cfg = json.loads((d / "text_encoder.json").read_text())
     assert cfg["max_length"] == 16 and cfg["uncond_prompt"] == "" and cfg["hidden_size"] == 384
+
+
+def test_cli_constants_mirror_the_library():
+    from aptp_export.commands import toy as toy_cmd
+    from training.toy.model import SAMPLING_DEFAULTS
+
+    assert toy_cmd.EVAL_SEED == toy.EVAL_SEED
+    assert toy_cmd.GUIDANCE == SAMPLING_DEFAULTS["guidance_scale"]
+    assert json.loads((toy.teacher_dir() / "sampling.json").read_text()) == SAMPLING_DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +128,8 @@ def test_teacher_colour_match_held_out(teacher):
     from training.toy.report import evaluate
 
     unet, sched, text = teacher
-    res = evaluate(unet, text, sched, n=64, steps=25, guidance_scale=7.5, seed=0, progress=False)
+    g = json.loads((toy.teacher_dir() / "sampling.json").read_text())["guidance_scale"]
+    res = evaluate(unet, text, sched, n=64, steps=25, guidance_scale=g, seed=0, progress=False)
     assert res["colour"] >= 0.8, res["colour"]
 
 

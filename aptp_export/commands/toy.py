@@ -1,7 +1,8 @@
 """The built-in toy world and its teacher.
 
   aptp toy data --out DIR -n N --seed S      write N samples in the Hugging Face imagefolder layout
-  aptp toy grid --out grid.png -n 16         captioned sample grid of the teacher (held-out captions)
+  aptp toy grid --out grid.png -n 16         captioned sample grid of the teacher (held-out captions,
+                                             25 DDIM steps, guidance 3.0 by default)
   aptp toy eval -n 64                        colour / position match of the teacher on held-out captions
 
 Seeds >= 1000000 draw held-out (evaluation) captions, seeds below draw training captions.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 EVAL_SEED = 1_000_000  # mirrors training.toy.world.EVAL_SEED (kept here so --help imports nothing heavy)
+GUIDANCE = 3.0  # mirrors training.toy.model.SAMPLING_DEFAULTS (the toy teacher's recommended CFG scale)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def sampling_args(p, n_default):
         p.add_argument("-n", type=int, default=n_default, help=f"number of captions (default {n_default})")
         p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-        p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+        p.add_argument("--guidance", type=float, default=GUIDANCE,
+                       help=f"classifier-free guidance scale (default {GUIDANCE}, the toy teacher's recommended scale)")
         p.add_argument("--seed", type=int, default=0, help="noise seed; prompt i uses seed + i")
         p.add_argument("--caption-seed", type=int, default=EVAL_SEED,
                        help=f"toy stream seed the captions come from (default {EVAL_SEED}: held out)")
