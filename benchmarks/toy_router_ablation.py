@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--only", default=None, help="comma-separated subset of runs: ot_b50,noot_b50,ot_b75,k1,ft")
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--ft-runs", default="ot_b50,k1", help="runs to fine-tune and compare (stage ft)")
     return p.parse_args(argv)
 
 
@@ -135,8 +136,11 @@ def main(argv=None) -> int:
         from training.evaluation import RunEvaluator, distill_error
         from training.finetune import run_finetune
 
-        comp = {}
-        for name in ("ot_b50", "k1"):
+        if results_path.is_file():
+            comp = json.loads(results_path.read_text()).get("finetune", {})
+        else:
+            comp = {}
+        for name in args.ft_runs.split(","):
             run = out / name
             ev = RunEvaluator(run)
             a = ev.router.route(ev.embeddings(caps))
