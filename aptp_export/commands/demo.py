@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=256, help="held-out prompts to route (default 256)")
     parser.add_argument("--per-expert", type=int, default=6, help="images generated per expert (default 6)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps for the images (default 25)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the teacher's sampling.json, else 7.5)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (default 5)")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
@@ -94,7 +96,8 @@ def run(args) -> int:
 
     # 4-5. routing and generation with the torch-free runtime ----------------------------------------
     t = _stage("4/6 route held-out prompts; 5/6 generate images per expert (engines runtime)")
-    routing = route_and_generate(export_dir, out, args.prompts, args.per_expert, args.steps)
+    routing = route_and_generate(export_dir, out, args.prompts, args.per_expert, args.steps,
+                                 _guidance(args.guidance, run_dir))
     times["route_generate"] = time.perf_counter() - t
 
     # 6. benchmarks ----------------------------------------------------------------------------------
@@ -112,7 +115,23 @@ def run(args) -> int:
     return 0
 
 
-def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: int) -> dict:
+def _guidance(value, run_dir) -> float:
+    """The guidance scale: given, or the base model's recommended one (sampling.json next to unet/)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    if value is not None:
+        return float(value)
+    from training.base_model import resolve_model_path
+
+    model = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["model"]["path"]
+    rec = resolve_model_path(model) / "sampling.json"
+    return float(json.loads(rec.read_text()).get("guidance_scale", 7.5)) if rec.is_file() else 7.5
+
+
+def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: int, guidance: float = 7.5) -> dict:
     """Route held-out toy prompts; generate and score a few images per expert and with the dense model."""
     import numpy as np
 
@@ -150,8 +169,9 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
             continue
         caps = [prompts[i] for i in idx]
         seeds = [int(i) for i in idx]
-        routed = rt.generate(caps, steps=steps, seed=seeds, batch_size=len(caps))
-        dense = rt.generate(caps, steps=steps, seed=seeds, batch_size=len(caps), expert="dense")
+        routed = rt.generate(caps, steps=steps, guidance_scale=guidance, seed=seeds, batch_size=len(caps))
+        dense = rt.generate(caps, steps=steps, guidance_scale=guidance, seed=seeds, batch_size=len(caps),
+                            expert="dense")
         arr = np.stack([np.asarray(im) for im in routed])
         arr_d = np.stack([np.asarray(im) for im in dense])
         s_e = [score(a, data[i].description) for a, i in zip(arr, idx, strict=True)]
@@ -165,7 +185,7 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
         with atomic_path(grids / f"expert_{e['id']:02d}.png") as tmp:
             grid.save(tmp, format="PNG")
         e["grid"] = f"images/expert_{e['id']:02d}.png"
-    routing = {"prompts": len(prompts), "experts": experts, "by_difficulty": by_diff, "quality": quality,
+    routing = {"prompts": len(prompts), "guidance_scale": guidance, "steps": steps, "experts": experts, "by_difficulty": by_diff, "quality": quality,
                "mean_macs_fraction": float(frac[ids].mean()), "budget": m.budget}
     write_json(out / "routing.json", routing)
     for e in experts:
