@@ -9,8 +9,8 @@ from __future__ import annotations
 
 # The toy config sized for the demo's time budget (the full toy.yaml trains longer).
 DEMO_OVERRIDES = [
-    "prune.steps=120", "prune.warmup_steps=30", "prune.checkpoint_every=40",
-    "finetune.steps=20", "data.num_samples=2048",
+    "prune.steps=60", "prune.warmup_steps=15", "prune.batch_size=16", "prune.checkpoint_every=20",
+    "finetune.steps=15", "finetune.batch_size=16", "data.num_samples=1024",
 ]
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "two", "three", "four", "one"}
 
