@@ -65,7 +65,7 @@ _AVERAGED = (("ms", "latency_ms_median"), ("latency_fraction", "latency_fraction
              ("cpu_fraction", "cpu_fraction"))
 
 
-def summary_rows(rows: list[dict]) -> list[dict]:
+def summary_rows(rows: list[dict], pairs: list[dict] | None = None) -> list[dict]:
     """One row per model: MACs fraction, both backends' medians and fractions, speed-up, acceptance flags.
 
     With several interleaved sets the dense model appears once per set; its medians are averaged."""
@@ -90,7 +90,12 @@ def summary_rows(rows: list[dict]) -> list[dict]:
                 d["latency_ok"] = d["latency_over_macs"] <= LAT_TOLERANCE
         if "onnxruntime_ms" in d and "torch_ms" in d:
             d["speedup"] = d["torch_ms"] / d["onnxruntime_ms"]
-            d["speedup_ok"] = d["speedup"] >= MIN_SPEEDUP
+        pair = next((p for p in pairs or [] if p["expert"] == d["model"]), None)
+        if pair is not None:
+            d["speedup_paired"] = pair["speedup_paired"]
+            d["speedup_min"] = pair["speedup_min"]
+        if "speedup_paired" in d or "speedup" in d:
+            d["speedup_ok"] = d.get("speedup_paired", d.get("speedup")) >= MIN_SPEEDUP
         out.append(d)
     return out
 
@@ -100,7 +105,9 @@ ROBUSTNESS_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction",
                       ("onnxruntime_latency_fraction_paired", "ORT median of paired ratios", ".3f"),
                       ("onnxruntime_latency_fraction_min", "ORT ratio of minima", ".3f"),
                       ("onnxruntime_cpu_fraction", "ORT CPU-time ratio", ".3f"),
-                      ("torch_latency_fraction_paired", "torch median of paired ratios", ".3f")]
+                      ("torch_latency_fraction_paired", "torch median of paired ratios", ".3f"),
+                      ("speedup_paired", "ORT speed-up, same rounds", ".2f"),
+                      ("speedup_min", "ORT speed-up, minima", ".2f")]
 TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"), ("gmacs", "GMACs", ".1f"),
                  ("onnxruntime_ms", "ORT ms", ".0f"), ("onnxruntime_latency_fraction", "ORT latency fraction", ".3f"),
                  ("latency_over_macs", "latency / MACs", ".3f"), ("torch_ms", "torch ms", ".0f"),
@@ -121,6 +128,8 @@ def main(argv=None) -> int:
                     help="time all models in one interleaved set, or each expert in its own set with the dense "
                          "model (less memory: needed at 64x64; implied by --round-to)")
     ap.add_argument("--profile", action="store_true", help="onnxruntime per-operator profile of every model")
+    ap.add_argument("--paired-speedup", action="store_true",
+                    help="also time every model on onnxruntime and torch in alternating rounds (the speed-up)")
     ap.add_argument("--out", default="bench/sd21", help="output directory (ONNX graphs go to OUT/onnx)")
     ap.add_argument("--onnx-dir", help="ONNX graph cache (default OUT/onnx; shareable between runs)")
     args = ap.parse_args(argv)
@@ -235,8 +244,39 @@ def main(argv=None) -> int:
             gc.collect()
             print(f"[{size}] torch done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
+        # -- the same model on both backends in alternating rounds: the speed-up without the drift of a busy
+        #    machine between the two backend phases above
+        pairs = []
+        if args.paired_speedup:
+            import numpy as np
+
+            from .timing import interleaved
+            from .unet_latency import _ort_callable, _recorded, _torch_callable
+
+            feeds = unet_feeds(shape, 1)
+            dense = random_sd21(args.seed)
+            for name, m in models.items():
+                module = dense if name == "dense" else space.materialize(dense, archs[name])
+                calls = {"onnxruntime": [], "torch": []}
+                fns = {"onnxruntime": _recorded(_ort_callable(m.onnx, feeds), calls["onnxruntime"]),
+                       "torch": _recorded(_torch_callable(module, feeds), calls["torch"])}
+                t = interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+                w = {k: np.array([x for x, _ in v[args.warmup:]]) for k, v in calls.items()}
+                pairs.append({"expert": name, "onnxruntime_ms": t["onnxruntime"].median_ms,
+                              "torch_ms": t["torch"].median_ms,
+                              "speedup_paired": float(np.median(w["torch"] / w["onnxruntime"])),
+                              "speedup_min": float(w["torch"].min() / w["onnxruntime"].min()),
+                              "repeats": args.repeats})
+                print(f"[{size}] {name}: torch / onnxruntime in the same rounds x{pairs[-1]['speedup_paired']:.2f}",
+                      flush=True)
+                del fns, module
+                gc.collect()
+            del dense
+            gc.collect()
+            info["paired_speedups"] = pairs
+
         all_rows += rows
-        summary = summary_rows(rows)
+        summary = summary_rows(rows, pairs)
         info.update(rows=rows, summary=summary, speedups=speedups(rows))
         result["sizes"][size] = info
         latency_vs_macs(rows, out / f"sd21_latency_vs_macs_{size}.png",

@@ -106,3 +106,16 @@ def test_bench_unets_rows_carry_the_fractions_and_paired_estimators():
         for k in ("macs_fraction", "latency_ms_median", "latency_fraction", *PAIRED_KEYS):
             assert np.isfinite(r[k]) and r[k] > 0, k
     assert rows[0]["latency_fraction"] == rows[0]["latency_fraction_paired"] == 1.0
+
+
+def test_summary_rows_prefers_the_paired_speedup():
+    from benchmarks.sd21_latency import summary_rows
+
+    rows = [{"expert": n, "backend": b, "macs_fraction": f, "macs": f, "params": 1, "latency_ms_median": ms,
+             "latency_fraction": ms / d} for n, b, f, ms, d in
+            [("dense", "onnxruntime", 1.0, 100, 100), ("e", "onnxruntime", 0.5, 50, 100),
+             ("dense", "torch", 1.0, 300, 300), ("e", "torch", 0.5, 150, 300)]]
+    s = {d["model"]: d for d in summary_rows(rows, [{"expert": "e", "speedup_paired": 1.5, "speedup_min": 1.4}])}
+    assert s["e"]["speedup"] == pytest.approx(3.0) and s["e"]["speedup_paired"] == 1.5
+    assert s["e"]["speedup_ok"] is False  # the same-round figure decides
+    assert s["dense"]["speedup_ok"] is True  # no paired figure: the ratio of medians
