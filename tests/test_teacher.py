@@ -143,6 +143,8 @@ def test_recipe_resume_is_exact(tmp_path):
     assert main(["--out", str(tmp_path / "b"), *common, "--stop-after", "1"]) == 0
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 1
     assert not (tmp_path / "b/unet").exists()
+    assert main(["--out", str(tmp_path / "b"), "--export-only"]) == 0  # EMA at step 1 as a teacher dir
+    assert (tmp_path / "b/unet/diffusion_pytorch_model.safetensors").is_file()
     assert main(["--out", str(tmp_path / "b"), *common]) == 0
     a = load_file(str(tmp_path / "a/checkpoint/model.safetensors"))
     b = load_file(str(tmp_path / "b/checkpoint/model.safetensors"))
