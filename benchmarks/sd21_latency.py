@@ -1,26 +1,33 @@
 """Latency against MACs at real scale: the Stable Diffusion 2.1 UNet architecture (random weights).
 
-    python -m benchmarks.sd21_latency [--sizes 32 64] [--keep 0.9 0.78 0.66 0.5] [--round-to 16] [--profile]
-                                      [--repeats 5] [--out DIR]
+    python -m benchmarks.sd21_latency [--sizes 32 64] [--keep 0.9 0.78 0.66 0.5] [--only keep_0.50 ...]
+                                      [--round-to 4 16] [--sets all|per-keep] [--backends onnxruntime torch]
+                                      [--paired-speedup] [--profile] [--repeats 5] [--out DIR] [--onnx-dir DIR]
 
 For each latent size: random architecture vectors at the given keep ratios (ArchSpace.sample, seed
-`--seed`), each materialised from the dense UNet, exported to ONNX (verified against torch) and timed side
-by side with the dense UNet, onnxruntime CPU against torch eager, UNet batch 2 (one prompt with CFG),
-77 tokens. `--sets per-keep` times every expert in its own interleaved set with the dense model
-(memory: at 64x64 the activations of five sessions do not fit in 14 GB). `--round-to N` adds, next to every expert `keep_X`, the expert `keep_X_rN` whose kept
-channels are rounded up to multiples of N (aptp_export.rounding); each pair is then timed in its own
-interleaved set with the dense model (three models in memory at a time). `--profile` adds an
-onnxruntime per-operator profile of every model (benchmarks.ort_profile).
+`--seed`, drawn in order; `--only` then keeps some of them), each materialised from the dense UNet,
+exported to ONNX (verified against torch) and timed side by side with the dense UNet, onnxruntime CPU
+against torch eager, UNet batch 2 (one prompt with CFG), 77 tokens.
+
+- `--sets per-keep` times every expert in its own interleaved set with the dense model (memory: at
+  64x64 the activations of five sessions do not fit in 14 GB).
+- `--round-to N [M ...]` adds, next to every expert `keep_X`, the experts `keep_X_rN` whose kept channels
+  are rounded up to multiples of N (aptp_export.rounding); each expert and its rounded variants are
+  timed in their own interleaved set with the dense model.
+- `--paired-speedup` times every model on onnxruntime and torch in alternating rounds (the speed-up
+  without the drift of a busy machine between the backend phases); `--backends` with no value skips
+  the per-backend phases.
+- `--profile` adds an onnxruntime per-operator profile of every model (benchmarks.ort_profile).
 
 Phases keep the peak memory to one backend's set of models: export (the dense torch UNet plus one
 expert at a time), onnxruntime (sessions only; the torch UNet is freed), torch eager (the dense UNet is
-rebuilt from the seed, experts materialised from it). ONNX graphs are cached under OUT/onnx/SIZE/ with a
-name that carries a hash of the vector and the seed, so a rerun with other settings never reuses a
-stale graph.
+rebuilt from the seed, experts materialised from it). ONNX graphs are cached under OUT/onnx/SIZE/ (or
+--onnx-dir) with a name that carries a hash of the vector and the seed, so a rerun with other settings
+never reuses a stale graph.
 
 Writes OUT/sd21_bench.json, OUT/sd21_bench.csv, OUT/sd21_latency_vs_macs_<size>.png and
-OUT/sd21_table_<size>.md, and prints the tables. Time on the 2-core machine: about 15 min for
---sizes 32 (export included), over an hour for 64.
+OUT/sd21_table_<size>.md, and prints the tables. Time on the 2-core machine: about 25 min for
+--sizes 32 (export included), about two hours for 64.
 """
 
 from __future__ import annotations
@@ -121,9 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
-    ap.add_argument("--round-to", type=int, default=1,
-                    help="also time every expert with its kept channels rounded up to multiples of N (1 = off)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="time only these experts (e.g. keep_0.50)")
+    ap.add_argument("--backends", nargs="*", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"])
+    ap.add_argument("--round-to", type=int, nargs="+", default=[],
+                    help="also time every expert with its kept channels rounded up to multiples of N")
     ap.add_argument("--sets", choices=("all", "per-keep"), default="all",
                     help="time all models in one interleaved set, or each expert in its own set with the dense "
                          "model (less memory: needed at 64x64; implied by --round-to)")
@@ -133,8 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/sd21", help="output directory (ONNX graphs go to OUT/onnx)")
     ap.add_argument("--onnx-dir", help="ONNX graph cache (default OUT/onnx; shareable between runs)")
     args = ap.parse_args(argv)
-    if args.round_to < 1:
-        ap.error("--round-to must be >= 1")
+    if any(n < 2 for n in args.round_to):
+        ap.error("--round-to values must be >= 2")
 
     import torch
 
@@ -155,17 +163,24 @@ def main(argv=None) -> int:
     space = ArchSpace.from_config(SD21_UNET_CONFIG)
     g = torch.Generator().manual_seed(args.seed)
     archs = {f"keep_{k:.2f}": space.sample(generator=g, keep=k) for k in args.keep}
+    if args.only:
+        unknown = sorted(set(args.only) - set(archs))
+        if unknown:
+            ap.error(f"--only: no expert named {', '.join(unknown)} (have {', '.join(archs)})")
+        archs = {n: a for n, a in archs.items() if n in args.only}
     sets = [["dense", *archs]] if args.sets == "all" else [["dense", n] for n in archs]
     rounding = {}
-    if args.round_to > 1:
+    if args.round_to:
         from aptp_export.rounding import round_units, rounding_summary
 
         sets = []
         for name in list(archs):
-            rname = f"{name}_r{args.round_to}"
-            archs[rname] = round_units(space, archs[name], args.round_to)
-            rounding[rname] = rounding_summary(space, archs[name], archs[rname], args.round_to)
-            sets.append(["dense", name, rname])
+            sets.append(["dense", name])
+            for n in args.round_to:
+                rname = f"{name}_r{n}"
+                archs[rname] = round_units(space, archs[name], n)
+                rounding[rname] = rounding_summary(space, archs[name], archs[rname], n)
+                sets[-1].append(rname)
     result = {"config": vars(args), "threads": torch.get_num_threads(), "rounding": rounding,
               "loadavg_start": os.getloadavg(), "sizes": {}}
     all_rows = []
