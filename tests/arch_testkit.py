@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from prune_fixtures import one_thread  # noqa: F401  (re-exported for the test modules)
 
 # The toy teacher (common brief), SD-2-like, 3 levels, GroupNorm 16, per-block heads, linear projections.
 TOY = dict(
@@ -116,11 +117,3 @@ def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((ref - got).norm() / ref.norm().clamp_min(1e-30))
 
 
-def one_thread():
-    """Generator for a module-scoped fixture: tiny models run far faster on one thread on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prune_fixtures import one_thread  # noqa: F401  (re-exported for the test modules)
 
 MINILM = None
 ANCHORS = ("a red circle on a blue background", "the letter K in green above a small yellow square")
@@ -35,15 +36,6 @@ SCHEDULER = {  # an SD-2-like DDPM config (v-prediction keeps random-weight imag
 }
 
 
-def one_thread():
-    """Body of a module-scoped autouse fixture: on a shared 2-core machine torch's intra-op threads spin
-    against other processes (a tiny UNet call took 2 s with 2 threads, 0.05 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def minilm_dir() -> Path:
