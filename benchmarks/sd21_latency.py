@@ -273,10 +273,10 @@ def main(argv=None) -> int:
             for name, m in models.items():
                 module = dense if name == "dense" else space.materialize(dense, archs[name])
                 calls = {"onnxruntime": [], "torch": []}
-                fns = {"onnxruntime": _recorded(_ort_callable(m.onnx, feeds), calls["onnxruntime"]),
-                       "torch": _recorded(_torch_callable(module, feeds), calls["torch"])}
-                t = interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-                w = {k: np.array([x for x, _ in v[args.warmup:]]) for k, v in calls.items()}
+                raw = {"onnxruntime": _ort_callable(m.onnx, feeds), "torch": _torch_callable(module, feeds)}
+                fns = {k: _recorded(f, calls[k]) for k, f in raw.items()}
+                t = interleaved(fns, warmup=args.warmup, repeats=args.repeats, settle=1, untimed=raw)
+                w = {k: np.array([x for x, _ in v]) for k, v in calls.items()}
                 pairs.append({"expert": name, "onnxruntime_ms": t["onnxruntime"].median_ms,
                               "torch_ms": t["torch"].median_ms,
                               "speedup_paired": float(np.median(w["torch"] / w["onnxruntime"])),
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                               "repeats": args.repeats})
                 print(f"[{size}] {name}: torch / onnxruntime in the same rounds x{pairs[-1]['speedup_paired']:.2f}",
                       flush=True)
-                del fns, module
+                del fns, raw, module
                 gc.collect()
             del dense
             gc.collect()

@@ -3,6 +3,12 @@
 Timing is side by side in one process: callers alternate the models under test in rounds
 (`interleaved`), so that a neighbour process that slows the shared machine for a while slows
 every model alike instead of biasing whichever happened to run then.
+
+Switching models costs something of its own: an onnxruntime session's worker threads keep spinning
+for a while after its call returns, so the next session's first call shares the cores with them
+(measured on the toy dense UNet, 2 cores: 18 ms alone, 31 ms right after other sessions). `settle`
+untimed calls of the same model before each timed one absorb that, as they would in a server that
+runs one expert for a whole denoising loop.
 """
 
 from __future__ import annotations
@@ -43,15 +49,25 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 10) -> Tim
     return _summary(samples)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10) -> dict[str, Timing]:
-    """Time several callables in alternating rounds (one call of each per round)."""
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10, settle: int = 0,
+                untimed: dict[str, Callable[[], object]] | None = None, block: int = 1) -> dict[str, Timing]:
+    """Time several callables in alternating rounds: per round, each model makes `settle` untimed calls
+    and then `block` timed calls in a row (the last round fewer, `repeats` timed calls in all).
+
+    Untimed calls use `untimed[k]` (default: the timed callable itself), so that a wrapper recording
+    every call can be bypassed."""
+    untimed = untimed or fns
+    block = max(1, int(block))
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+        for k in fns:
+            untimed[k]()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for r in range(0, repeats, block):
         for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t)
+            for _ in range(settle):
+                untimed[k]()
+            for _ in range(min(block, repeats - r)):
+                t = time.perf_counter()
+                fn()
+                samples[k].append(time.perf_counter() - t)
     return {k: _summary(v) for k, v in samples.items()}

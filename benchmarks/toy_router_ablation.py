@@ -7,9 +7,11 @@ Runs (each a normal `aptp prune` run directory under --out, reused when already 
   noot_b50   K=8, budget 0.50, nearest code (OT disabled)   -> shares (the ablation)
   ot_b75     K=8, budget 0.75, optimal transport            -> mean MACs vs budget
   k1         K=1 (the paper's Uni-Arch), budget = ot_b50's held-out mean MACs
-Then ot_b50's experts and k1's single expert are fine-tuned with the same total number of steps on the
-same training set (`finetune.allocation=split`), and both are compared on held-out samples: mean squared
-error of the routed expert's output to the dense teacher's (fixed noise, timesteps 200/500/800).
+Then ot_b50's experts and k1's single expert are fine-tuned on the same training set, `--ft-steps` steps
+for every expert (`--ft-allocation per_expert`, the paper's protocol) or `--ft-steps` in total shared by
+routed samples (`split`), and compared on held-out samples: mean squared error of the routed expert's
+output to the dense teacher's (fixed noise, timesteps 200/500/800). `--ft-runs k1_total` fine-tunes a copy
+of k1 for K x --ft-steps steps (the mixture's total under per_expert).
 Held-out prompts: the first --heldout samples of the toy world's evaluation seed (captions never seen in
 training). Writes OUT/results.json and OUT/results.md.
 """
@@ -31,7 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--config", default="toy", help="base config (file or packaged name)")
     p.add_argument("--steps", type=int, default=None, help="pruning steps (default: the config's)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the config's)")
-    p.add_argument("--ft-steps", type=int, default=240, help="total fine-tuning steps of each method")
+    p.add_argument("--ft-steps", type=int, default=100, help="fine-tuning steps (per expert or in total, see below)")
+    p.add_argument("--ft-allocation", choices=("per_expert", "split"), default="per_expert",
+                   help="per_expert: --ft-steps for every expert (the paper); split: --ft-steps in total")
     p.add_argument("--heldout", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--only", default=None, help="comma-separated subset of runs: ot_b50,noot_b50,ot_b75,k1,ft")
@@ -142,11 +146,19 @@ def main(argv=None) -> int:
             comp = {}
         for name in args.ft_runs.split(","):
             run = out / name
+            steps = args.ft_steps
+            if name == "k1_total":
+                import shutil
+
+                k = len(results.get("ot_b50", {}).get("shares", [])) or 8
+                steps = args.ft_steps * k
+                if not run.is_dir():
+                    shutil.copytree(out / "k1", run, ignore=shutil.ignore_patterns("experts"))
             ev = RunEvaluator(run)
             a = ev.router.route(ev.embeddings(caps))
             before = distill_error(ev.materialized_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             if not (run / "experts" / "experts.json").is_file():
-                _set_finetune(run, args.ft_steps)
+                _set_finetune(run, steps, args.ft_allocation)
                 t0 = time.time()
                 run_finetune(run, resume=True)
                 print(f"[{name}] fine-tuned in {time.time() - t0:.0f} s")
@@ -154,7 +166,8 @@ def main(argv=None) -> int:
             macs = ev.expert_macs()
             comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
                           "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],
-                          "finetune_steps_total": args.ft_steps}
+                          "finetune_steps": steps, "allocation": args.ft_allocation,
+                          "lr": ev.cfg.finetune.lr}
             print(f"[{name}] held-out distillation MSE {before['mse']:.5f} -> {after['mse']:.5f} "
                   f"at mean MACs {comp[name]['mean_macs']:.4f}")
         results["finetune"] = comp
@@ -166,15 +179,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _set_finetune(run: Path, steps: int) -> None:
-    """Same total fine-tuning steps for every method: `split` shares them by routed samples."""
+def _set_finetune(run: Path, steps: int, allocation: str) -> None:
+    """Fine-tuning steps of a run: `steps` per expert (per_expert) or shared by routed samples (split)."""
     import yaml
 
     from training.config import config_from_dict, save_config
 
     d = yaml.safe_load((run / "config.yaml").read_text())
     d["finetune"]["steps"] = steps
-    d["finetune"]["allocation"] = "split"
+    d["finetune"]["allocation"] = allocation
     save_config(config_from_dict(d), run / "config.yaml")
 
 
@@ -192,9 +205,12 @@ def _write_markdown(out: Path, res: dict) -> None:
                      f"{' '.join(f'{s:.2f}' for s in r['shares'])} | {' '.join(f'{m:.3f}' for m in r['expert_macs'])} | "
                      + " | ".join(f"{g[d]['mean_macs']:.3f}" if d in g else "-" for d in ("easy", "medium", "hard")) + " |")
     if "finetune" in res:
-        lines += ["", "| method | mean MACs | held-out MSE to teacher, before fine-tuning | after |", "|---|---|---|---|"]
+        lines += ["", "| method | mean MACs | fine-tuning steps | held-out MSE to teacher, before fine-tuning | after |",
+                  "|---|---|---|---|---|"]
         for name, r in res["finetune"].items():
-            lines.append(f"| {name} | {r['mean_macs']:.4f} | {r['mse_before_finetune']:.5f} | {r['mse_after_finetune']:.5f} |")
+            steps = f"{r.get('finetune_steps', r.get('finetune_steps_total'))} ({r.get('allocation', 'split')})"
+            lines.append(f"| {name} | {r['mean_macs']:.4f} | {steps} | {r['mse_before_finetune']:.5f} | "
+                         f"{r['mse_after_finetune']:.5f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -96,8 +96,13 @@ def available_backends(models: list[ModelUnderTest]) -> list[str]:
 
 
 def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_batch: list[int],
-                backends: list[str], warmup: int = 2, repeats: int = 10, progress=None) -> list[dict]:
+                backends: list[str], warmup: int = 2, repeats: int = 10, settle: int = 1,
+                block: int = 3, progress=None) -> list[dict]:
     """One row per (model, backend, prompts): medians, p90 and fractions against the dense model.
+
+    Models alternate in rounds of `settle` untimed and `block` timed calls each (benchmarks.timing.interleaved):
+    onnxruntime sessions' spinning worker threads slow the next model's first calls, so a model is timed
+    once it has the cores to itself, as in a server running one expert for a whole denoising loop.
 
     `models` must contain one named "dense" (the reference of latency_fraction)."""
     if not any(m.name == "dense" for m in models):
@@ -121,9 +126,9 @@ def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_bat
                     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
             calls = {k: [] for k in fns}
             timings = interleaved({k: _recorded(fn, calls[k]) for k, fn in fns.items()}, warmup=warmup,
-                                  repeats=repeats)
+                                  repeats=repeats, settle=settle, untimed=fns, block=block)
             dense = timings["dense"].median_ms
-            paired = _paired(calls, warmup)
+            paired = _paired(calls, 0)
             for m in models:
                 t = timings[m.name]
                 rows.append({

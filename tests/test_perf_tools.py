@@ -119,3 +119,21 @@ def test_summary_rows_prefers_the_paired_speedup():
     assert s["e"]["speedup"] == pytest.approx(3.0) and s["e"]["speedup_paired"] == 1.5
     assert s["e"]["speedup_ok"] is False  # the same-round figure decides
     assert s["dense"]["speedup_ok"] is True  # no paired figure: the ratio of medians
+
+
+@pytest.mark.parametrize("repeats,block,settle", [(10, 1, 0), (10, 3, 1), (7, 3, 2)])
+def test_interleaved_runs_models_in_blocks_with_untimed_settle_calls(repeats, block, settle):
+    from benchmarks.timing import interleaved
+
+    log = []
+    timed = {k: (lambda k=k: log.append((k, "t"))) for k in ("dense", "e")}
+    untimed = {k: (lambda k=k: log.append((k, "u"))) for k in ("dense", "e")}
+    t = interleaved(timed, warmup=1, repeats=repeats, settle=settle, untimed=untimed, block=block)
+    assert t["dense"].repeats == t["e"].repeats == repeats
+    assert log[:2] == [("dense", "u"), ("e", "u")]  # warm-up goes through the untimed callables
+    body = log[2:]
+    expected = []
+    for r in range(0, repeats, block):
+        for k in ("dense", "e"):
+            expected += [(k, "u")] * settle + [(k, "t")] * min(block, repeats - r)
+    assert body == expected

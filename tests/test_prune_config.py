@@ -78,4 +78,9 @@ def test_overrides_and_diff():
     b = load_config(overrides=["prune.budget=0.75", "router.optimal_transport=false", "prune.losses.snr_gamma=null"])
     assert b.prune.budget == 0.75 and b.router.optimal_transport is False and b.prune.losses.snr_gamma is None
     assert isinstance(load_config(overrides=["prune.lr=1"]).prune.lr, float)  # int accepted for a float
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number it means
+    assert load_config(overrides=["finetune.lr=1e-3"]).finetune.lr == 1e-3
+    assert load_config(overrides=["prune.unet_lr=5E-5"]).prune.unet_lr == 5e-5
+    with pytest.raises(UserError, match="finetune.lr must be float"):
+        load_config(overrides=["finetune.lr=1e-3x"])
     assert sorted(diff_configs(a, b)) == ["prune.budget", "prune.losses.snr_gamma", "router.optimal_transport"]

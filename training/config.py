@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,10 +269,16 @@ def _type_ok(value, tp) -> tuple[bool, object]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (yaml.safe_load) reads `1e-3` (no dot) as a string; it means the number
+            return True, float(value)
         return False, value
     if tp is str:
         return isinstance(value, str), value
     return False, value
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 # The toy config sized for the demo's time budget (the full toy.yaml trains longer).
 DEMO_OVERRIDES = [
     "prune.steps=60", "prune.warmup_steps=15", "prune.batch_size=16", "prune.checkpoint_every=20",
-    "finetune.steps=15", "finetune.batch_size=16", "data.num_samples=1024",
+    # 64 steps at lr 1e-3 per expert: the smallest expert (MACs 0.38) went from 0.19 colour match / MSE 0.092
+    # to the teacher (15 steps at 1e-4: 0.16 / 0.058) to 0.6 / 0.02; ~0.45 s a step on 2 cores
+    "finetune.steps=64", "finetune.lr=1e-3", "finetune.lr_warmup_steps=5", "finetune.batch_size=16",
+    "data.num_samples=1024",
 ]
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "two", "three", "four", "one"}
 
