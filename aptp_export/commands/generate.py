@@ -8,14 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .route import read_prompts
+from .route import add_engine_arguments, read_prompts
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--engines", required=True, metavar="DIR", help="export directory (with manifest.json)")
-    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="a prompt (repeat for several)")
-    parser.add_argument("--prompt-file", metavar="FILE", help="a text file with one prompt per line")
+    add_engine_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for PNGs and images.json")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -25,8 +22,6 @@ def add_arguments(parser) -> None:
                         help="sampler (default: the one in the manifest)")
     parser.add_argument("--expert", default=None,
                         help="force one expert id (or 'dense') for every prompt instead of routing")
-    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                        help="inference backend (default cpu)")
 
 
 def _progress_bar(total: int):

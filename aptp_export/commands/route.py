@@ -10,13 +10,18 @@ import sys
 from ..errors import UserError
 
 
-def add_arguments(parser) -> None:
+def add_engine_arguments(parser) -> None:
+    """--engines, --prompt, --prompt-file and --provider: what every runtime verb takes."""
     parser.add_argument("--engines", required=True, metavar="DIR", help="export directory (with manifest.json)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", metavar="FILE", help="a text file with one prompt per line")
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                         help="inference backend (default cpu)")
+
+
+def add_arguments(parser) -> None:
+    add_engine_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 

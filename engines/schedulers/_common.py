@@ -74,6 +74,13 @@ def alphas_cumprod_f32(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(alphas).astype(np.float32)
 
 
+def alphas_and_final(cfg: dict[str, Any]) -> tuple[np.ndarray, np.float32]:
+    """alphas_cumprod and the 'previous' alpha of the last step (1.0 with set_alpha_to_one, else
+    alphas_cumprod[0]), as diffusers' DDIM and PNDM schedulers set them up."""
+    alphas_cumprod = alphas_cumprod_f32(make_betas(cfg))
+    return alphas_cumprod, (np.float32(1.0) if cfg["set_alpha_to_one"] else alphas_cumprod[0])
+
+
 def make_betas(cfg: dict[str, Any]) -> np.ndarray:
     """float32 betas [num_train_timesteps] from a resolved config."""
     n = cfg["num_train_timesteps"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import COMMON_SCHEMA, Scheduler, alphas_cumprod_f32, make_betas, spaced_timesteps
+from ._common import COMMON_SCHEMA, Scheduler, alphas_and_final, spaced_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -30,11 +30,7 @@ class DDIMScheduler(Scheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        betas = make_betas(self.config)
-        self.alphas_cumprod = alphas_cumprod_f32(betas)
-        self.final_alpha_cumprod = (
-            np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        )
+        self.alphas_cumprod, self.final_alpha_cumprod = alphas_and_final(self.config)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose `num_inference_steps` timesteps (int64, descending) per `timestep_spacing`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import COMMON_SCHEMA, Scheduler, alphas_cumprod_f32, make_betas
+from ._common import COMMON_SCHEMA, Scheduler, alphas_and_final
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -31,11 +31,7 @@ class PNDMScheduler(Scheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        betas = make_betas(self.config)
-        self.alphas_cumprod = alphas_cumprod_f32(betas)
-        self.final_alpha_cumprod = (
-            np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        )
+        self.alphas_cumprod, self.final_alpha_cumprod = alphas_and_final(self.config)
         self._reset_state()
 
     def _reset_state(self) -> None:
