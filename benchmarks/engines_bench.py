@@ -124,7 +124,7 @@ def rows_to_csv(rows: list[dict]) -> str:
 def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path | None = None,
               backends: list[str] | None = None, prompts_per_batch: list[int] = (1, 2, 4, 8),
               repeats: int = 10, warmup: int = 2, throughput_steps: int = 10, prompts: list[str] | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, threads: int = 0) -> dict:
     """Measure everything `aptp bench` reports and write it under `out_dir`."""
     from aptp_export.errors import UserError
     from aptp_export.fileio import write_json, write_text
@@ -144,7 +144,7 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     t0 = time.perf_counter()
     say(f"bench: {len(models)} models x {backends} x prompts/batch {list(prompts_per_batch)}")
     rows = bench_unets(models, shape, list(prompts_per_batch), backends, warmup=warmup, repeats=repeats,
-                       progress=lambda b, p: say(f"  {b}: {p} prompt(s) per batch done"))
+                       threads=threads, progress=lambda b, p: say(f"  {b}: {p} prompt(s) per batch done"))
     rt = Runtime.load(export_dir, provider="cpu")
     prompts = prompts or default_prompts(16)
     router = bench_router(rt, prompts)
@@ -154,7 +154,7 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
         f"{thr['one_at_a_time_images_per_s']:.2f} img/s ({thr['speedup']:.2f}x)")
     unet_ms = {r["expert"]: r["latency_ms_median"] for r in rows if r["backend"] == "onnxruntime" and r["prompts"] == 1}
     result = {
-        "export_dir": str(export_dir), "machine": _machine(), "seconds": time.perf_counter() - t0,
+        "export_dir": str(export_dir), "machine": {**_machine(), "bench_threads": threads}, "seconds": time.perf_counter() - t0,
         "shape": shape.__dict__, "rows": rows, "torch_vs_onnxruntime": speedups(rows),
         "router": {**router, "fraction_of_25_step_generation_dense":
                    router["batched_ms_per_prompt"] / (25 * unet_ms["dense"]) if "dense" in unet_ms else None},

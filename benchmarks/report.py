@@ -41,9 +41,11 @@ def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Pa
         if "grid" in e:
             lines += ["", f"Expert {e['id']} (MACs {e['macs_fraction']:.2f} of dense):", "", f"![expert {e['id']}]({e['grid']})"]
 
+    threads = bench.get("machine", {}).get("bench_threads") or 0
     lines += ["", "## Latency against MACs", "",
               "Median latency of one UNet call (batch = 2 x prompts: classifier-free guidance), "
-              "side by side in one run; latency fraction = median / the dense model's median on the same backend.", ""]
+              "side by side in one run; latency fraction = median / the dense model's median on the same backend"
+              + (f"; {threads} intra-op thread(s) per backend." if threads else "; default threads.") + "", ""]
     rows = sorted(bench["rows"], key=lambda r: (r["backend"], r["prompts"], r["expert"]))
     lines.append(markdown_table(rows, [("expert", "model", ""), ("backend", "backend", ""), ("batch", "UNet batch", "d"),
                                        ("macs_fraction", "MACs fraction", ".3f"), ("latency_ms_median", "median ms", ".2f"),

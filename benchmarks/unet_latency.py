@@ -97,16 +97,32 @@ def available_backends(models: list[ModelUnderTest]) -> list[str]:
 
 def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_batch: list[int],
                 backends: list[str], warmup: int = 2, repeats: int = 10, settle: int = 1,
-                block: int = 3, progress=None) -> list[dict]:
+                block: int = 3, threads: int = 0, progress=None) -> list[dict]:
     """One row per (model, backend, prompts): medians, p90 and fractions against the dense model.
 
     Models alternate in rounds of `settle` untimed and `block` timed calls each (benchmarks.timing.interleaved):
     onnxruntime sessions' spinning worker threads slow the next model's first calls, so a model is timed
     once it has the cores to itself, as in a server running one expert for a whole denoising loop.
+    threads > 0 sets onnxruntime's intra-op threads and torch's threads for these timings (0: defaults).
 
     `models` must contain one named "dense" (the reference of latency_fraction)."""
     if not any(m.name == "dense" for m in models):
         raise ValueError("bench_unets needs the dense model as reference (name 'dense')")
+    if threads and "torch" in backends:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
+                                progress)
+        finally:
+            torch.set_num_threads(old)
+    return _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads, progress)
+
+
+def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
+                 progress) -> list[dict]:
     torch_modules = {}
     rows = []
     for backend in backends:
@@ -115,7 +131,7 @@ def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_bat
             fns = {}
             for m in models:
                 if backend == "onnxruntime":
-                    fns[m.name] = _ort_callable(m.onnx, feeds)
+                    fns[m.name] = _ort_callable(m.onnx, feeds, threads=threads)
                 elif backend == "tensorrt":
                     fns[m.name] = _trt_callable(m.plan, feeds)
                 elif backend == "torch":

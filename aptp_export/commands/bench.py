@@ -29,6 +29,9 @@ def add_arguments(p):
                    help="prompts per UNet call, comma-separated (the UNet batch is twice that with CFG)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median reported)")
     p.add_argument("--throughput-steps", type=int, default=10, help="denoising steps in the throughput test")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of both onnxruntime and torch in the UNet timings (default 0: each "
+                        "library's own default); 1 removes thread-pool noise on a shared machine")
 
 
 def run(args) -> int:
@@ -41,11 +44,13 @@ def run(args) -> int:
         raise UserError(f"{engines}: not an export directory (no manifest.json)")
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
+    if args.threads < 0:
+        raise UserError("--threads must be >= 0")
     if args.run is not None and not (Path(args.run) / "config.yaml").is_file():
         raise UserError(f"{args.run}: not a training run directory (no config.yaml)")
     from benchmarks.engines_bench import run_bench
 
     out = Path(args.out) if args.out else engines.parent / "bench"
     run_bench(engines, out, run_dir=args.run, backends=args.backend, prompts_per_batch=args.batch_sizes,
-              repeats=args.repeats, throughput_steps=args.throughput_steps)
+              repeats=args.repeats, throughput_steps=args.throughput_steps, threads=args.threads)
     return 0

@@ -27,7 +27,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps for the images (default 25)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the teacher's sampling.json, else 7.5)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per latency measurement (default 5)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per latency measurement (default 9)")
+    parser.add_argument("--bench-threads", type=int, default=1,
+                        help="intra-op threads per backend in the latency benchmark (default 1: steadier ratios on "
+                             "a shared machine; 0 = each library's default)")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
 
@@ -107,7 +110,8 @@ def run(args) -> int:
     from benchmarks.engines_bench import run_bench
 
     t = _stage("6/6 benchmarks: latency against MACs, router cost, batching throughput")
-    bench = run_bench(export_dir, bench_dir, run_dir=run_dir, prompts_per_batch=[1, 4], repeats=args.repeats)
+    bench = run_bench(export_dir, bench_dir, run_dir=run_dir, prompts_per_batch=[1, 4], repeats=args.repeats,
+                      threads=max(0, args.bench_threads))
     times["bench"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
 
