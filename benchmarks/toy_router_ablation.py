@@ -150,8 +150,13 @@ def main(argv=None) -> int:
             if name == "k1_total":
                 import shutil
 
-                k = len(results.get("ot_b50", {}).get("shares", [])) or 8
-                steps = args.ft_steps * k
+                from training.router import Router
+
+                if not (out / "k1" / "prune" / "router.json").is_file() or \
+                        not (out / "ot_b50" / "prune" / "router.json").is_file():
+                    raise SystemExit("k1_total needs the pruned runs k1 and ot_b50 under --out (run them first)")
+                if args.ft_allocation == "per_expert":  # the mixture's total: K x steps; under split it is `steps`
+                    steps = args.ft_steps * Router.load(out / "ot_b50" / "prune").num_experts
                 if not run.is_dir():
                     shutil.copytree(out / "k1", run, ignore=shutil.ignore_patterns("experts"))
             ev = RunEvaluator(run)
@@ -162,12 +167,16 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 run_finetune(run, resume=True)
                 print(f"[{name}] fine-tuned in {time.time() - t0:.0f} s")
+            else:
+                print(f"[{name}] reusing fine-tuned experts")
             after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             macs = ev.expert_macs()
+            import yaml
+
+            used = yaml.safe_load((run / "config.yaml").read_text())["finetune"]  # what the experts were trained with
             comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
                           "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],
-                          "finetune_steps": steps, "allocation": args.ft_allocation,
-                          "lr": ev.cfg.finetune.lr}
+                          "finetune_steps": used["steps"], "allocation": used["allocation"], "lr": used["lr"]}
             print(f"[{name}] held-out distillation MSE {before['mse']:.5f} -> {after['mse']:.5f} "
                   f"at mean MACs {comp[name]['mean_macs']:.4f}")
         results["finetune"] = comp

@@ -52,3 +52,15 @@ def test_user_error_is_reported_on_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert err == "aptp fake: error: the data directory /nope does not exist\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--out", "{tmp}/d", "--bench-threads", "-1"], "--bench-threads must be >= 0"),
+    (["demo", "--out", "{tmp}/d", "--repeats", "0"], "--repeats >= 1"),
+    (["bench", "--engines", "{tmp}", "--threads", "1"], "not an export directory"),
+])
+def test_demo_and_bench_refuse_bad_values_before_any_work(argv, message, tmp_path, capsys):
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "d").exists()  # nothing was started

@@ -82,24 +82,39 @@ def test_paired_estimators_cancel_a_slowdown_shared_by_a_round():
     assert p["dense"]["latency_fraction_paired"] == pytest.approx(1.0)
 
 
-def test_bench_unets_rows_carry_the_fractions_and_paired_estimators():
+@pytest.fixture
+def torch_threads_restored():
+    import torch
+
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bench_unets_rows_carry_the_fractions_and_paired_estimators(torch_threads_restored):
     import torch
     from arch_testkit import CONFIGS, make_unet
 
     from aptp_export import ArchSpace
     from benchmarks.unet_latency import PAIRED_KEYS, InputShape, ModelUnderTest, bench_unets
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
+    seen = []
     config, depth_blocks, side = CONFIGS["toy"]
     unet = make_unet(config, seed=0)
     space = ArchSpace.from_unet(unet, depth_blocks=depth_blocks)
     arch = space.sample(torch.Generator().manual_seed(0), keep=0.5)
     dense_macs = space.dense_macs(side, side, 4)
     macs = space.macs(arch.tolist(), side, side, 4)
-    models = [ModelUnderTest("dense", dense_macs, 1.0, load_torch=lambda: unet),
+    def load_dense():
+        seen.append(torch.get_num_threads())  # loaded inside the timed section
+        return unet
+
+    models = [ModelUnderTest("dense", dense_macs, 1.0, load_torch=load_dense),
               ModelUnderTest("e", macs, macs / dense_macs, load_torch=lambda: space.materialize(unet, arch))]
     rows = bench_unets(models, InputShape(3, side, side, 4, config["cross_attention_dim"]), [1], ["torch"],
-                       warmup=1, repeats=3)
+                       warmup=1, repeats=3, threads=1)
+    assert seen == [1] and torch.get_num_threads() == 2  # timed with --threads, restored afterwards
     assert [r["expert"] for r in rows] == ["dense", "e"]
     for r in rows:
         assert r["batch"] == 2 and r["repeats"] == 3

@@ -58,6 +58,8 @@ def run(args) -> int:
 
     if args.prompts < 8 or args.per_expert < 1 or args.steps < 1 or args.repeats < 1:
         raise UserError("--prompts must be >= 8 and --per-expert, --steps, --repeats >= 1")
+    if args.bench_threads < 0:
+        raise UserError("--bench-threads must be >= 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
@@ -111,7 +113,7 @@ def run(args) -> int:
 
     t = _stage("6/6 benchmarks: latency against MACs, router cost, batching throughput")
     bench = run_bench(export_dir, bench_dir, run_dir=run_dir, prompts_per_batch=[1, 4], repeats=args.repeats,
-                      threads=max(0, args.bench_threads))
+                      threads=args.bench_threads)
     times["bench"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
 
