@@ -153,9 +153,11 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     say(f"  throughput: batched {thr['batched_images_per_s']:.2f} img/s vs one at a time "
         f"{thr['one_at_a_time_images_per_s']:.2f} img/s ({thr['speedup']:.2f}x)")
     unet_ms = {r["expert"]: r["latency_ms_median"] for r in rows if r["backend"] == "onnxruntime" and r["prompts"] == 1}
+    machine = {**_machine(), "bench_threads": threads}
+    if threads:  # _machine() sees torch's restored default; the timings ran with `threads`
+        machine["torch_threads"] = threads
     result = {
-        "export_dir": str(export_dir), "machine": {**_machine(), "bench_threads": threads,
-                                                          **({"torch_threads": threads} if threads else {})}, "seconds": time.perf_counter() - t0,
+        "export_dir": str(export_dir), "machine": machine, "seconds": time.perf_counter() - t0,
         "shape": shape.__dict__, "rows": rows, "torch_vs_onnxruntime": speedups(rows),
         "router": {**router, "fraction_of_25_step_generation_dense":
                    router["batched_ms_per_prompt"] / (25 * unet_ms["dense"]) if "dense" in unet_ms else None},

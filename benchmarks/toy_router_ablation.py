@@ -137,6 +137,8 @@ def main(argv=None) -> int:
         print(f"[k1] MACs {r['mean_macs']:.4f} (budget {target:.4f})")
 
     if "ft" in only:
+        import yaml
+
         from training.evaluation import RunEvaluator, distill_error
         from training.finetune import run_finetune
 
@@ -171,8 +173,6 @@ def main(argv=None) -> int:
                 print(f"[{name}] reusing fine-tuned experts")
             after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             macs = ev.expert_macs()
-            import yaml
-
             used = yaml.safe_load((run / "config.yaml").read_text())["finetune"]  # what the experts were trained with
             comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
                           "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],

@@ -10,6 +10,7 @@ i.e. 2 x prompts samples.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,17 +109,25 @@ def bench_unets(models: list[ModelUnderTest], shape: InputShape, prompts_per_bat
     `models` must contain one named "dense" (the reference of latency_fraction)."""
     if not any(m.name == "dense" for m in models):
         raise ValueError("bench_unets needs the dense model as reference (name 'dense')")
-    if threads and "torch" in backends:
-        import torch
+    with _torch_threads(threads if "torch" in backends else 0):
+        return _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
+                            progress)
 
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
-                                progress)
-        finally:
-            torch.set_num_threads(old)
-    return _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads, progress)
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """torch.set_num_threads(threads) inside the block (0: leave torch alone); restored on exit."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
