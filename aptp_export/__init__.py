@@ -5,7 +5,7 @@ Public names are imported lazily so that `aptp --help` and light tools do not pa
 
 from importlib import import_module
 
-from .errors import UserError
+from engines.errors import UserError
 
 _LAZY = {
     "ArchSpace": ".arch_space",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from engines.errors import UserError
 from .macs import MacModel, MacTerm
 from .unet_configs import build_unet, clean_config, config_key
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import atomic_path, write_json
+from engines.errors import UserError
+from engines.fileio import atomic_path, write_json
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -26,7 +26,7 @@ from engines.manifest import (
     VAE_DECODER_OUTPUTS,
 )
 
-from .errors import UserError
+from engines.errors import UserError
 
 DTYPES = ("float32", "int64")
 FILLS = ("normal", "timestep", "tokens", "mask")

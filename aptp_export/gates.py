@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 
-from .errors import UserError
+from engines.errors import UserError
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()  # UNets currently inside gate_hooks
 

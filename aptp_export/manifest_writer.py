@@ -37,9 +37,9 @@ from engines.manifest import (
 )
 from engines.schedulers import make_scheduler, scheduler_name
 
-from .errors import UserError
+from engines.errors import UserError
 from .export_spec import ExportSpec, router_spec, text_encoder_spec, unet_spec, vae_decoder_spec
-from .fileio import atomic_path, write_json
+from engines.fileio import atomic_path, write_json
 
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|endoftext|>")
 

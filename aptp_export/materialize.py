@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from engines.errors import UserError
 from .unet_configs import build_unet
 
 # ==================================================================== replacement modules

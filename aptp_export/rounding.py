@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from engines.errors import UserError
 
 
 def _check_multiple(multiple) -> int:

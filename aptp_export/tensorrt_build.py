@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from engines.errors import UserError
 from .export_spec import ExportSpec
-from .fileio import atomic_path
+from engines.fileio import atomic_path
 
 EXTRA = 'pip install "aptp[tensorrt]"'
 

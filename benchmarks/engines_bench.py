@@ -33,7 +33,7 @@ def models_from_export(export_dir: str | Path, run_dir: str | Path | None = None
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
     if m.dense is None:
-        from aptp_export.errors import UserError
+        from engines.errors import UserError
 
         raise UserError(f"{export_dir}: no dense model in the export (export with --with-dense); "
                         "latency fractions need it as the reference")
@@ -126,8 +126,8 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
               repeats: int = 10, warmup: int = 2, throughput_steps: int = 10, prompts: list[str] | None = None,
               progress: bool = True, threads: int = 0) -> dict:
     """Measure everything `aptp bench` reports and write it under `out_dir`."""
-    from aptp_export.errors import UserError
-    from aptp_export.fileio import write_json, write_text
+    from engines.errors import UserError
+    from engines.fileio import write_json, write_text
     from engines import Runtime
 
     out_dir = Path(out_dir)

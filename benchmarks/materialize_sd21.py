@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     res["peak_rss_gb"] = peak_rss_gb()
     print(f"peak RSS {res['peak_rss_gb']:.2f} GB")
     if args.out:
-        from aptp_export.fileio import write_json
+        from engines.fileio import write_json
 
         write_json(args.out, res)
     return 0

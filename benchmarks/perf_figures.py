@@ -26,7 +26,7 @@ def plot_summary(summary: list[dict], path: Path, title: str, backends=("onnxrun
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from aptp_export.fileio import atomic_path
+    from engines.fileio import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.2, 4.8), dpi=130)
     xs = [d["macs_fraction"] for d in summary]
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="sd21")
     args = ap.parse_args(argv)
 
-    from aptp_export.fileio import write_text
+    from engines.fileio import write_text
 
     from .plots import markdown_table
 

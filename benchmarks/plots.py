@@ -15,7 +15,7 @@ def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency ag
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from aptp_export.fileio import atomic_path
+    from engines.fileio import atomic_path
 
     sel = [r for r in rows if batch is None or r["batch"] == batch]
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)

@@ -9,7 +9,7 @@ from .plots import markdown_table
 
 def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Path:
     """Compose the Markdown report from the demo's routing/generation figures and bench.json."""
-    from aptp_export.fileio import write_text
+    from engines.fileio import write_text
 
     out = Path(out)
     lines = ["# APTP demo report (toy teacher, toy world, CPU)", ""]

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
     from aptp_export import ArchSpace
     from aptp_export.export_spec import unet_spec
-    from aptp_export.fileio import write_json, write_text
+    from engines.fileio import write_json, write_text
     from aptp_export.onnx_export import UNetGraph, export_onnx
     from aptp_export.unet_configs import SD21_UNET_CONFIG
 

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                   f"batched, {100 * worst[f'{name}_single_fraction']:.3f} % one prompt at a time "
                   f"(worst: {worst['model']})")
     if args.out:
-        from aptp_export.fileio import write_json
+        from engines.fileio import write_json
 
         write_json(args.out, res)
     return 0

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     def save():
         # several instances (--only subsets) may run at once: merge into the file, keep others' keys
-        from aptp_export.fileio import write_json
+        from engines.fileio import write_json
 
         current = json.loads(results_path.read_text()) if results_path.is_file() else {}
         current.update({k: results[k] for k in mine})

@@ -1,13 +1,22 @@
 """Errors raised by the runtime. Each message names the file, key or prompt that is wrong.
 
-`EngineError` is the base class; callers that only want "the runtime refused" catch it. The
-subclasses say which layer refused, so a server can map them to status codes.
+`UserError` means "the user asked for something wrong" anywhere in the toolchain: the `aptp`
+command prints its message on one line and exits with status 2; anything else is a bug and keeps
+its traceback. It lives here, at the bottom of the package stack, so every layer can raise it and
+the torch-free verbs can catch it without importing torch.
+
+`EngineError` is the base class of the runtime's refusals; callers that only want "the runtime
+refused" catch it. The subclasses say which layer refused, so a server can map them to status codes.
 """
 
 from __future__ import annotations
 
 
-class EngineError(Exception):
+class UserError(Exception):
+    """Bad input from the user: a path, a value, a file. The message says which and why."""
+
+
+class EngineError(UserError):
     """The runtime cannot do what was asked; the message says what and, where relevant, which file."""
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 from training.data import GlobalBatches, HFDataset, ImageFolderDataset, ToyDataset, local_slice, to_tensor
 
 

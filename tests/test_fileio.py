@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from aptp_export.fileio import atomic_path, write_json
+from engines.fileio import atomic_path, write_json
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from prune_fixtures import one_thread, tiny_config, write_toy_model
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 from training.config import config_from_dict
 from training.finetune import steps_per_expert
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from engines_export_fixture import minilm_dir, one_thread, tiny_bert, tiny_unet, tiny_vae
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 from aptp_export.export_spec import (
     Axis,
     ExportSpec,

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 from training.config import (
     CONFIG_DIR,
     config_from_dict,

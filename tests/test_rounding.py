@@ -8,7 +8,7 @@ import torch
 from arch_testkit import CONFIGS, arch_suite, inputs, make_unet, one_thread
 
 from aptp_export import ArchSpace
-from aptp_export.errors import UserError
+from engines.errors import UserError
 from aptp_export.rounding import pad_expert, round_units, rounding_summary
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)

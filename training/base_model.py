@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

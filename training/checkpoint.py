@@ -24,7 +24,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
                     keep: int = 1) -> Path:
     from safetensors.torch import save_file
 
-    from aptp_export.fileio import write_json
+    from engines.fileio import write_json
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -368,7 +368,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) atomically."""
-    from aptp_export.fileio import write_text
+    from engines.fileio import write_text
 
     write_text(path, config_to_yaml(cfg))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 log = logging.getLogger("aptp.data")
 

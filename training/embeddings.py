@@ -63,7 +63,7 @@ def prompt_embeddings(captions: list[str], cache_dir: str | os.PathLike | None, 
             parts.append(enc.encode(uniq[i:i + batch_size]).cpu())
         emb = torch.cat(parts).float().contiguous()
         if path is not None and write:
-            from aptp_export.fileio import atomic_path
+            from engines.fileio import atomic_path
 
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:

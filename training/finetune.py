@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 from .distributed import Dist
 from .losses import BlockRecorder, block_distill_loss, diffusion_loss, diffusion_target, per_sample_mse
@@ -118,7 +118,7 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
     import yaml
 
     from aptp_export.expert_io import save_expert
-    from aptp_export.fileio import write_json
+    from engines.fileio import write_json
 
     from .config import config_from_dict
     from .prune import build_setup

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 from .checkpoint import (
     generator_state,
@@ -197,7 +197,7 @@ class PruneTrainer:
 
     def _truncate_log(self) -> None:
         """Drop log lines after the checkpoint (and a line cut by a kill), so the log reads as one run."""
-        from aptp_export.fileio import write_text
+        from engines.fileio import write_text
 
         f = self.out_dir / "log.jsonl"
         if not f.is_file():
@@ -449,7 +449,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
 def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
               stop_after: int | None = None) -> dict:
     """Run (or resume) the pruning phase; returns the summary written to RUN/prune/summary.json."""
-    from aptp_export.fileio import write_json
+    from engines.fileio import write_json
 
     from .base_model import detect_layout, resolve_model_path
     from .data import check_data_source

@@ -194,7 +194,7 @@ class Router(nn.Module):
         """Write router.safetensors, codes.safetensors and router.json into `out_dir` (atomically)."""
         from safetensors.torch import save_file
 
-        from aptp_export.fileio import atomic_path, write_json
+        from engines.fileio import atomic_path, write_json
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ class Router(nn.Module):
         """Rebuild a Router from `save`'s files."""
         from safetensors.torch import load_file
 
-        from aptp_export.errors import UserError
+        from engines.errors import UserError
 
         d = Path(in_dir)
         for f in ("router.json", "router.safetensors", "codes.safetensors"):

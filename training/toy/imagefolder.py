@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from aptp_export.fileio import atomic_path, write_text
+from engines.fileio import atomic_path, write_text
 
 from .world import sample_at
 

@@ -97,7 +97,7 @@ def _optimizer_from_tensors(opt, params, tensors: dict, meta: dict) -> None:
 def save_checkpoint(ckpt: Path, step: int, unet, ema: dict, opt, params, args) -> None:
     from safetensors.torch import save_file
 
-    from aptp_export.fileio import atomic_path, write_json
+    from engines.fileio import atomic_path, write_json
 
     ckpt.mkdir(parents=True, exist_ok=True)
     with atomic_path(ckpt / "model.safetensors") as tmp:
@@ -119,7 +119,7 @@ def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_predicti
 
     from diffusers import DDPMScheduler
 
-    from aptp_export.fileio import write_json
+    from engines.fileio import write_json
 
     from .model import SAMPLING_DEFAULTS, SCHEDULER_CONFIG, TEXT_LEN
 

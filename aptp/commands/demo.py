@@ -54,7 +54,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from ..errors import UserError
+    from engines.errors import UserError
 
     if args.prompts < 8 or args.per_expert < 1 or args.steps < 1 or args.repeats < 1:
         raise UserError("--prompts must be >= 8 and --per-expert, --steps, --repeats >= 1")
@@ -144,7 +144,7 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
     """Route held-out toy prompts; generate and score a few images per expert and with the dense model."""
     import numpy as np
 
-    from aptp_export.fileio import atomic_path, write_json
+    from engines.fileio import atomic_path, write_json
     from engines import Runtime
     from training.toy import EVAL_SEED, samples, score
     from training.toy.report import make_grid

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..errors import UserError
+    from engines.errors import UserError
     from ..export_run import export_run
 
     if args.max_batch < 1:

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import logging
 
-    from aptp_export.errors import UserError
+    from engines.errors import UserError
     from training.finetune import run_finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

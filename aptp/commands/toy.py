@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    from aptp_export.errors import UserError
+    from engines.errors import UserError
 
     if args.n <= 0:
         raise UserError(f"-n must be > 0, got {args.n}")
@@ -72,7 +72,7 @@ def _load(args):
     import json
     from pathlib import Path
 
-    from aptp_export.errors import UserError
+    from engines.errors import UserError
     from training import toy
 
     if args.teacher is None:
@@ -95,7 +95,7 @@ def run(args) -> int:
     import os
     from pathlib import Path
 
-    from aptp_export.errors import UserError
+    from engines.errors import UserError
 
     _check(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +115,7 @@ def run(args) -> int:
     res = evaluate(unet, text, scheduler, n=args.n, steps=args.steps, guidance_scale=args.guidance,
                    seed=args.seed, caption_seed=args.caption_seed)
     if args.toy_cmd == "grid":
-        from aptp_export.fileio import atomic_path
+        from engines.fileio import atomic_path
 
         grid = make_grid(res["images"], res["captions"], scale=args.scale)
         with atomic_path(args.out) as tmp:
@@ -128,7 +128,7 @@ def run(args) -> int:
     for d, r in res["by_difficulty"].items():
         print(f"  {d:6s} n={r['n']:3d}  colour {fmt(r['colour'])}  position {fmt(r['position'])}")
     if getattr(args, "json", None):
-        from aptp_export.fileio import write_json
+        from engines.fileio import write_json
 
         write_json(args.json, {k: v for k, v in res.items() if k not in ("images", "scores")}
                    | {"steps": args.steps, "guidance": args.guidance, "seed": args.seed,

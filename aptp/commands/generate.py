@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from engines.errors import UserError
 from .route import add_engine_arguments, read_prompts
 
 
@@ -36,7 +36,7 @@ def _progress_bar(total: int):
 def run(args) -> int:
     from engines import EngineError, Runtime
 
-    from ..fileio import atomic_path, write_json
+    from engines.fileio import atomic_path, write_json
 
     prompts = read_prompts(args)
     expert = args.expert

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from engines.errors import UserError
 
 
 def add_arguments(parser) -> None:

@@ -37,7 +37,7 @@ def add_arguments(p):
 def run(args) -> int:
     from pathlib import Path
 
-    from aptp_export.errors import UserError
+    from engines.errors import UserError
 
     engines = Path(args.engines)
     if not (engines / "manifest.json").is_file():

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from engines.errors import UserError
 
 
 def _read_run(run_dir: Path):

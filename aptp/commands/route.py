@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import UserError
+from engines.errors import UserError
 
 
 def add_engine_arguments(parser) -> None:

@@ -1,0 +1,7 @@
+"""`python -m aptp VERB ...` runs the `aptp` command."""
+
+import sys
+
+from aptp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""The `aptp` command line: one entry point, one module per verb in `aptp.commands`.
+
+Each verb module exposes `add_arguments(parser)` and `run(args) -> int` and imports what it needs
+at its top. This file is the one place where `aptp` is lazy: it imports only the module of the verb
+being run, so `aptp --help` is instant and the torch-free verbs (route, generate, serve) never pull in
+torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from engines.errors import UserError
+
+# verb -> one-line help. Order is the order shown in --help; the module is aptp.commands.<verb>.
+VERBS: dict[str, str] = {
+    "demo": "end-to-end run on the built-in toy model (CPU, minutes)",
+    "toy": "the built-in toy world: write a dataset or a teacher sample grid",
+    "inspect": "print the table of prunable units of a UNet",
+    "prune": "pruning phase: train the prompt router and architecture codes",
+    "finetune": "materialise each expert and fine-tune it on its prompts",
+    "export": "export experts, router and shared parts to ONNX / TensorRT",
+    "route": "route prompts to experts with an exported engines directory",
+    "generate": "generate images with an exported engines directory",
+    "bench": "measure latency against MACs per expert and backend",
+}
+
+# What each group of verbs needs beyond the runtime, for the message when it is missing.
+_FULL_INSTALL = ('the full toolchain is not installed here (a runtime-only install); install it with '
+                 '`pip install -c constraints/cpu.txt -e .` from the aptp checkout')
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no traceback
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _verb_module(verb: str):
+    """Import aptp.commands.<verb>; a missing third-party package becomes a one-line install hint."""
+    try:
+        return importlib.import_module(f"aptp.commands.{verb}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "aptp":
+            raise
+        raise UserError(f"`aptp {verb}` needs the package {e.name!r}: {_FULL_INSTALL}") from None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the arguments of `verb` (or of every verb when None) are filled in."""
+    parser = _Parser(prog="aptp", description="Adaptive Prompt-Tailored Pruning: train, prune, export, serve.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for name, helptext in VERBS.items():
+        if verb is not None and name != verb:
+            sub.add_parser(name, help=helptext, description=helptext)
+            continue
+        module = _verb_module(name)
+        p = sub.add_parser(name, help=helptext, description=(module.__doc__ or helptext).strip())
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    try:
+        return version("aptp")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown"
+
+
+def _selected_verb(argv: list[str]) -> str | None:
+    """The verb named on the command line (the first argument that is one), if any."""
+    return next((a for a in argv if a in VERBS), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = _selected_verb(argv)
+    prog = f"aptp {verb}" if verb else "aptp"
+    try:
+        parser = build_parser(verb if verb is not None else "")
+        args = parser.parse_args(argv)
+        code = args._run(args)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

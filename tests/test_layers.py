@@ -1,0 +1,173 @@
+"""The package layering: imports go one way, down `aptp -> benchmarks -> training -> aptp_export -> engines`.
+
+Every import statement of every module is read with `ast` (module level, inside functions, inside
+`if TYPE_CHECKING:` alike) and resolved to a file of this repository. The test fails on
+- an upward import (a package importing one above it; `engines` importing any package of ours),
+- a cycle between files (two or more modules that import each other, directly or around a loop).
+Run as a script to print the report: `python tests/test_layers.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# lowest first: a package may import those at a lower index only
+LAYERS = ("engines", "aptp_export", "training", "benchmarks", "aptp")
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the layered packages."""
+    mods = {}
+    for pkg in LAYERS:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _resolve(name: str, mods: dict[str, Path]) -> str | None:
+    """The longest prefix of a dotted name that is one of our modules (None: not ours)."""
+    parts = name.split(".")
+    while parts:
+        cand = ".".join(parts)
+        if cand in mods:
+            return cand
+        parts.pop()
+    return None
+
+
+def imports_of(mod: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, int]]:
+    """(imported module of ours, line) for every import statement in `path`."""
+    is_pkg = path.name == "__init__.py"
+    package = mod if is_pkg else mod.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = _resolve(alias.name, mods)
+                if target:
+                    out.append((target, node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                if node.level > 1:
+                    base = base[: len(base) - (node.level - 1)]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                # `from pkg import sub` imports the submodule when there is one, else the package
+                full = f"{base}.{alias.name}"
+                target = full if full in mods else _resolve(base, mods)
+                if target:
+                    out.append((target, node.lineno))
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and (getattr(node.func, "id", None) in ("__import__", "import_module")
+                   or getattr(node.func, "attr", None) == "import_module")):
+            target = _resolve(node.args[0].value, mods)  # __import__("x") / importlib.import_module("x")
+            if target:
+                out.append((target, node.lineno))
+    return out
+
+
+def layer(mod: str) -> int:
+    return LAYERS.index(mod.split(".")[0])
+
+
+def analyse() -> tuple[list[str], list[list[str]], int]:
+    """(upward imports as 'file:line: a -> b', file cycles as module lists, number of edges)."""
+    mods = module_files()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    upward = []
+    edges = 0
+    for mod, path in mods.items():
+        for target, line in imports_of(mod, path, mods):
+            if target == mod:
+                continue
+            edges += 1
+            graph[mod].add(target)
+            if layer(target) > layer(mod):
+                upward.append(f"{path.relative_to(ROOT)}:{line}: {mod} -> {target}")
+    return upward, _cycles(graph), edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.append(m)
+                    if m == node:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def report() -> str:
+    upward, cycles, edges = analyse()
+    lines = [f"{len(module_files())} modules, {edges} imports of our own modules read",
+             f"upward imports: {len(upward)}", *[f"  {u}" for u in upward],
+             f"file cycles: {len(cycles)}", *[f"  {' <-> '.join(c)}" for c in cycles]]
+    return "\n".join(lines)
+
+
+def test_no_upward_imports_and_no_file_cycles():
+    upward, cycles, _ = analyse()
+    assert not upward and not cycles, "\n" + report()
+
+
+def test_checker_sees_nested_and_relative_imports(tmp_path, monkeypatch):
+    """The checker itself: an upward import inside a function and a two-file cycle are both found."""
+    for pkg in LAYERS:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "engines" / "a.py").write_text("def f():\n    from training import b\n")
+    (tmp_path / "training" / "b.py").write_text("from .c import x\n")
+    (tmp_path / "training" / "c.py").write_text("import training.b\nx = 1\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    upward, cycles, _ = analyse()
+    assert upward == ["engines/a.py:2: engines.a -> training.b"]
+    assert cycles == [["training.b", "training.c"]]
+
+
+if __name__ == "__main__":
+    print(report())
