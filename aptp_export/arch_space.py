@@ -41,14 +41,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn as nn
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.upsampling import Upsample2D
 
 from engines.errors import UserError
-from .macs import MacModel, MacTerm
-from .unet_configs import build_unet, clean_config, config_key
 
-KINDS = ("resnet_width", "attn_heads", "ff_width", "resnet_depth", "transformer_depth")
-WIDTH_KINDS = ("resnet_width", "attn_heads", "ff_width")
-DEPTH_KINDS = ("resnet_depth", "transformer_depth")
+from .gates import gate_hooks
+from .macs import MacModel, MacTerm
+from .materialize import materialize
+from .unet_configs import build_unet, clean_config, config_key, is_unet, unwrap_unet
+from .unit_kinds import DEPTH_KINDS
+
 DEPTH_BLOCK_CHOICES = ("last", "all", "none")
 FORMAT = "aptp-arch-space"
 FORMAT_VERSION = 1
@@ -194,13 +204,11 @@ class ArchSpace:
     # ---------------------------------------------------------------- vectors
     def ones(self):
         """The dense architecture (all units kept), float32 [D]."""
-        import torch
 
         return torch.ones(self.num_units, dtype=torch.float32)
 
     def sample(self, generator=None, keep: float = 0.6):
         """A random binary vector (float32 [D]): every unit kept independently with probability `keep`."""
-        import torch
 
         if not (0.0 <= float(keep) <= 1.0):
             raise UserError(f"keep must lie in [0, 1], got {keep}")
@@ -213,7 +221,6 @@ class ArchSpace:
     def as_tensor(self, arch):
         """`arch` as a validated floating torch tensor [D] or [B, D] (a tensor input is returned as is,
         keeping its autograd graph; lists and numpy arrays become float32)."""
-        import torch
 
         if isinstance(arch, torch.Tensor):
             t = arch if arch.is_floating_point() else arch.to(torch.float32)
@@ -238,7 +245,6 @@ class ArchSpace:
 
     def binarize(self, arch):
         """Threshold at 0.5 (a unit is kept iff its value is > 0.5): float32 tensor of 0/1, same shape."""
-        import torch
 
         return (self.as_tensor(arch).detach() > 0.5).to(torch.float32)
 
@@ -258,7 +264,6 @@ class ArchSpace:
         a list or numpy array [D] -> python float ([B, D] -> numpy [B]).
         height, width: latent size (default: the UNet's sample_size); text_len: cross-attention tokens.
         """
-        import torch
 
         h, w = self._hw(height, width)
         t = self.as_tensor(arch)
@@ -349,7 +354,6 @@ class ArchSpace:
         Forward hooks multiply the gate positions (see module docstring); gradients flow to `arch`. On exit
         (also on exceptions) every hook is removed: the model is exactly as before.
         """
-        from .gates import gate_hooks
 
         with gate_hooks(self, unet, arch):
             yield unet
@@ -359,7 +363,6 @@ class ArchSpace:
 
         `unet` is never modified. Threshold 0.5. See materialize.py.
         """
-        from .materialize import materialize
 
         return materialize(self, unet, arch)
 
@@ -373,33 +376,13 @@ class ArchSpace:
 
 
 # ==================================================================== support checks
-def unwrap_unet(unet):
-    """The UNet2DConditionModel inside DistributedDataParallel / accelerate / torch.compile wrappers."""
-    seen = 0
-    while seen < 8 and not _is_unet(unet):
-        inner = getattr(unet, "module", None)
-        if inner is None:
-            inner = getattr(unet, "_orig_mod", None)
-        if inner is None:
-            break
-        unet, seen = inner, seen + 1
-    return unet
-
-
-def _is_unet(m) -> bool:
-    from diffusers import UNet2DConditionModel
-
-    return isinstance(m, UNet2DConditionModel)
-
-
 def check_unet_class(unet) -> None:
-    if not _is_unet(unet):
+    if not is_unet(unet):
         raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
 
 
 def check_processors(unet) -> None:
     """Raise UserError if an attention processor or fused projection would escape the head gates."""
-    from diffusers.models.attention_processor import Attention
 
     bad = set()
     for name, m in unet.named_modules():
@@ -484,8 +467,6 @@ class _Discovery:
         self.terms.append((float(coef), tokens, slot, group, depth, module))
 
     def conv(self, path, slot, in_g=None, out_g=None, depth=None) -> None:
-        import torch.nn as nn
-
         m = self.mods[path]
         if not isinstance(m, nn.Conv2d):
             self.problem(f"{path} is a {type(m).__name__}, expected Conv2d")
@@ -497,8 +478,6 @@ class _Discovery:
         self.term(coef, "hw", slot, in_g if in_g is not None else out_g, depth, path)
 
     def linear(self, path, tokens, slot, in_g=None, out_g=None, depth=None, mult=1) -> None:
-        import torch.nn as nn
-
         m = self.mods[path]
         if not isinstance(m, nn.Linear):
             self.problem(f"{path} is a {type(m).__name__}, expected Linear")
@@ -507,8 +486,6 @@ class _Discovery:
         self.term(coef, tokens, slot, in_g if in_g is not None else out_g, depth, path)
 
     def proj(self, path, slot, depth) -> None:
-        import torch.nn as nn
-
         if isinstance(self.mods[path], nn.Linear):
             self.linear(path, "hw", slot, depth=depth)
         else:
@@ -516,8 +493,6 @@ class _Discovery:
 
     # ------------------------------------------------------------ blocks
     def resnet(self, path, slot, prunable) -> None:
-        from diffusers.models.resnet import ResnetBlock2D
-
         r = self.mods[path]
         if type(r) is not ResnetBlock2D:
             self.problem(f"ResBlock type {type(r).__name__} (at {path})")
@@ -542,9 +517,6 @@ class _Discovery:
             self.conv(f"{path}.conv_shortcut", slot)
 
     def transformer(self, path, slot, prunable) -> None:
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
         t = self.mods[path]
         if type(t) is not Transformer2DModel:
             self.problem(f"transformer type {type(t).__name__} (at {path})")
@@ -574,8 +546,6 @@ class _Discovery:
         self.proj(f"{path}.proj_out", slot, d)
 
     def attention(self, path, slot, depth, cross) -> None:
-        from diffusers.models.attention_processor import Attention
-
         a = self.mods[path]
         if type(a) is not Attention:
             self.problem(f"attention type {type(a).__name__} (at {path})")
@@ -600,10 +570,6 @@ class _Discovery:
         self.linear(f"{path}.to_out.0", "hw", slot, in_g=("w", w), depth=depth)
 
     def feed_forward(self, path, slot, depth) -> None:
-        import torch.nn as nn
-        from diffusers.models.activations import GEGLU
-        from diffusers.models.attention import FeedForward
-
         f = self.mods[path]
         if type(f) is not FeedForward or len(f.net) < 3 or not isinstance(f.net[2], nn.Linear):
             self.problem(f"feed-forward type {type(f).__name__} (at {path})")
@@ -620,9 +586,6 @@ class _Discovery:
         self.linear(f"{path}.net.2", "hw", slot, in_g=("w", w), depth=depth)
 
     def downsampler(self, path, slot) -> int:
-        import torch.nn as nn
-        from diffusers.models.downsampling import Downsample2D
-
         ds = self.mods[path]
         if type(ds) is not Downsample2D or ds.norm is not None:
             self.problem(f"down-sampler {type(ds).__name__} (at {path})")
@@ -638,8 +601,6 @@ class _Discovery:
         return new
 
     def upsampler(self, path, slot, skips) -> int:
-        from diffusers.models.upsampling import Upsample2D
-
         us = self.mods[path]
         if type(us) is not Upsample2D or us.use_conv_transpose or us.norm is not None or not us.interpolate:
             self.problem(f"up-sampler {type(us).__name__} with transpose conv / norm (at {path})")

@@ -15,9 +15,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
+
+from .arch_space import ArchSpace
+from .materialize import apply_arch_
+from .unet_configs import build_unet
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,8 +41,6 @@ def _keep_vector(space, arch) -> np.ndarray:
 
 def expected_shapes(space, keep: np.ndarray) -> dict[str, tuple]:
     """Tensor shapes of the expert `keep` (bool [D]) of `space`, from a meta-device rebuild."""
-    from .materialize import apply_arch_
-    from .unet_configs import build_unet
 
     model = apply_arch_(space, build_unet(space.unet_config, device="meta"), keep)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -61,7 +66,6 @@ def save_expert(path, space, arch, expert, *, height: int | None = None, width: 
     arch.json (default: the UNet's sample_size, 77 tokens). metadata: extra JSON-able facts to record.
     Returns the directory.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -101,9 +105,6 @@ def save_expert(path, space, arch, expert, *, height: int | None = None, width: 
 
 def read_expert_info(path):
     """(space, arch float32 tensor [D], arch.json dict) of an expert directory, without loading weights."""
-    import torch
-
-    from .arch_space import ArchSpace
 
     arch_file = _arch_file(path)
     try:
@@ -139,11 +140,6 @@ def read_expert_info(path):
 def load_expert(path, device: str = "cpu", dtype=None):
     """Rebuild the expert saved in directory `path` (or its arch.json): meta-device base UNet from the config,
     pruning re-applied, weights loaded strictly. Returns the pruned `UNet2DConditionModel` in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .materialize import apply_arch_
-    from .unet_configs import build_unet
 
     space, arch, info = read_expert_info(path)
     arch_file = _arch_file(path)

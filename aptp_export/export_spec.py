@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from engines.errors import UserError
 from engines.manifest import (
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
@@ -25,8 +28,6 @@ from engines.manifest import (
     VAE_DECODER_INPUTS,
     VAE_DECODER_OUTPUTS,
 )
-
-from engines.errors import UserError
 
 DTYPES = ("float32", "int64")
 FILLS = ("normal", "timestep", "tokens", "mask")
@@ -109,7 +110,6 @@ class ExportSpec:
 
     def sample_inputs(self, sizes: dict[str, int] | None = None, seed: int = 0) -> tuple:
         """Random torch tensors for every input (in order), from a seeded generator."""
-        import torch
 
         sizes = sizes or self.sizes()
         g = torch.Generator().manual_seed(seed)
@@ -136,7 +136,6 @@ class ExportSpec:
     def dynamic_shapes(self) -> tuple[dict, ...]:
         """`dynamic_shapes` for the torch.export-based exporter: one {dim: Dim} per input, positionally
         (so the forward's argument names need not match the tensor names)."""
-        import torch
 
         dims = {}
         for name, ax in self.axes.items():

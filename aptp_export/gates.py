@@ -21,6 +21,9 @@ from contextlib import contextmanager
 
 from engines.errors import UserError
 
+from .unet_configs import unwrap_unet
+from .unit_kinds import UNIT_KINDS
+
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()  # UNets currently inside gate_hooks
 
 
@@ -73,7 +76,6 @@ def _depth_hook(arch, index):
 @contextmanager
 def gate_hooks(space, unet, arch):
     """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
-    from .arch_space import unwrap_unet
 
     a = space.as_tensor(arch)
     unet = unwrap_unet(unet)  # hooks on the inner modules also act through DDP / compile wrappers
@@ -89,21 +91,13 @@ def gate_hooks(space, unet, arch):
     _ACTIVE.add(unet)
     try:
         for g in space.groups:
-            if g.kind == "resnet_width":
-                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "nchw")
-                handles.append(mods[f"{g.name}.conv2"].register_forward_pre_hook(hook))
-            elif g.kind == "attn_heads":
-                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "last")
-                handles.append(mods[f"{g.name}.to_out.0"].register_forward_pre_hook(hook))
-            elif g.kind == "ff_width":
-                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, "last")
-                handles.append(mods[f"{g.name}.net.2"].register_forward_pre_hook(hook))
-            elif g.kind == "resnet_depth":
-                handles.append(mods[f"{g.name}.conv2"].register_forward_hook(_depth_hook(a, g.start)))
-            elif g.kind == "transformer_depth":
-                handles.append(mods[f"{g.name}.proj_out"].register_forward_hook(_depth_hook(a, g.start)))
-            else:  # pragma: no cover
-                raise AssertionError(g.kind)
+            kind = UNIT_KINDS[g.kind]
+            target = mods[g.name + kind.gate_at]
+            if kind.depth:
+                handles.append(target.register_forward_hook(_depth_hook(a, g.start)))
+            else:
+                hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, kind.gate_layout)
+                handles.append(target.register_forward_pre_hook(hook))
         yield unet
     finally:
         for h in handles:

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 TOKEN_KINDS = ("one", "text", "hw", "hw2", "hw_text")
 
@@ -137,7 +138,6 @@ class MacModel:
 
     def torch(self, arch, height: int, width: int, text_len: int):
         """MACs for a torch tensor arch [D] or [B, D] -> tensor [] or [B], differentiable w.r.t. arch."""
-        import torch
 
         key = (arch.device, int(height), int(width), int(text_len))
         if key not in self._torch_cache:

@@ -20,9 +20,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from engines.errors import UserError
+from engines.fileio import atomic_path, write_json
 from engines.manifest import (
     MANIFEST_NAME,
     DenseInfo,
@@ -37,9 +43,9 @@ from engines.manifest import (
 )
 from engines.schedulers import make_scheduler, scheduler_name
 
-from engines.errors import UserError
 from .export_spec import ExportSpec, router_spec, text_encoder_spec, unet_spec, vae_decoder_spec
-from engines.fileio import atomic_path, write_json
+from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
+from .tensorrt_build import build_engine, import_tensorrt
 
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|endoftext|>")
 
@@ -57,10 +63,8 @@ class ExpertModel:
 
 def _aptp_version() -> str:
     try:
-        from importlib.metadata import version
-
         return f"aptp {version('aptp')}"
-    except Exception:
+    except PackageNotFoundError:
         return "aptp"
 
 
@@ -69,7 +73,6 @@ def copy_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike, pad_token
     """Copy a `tokenizers` tokenizer.json (a file, or a model dir containing one) to out_dir/`rel`
     with its padding token set (give `pad_token` when the model pads with a token that is not in the
     file's padding section or named [PAD]/<pad>, e.g. "!" for SD 2's CLIP); returns `rel`."""
-    from tokenizers import Tokenizer
 
     src = Path(src)
     if src.is_dir():
@@ -170,9 +173,6 @@ def write_export_dir(
     backend "onnx" | "tensorrt" (plans for experts and dense; checked before any work).
     The report holds per-graph seconds and measured relative errors vs torch.
     """
-    from tqdm import tqdm
-
-    from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
 
     out_dir = Path(out_dir)
     if backend not in ("onnx", "tensorrt"):
@@ -186,7 +186,6 @@ def write_export_dir(
     name = scheduler_name(scheduler)
     make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
     if backend == "tensorrt":
-        from .tensorrt_build import build_engine, import_tensorrt
 
         import_tensorrt()
 
@@ -194,8 +193,6 @@ def write_export_dir(
     stale = out_dir / MANIFEST_NAME
     if stale.exists():
         stale.unlink()  # a half-rewritten directory must not look like a finished export
-
-    from tokenizers import Tokenizer
 
     tok_rel = copy_tokenizer(tokenizer, out_dir, pad_token)
     tok_files = {"json": tok_rel}

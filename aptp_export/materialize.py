@@ -15,7 +15,7 @@ How (docs/method.md sections 1, 7, 8):
 3. **Fix what torch-pruning does not know:** `norm2.num_groups` (= kept groups), `attn.heads`,
    `attn.inner_dim` / `inner_kv_dim` / `sliceable_head_dim`. Block outputs are never pruned, so
    up/down-samplers, skips and `Transformer2DModel` widths keep their channel counts.
-4. **Empty groups and removed blocks** become small exact modules: a removed ResBlock ->
+4. **Empty groups and removed blocks** become small exact modules (unit_kinds.py): a removed ResBlock ->
    `ResnetShortcut` (shortcut(x) / output_scale_factor); a ResBlock whose GroupNorm groups were all removed
    -> `ResnetShortcut` with `branch_bias` (conv2 of zeros is its bias); a removed transformer ->
    `TransformerSkip` (its input); an attention with no head left -> `ConstantAttention` (`to_out` bias);
@@ -35,73 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch_pruning as tp
+from diffusers.models.attention_processor import Attention
 
 from engines.errors import UserError
-from .unet_configs import build_unet
 
-# ==================================================================== replacement modules
-
-
-class ResnetShortcut(nn.Module):
-    """A ResBlock without its residual branch: `(shortcut(x) [+ branch_bias]) / output_scale_factor`.
-
-    `branch_bias` is set when the branch's width was pruned to zero channels: conv2 of zeros is its bias.
-    """
-
-    def __init__(self, conv_shortcut: nn.Module | None, output_scale_factor: float,
-                 branch_bias: torch.Tensor | None = None):
-        super().__init__()
-        self.conv_shortcut = conv_shortcut
-        self.output_scale_factor = float(output_scale_factor)
-        self.branch_bias = None if branch_bias is None else nn.Parameter(branch_bias)
-
-    def forward(self, input_tensor, temb=None, *args, **kwargs):
-        x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        if self.branch_bias is not None:
-            x = x + self.branch_bias.to(x.dtype)[:, None, None]
-        return x / self.output_scale_factor
-
-
-class TransformerSkip(nn.Module):
-    """A removed Transformer2DModel (residual): returns its input, in the caller's expected format."""
-
-    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
-        if not return_dict:
-            return (hidden_states,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=hidden_states)
-
-
-class ConstantAttention(nn.Module):
-    """An attention layer with every head removed: `to_out[0]` of zeros, i.e. its bias at every token."""
-
-    def __init__(self, bias: torch.Tensor | None, out_dim: int):
-        super().__init__()
-        self.out_dim = int(out_dim)
-        self.bias = None if bias is None else nn.Parameter(bias)
-
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        shape = (*hidden_states.shape[:-1], self.out_dim)
-        out = hidden_states.new_zeros(shape)  # a fresh tensor, not a view of the parameter
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-
-class ConstantFeedForward(nn.Module):
-    """A feed-forward with every channel removed: `net[2]` of zeros, i.e. its bias at every token."""
-
-    def __init__(self, bias: torch.Tensor | None, out_dim: int):
-        super().__init__()
-        self.out_dim = int(out_dim)
-        self.bias = None if bias is None else nn.Parameter(bias)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        shape = (*hidden_states.shape[:-1], self.out_dim)
-        out = hidden_states.new_zeros(shape)  # a fresh tensor, not a view of the parameter
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-
-REPLACEMENT_MODULES = (ResnetShortcut, TransformerSkip, ConstantAttention, ConstantFeedForward)
+from .gates import is_gated
+from .unet_configs import build_unet, unwrap_unet
+from .unit_kinds import UNIT_KINDS
 
 # ==================================================================== the pruning plan (torch-pruning)
 
@@ -117,20 +58,12 @@ class PlanItem:
     roots: np.ndarray  # the root channel each index is coupled to
 
 
-# (root suffix, torch-pruning function name, layers the group must couple and nothing else)
-_ROOTS = {
-    "resnet_width": (".conv1", "prune_conv_out_channels", {".conv1", ".time_emb_proj", ".norm2", ".conv2"}),
-    "attn_heads": (".to_q", "prune_linear_out_channels", {".to_q", ".to_k", ".to_v", ".to_out.0"}),
-    "ff_width": (".net.2", "prune_linear_in_channels", {".net.2", ".net.0.proj"}),
-}
-
 _TEMPLATES: OrderedDict[str, dict[str, list[PlanItem]]] = OrderedDict()
 _MAX_TEMPLATES = 4
 
 
 def _example_inputs(model) -> dict:
     """Smallest valid inputs for tracing on the meta device (latent 2^levels, 2 tokens)."""
-    from diffusers.models.attention_processor import Attention
 
     n_down = sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None) is not None)
     side = 2 ** n_down
@@ -151,7 +84,6 @@ def pruning_template(space) -> dict[str, list[PlanItem]]:
     if key in _TEMPLATES:
         _TEMPLATES.move_to_end(key)
         return _TEMPLATES[key]
-    import torch_pruning as tp
 
     model = build_unet(space.unet_config, device="meta")
     with torch.enable_grad():
@@ -160,9 +92,10 @@ def pruning_template(space) -> dict[str, list[PlanItem]]:
     mods = dict(model.named_modules())
     template: dict[str, list[PlanItem]] = {}
     for g in space.width_groups:
-        suffix, fn_name, expected = _ROOTS[g.kind]
+        kind = UNIT_KINDS[g.kind]
+        suffix, expected = kind.prune_root, kind.coupled
         root = mods[g.name + suffix]
-        group = dg.get_pruning_group(root, getattr(tp, fn_name), list(range(g.num_units * g.unit_channels)))
+        group = dg.get_pruning_group(root, getattr(tp, kind.prune_fn), list(range(g.num_units * g.unit_channels)))
         items = []
         for it in group.items:
             target = it.dep.target.module
@@ -190,10 +123,6 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, last, new)
 
 
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone()
-
-
 def apply_arch_(space, model: nn.Module, keep: np.ndarray) -> nn.Module:
     """Prune `model` (a dense UNet of `space`'s structure, any device incl. meta) in place to the binary
     vector `keep` (bool [D]). Returns `model`."""
@@ -210,7 +139,7 @@ def apply_arch_(space, model: nn.Module, keep: np.ndarray) -> nn.Module:
             if k.all():
                 continue
             if not k.any():
-                _replace_empty(model, mods, g)
+                _set_module(model, g.name, UNIT_KINDS[g.kind].replace(mods[g.name]))
                 continue
             removed_units = np.nonzero(~k)[0]
             removed = (removed_units[:, None] * g.unit_channels + np.arange(g.unit_channels)).ravel()
@@ -218,44 +147,13 @@ def apply_arch_(space, model: nn.Module, keep: np.ndarray) -> nn.Module:
                 idxs = item.idxs[np.isin(item.roots, removed)]
                 item.handler.__self__.pruning_dim = item.pruning_dim
                 item.handler(mods[item.module], idxs.tolist())
-            _fix_attributes(mods, g, int(k.sum()))
+            ch = int(k.sum()) * g.unit_channels
+            if not UNIT_KINDS[g.kind].fix(mods[g.name], int(k.sum()), ch):
+                raise RuntimeError(f"pruning {g.name} did not leave {ch} channels in every coupled layer")
         for g in space.depth_groups:
             if not keep[g.start]:
-                m = mods[g.name]
-                if g.kind == "resnet_depth":
-                    _set_module(model, g.name, ResnetShortcut(m.conv_shortcut, m.output_scale_factor))
-                else:
-                    _set_module(model, g.name, TransformerSkip())
+                _set_module(model, g.name, UNIT_KINDS[g.kind].replace(mods[g.name]))
     return model
-
-
-def _replace_empty(model, mods, g) -> None:
-    m = mods[g.name]
-    if g.kind == "resnet_width":
-        new = ResnetShortcut(m.conv_shortcut, m.output_scale_factor, _clone(m.conv2.bias))
-    elif g.kind == "attn_heads":
-        new = ConstantAttention(_clone(m.to_out[0].bias), m.to_out[0].out_features)
-    else:
-        new = ConstantFeedForward(_clone(m.net[2].bias), m.net[2].out_features)
-    _set_module(model, g.name, new)
-
-
-def _fix_attributes(mods, g, kept_units: int) -> None:
-    m = mods[g.name]
-    ch = kept_units * g.unit_channels
-    if g.kind == "resnet_width":
-        m.norm2.num_groups = kept_units
-        ok = m.conv1.out_channels == ch == m.conv2.in_channels == m.norm2.num_channels
-    elif g.kind == "attn_heads":
-        m.heads = kept_units
-        m.sliceable_head_dim = kept_units
-        m.inner_dim = ch
-        m.inner_kv_dim = ch
-        ok = m.to_q.out_features == m.to_k.out_features == m.to_v.out_features == m.to_out[0].in_features == ch
-    else:
-        ok = m.net[2].in_features == ch and m.net[0].proj.out_features == 2 * ch
-    if not ok:
-        raise RuntimeError(f"pruning {g.name} did not leave {ch} channels in every coupled layer")
 
 
 def materialize(space, unet, arch):
@@ -263,8 +161,6 @@ def materialize(space, unet, arch):
     a = space.as_tensor(arch)
     if a.ndim != 1:
         raise UserError(f"materialize takes one architecture vector [D], got shape {list(a.shape)}")
-    from .arch_space import unwrap_unet
-    from .gates import is_gated
 
     unet = unwrap_unet(unet)
     space.check_unet(unet)

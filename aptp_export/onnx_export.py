@@ -32,11 +32,16 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
 
 from engines.manifest import sha256_file
@@ -157,7 +162,6 @@ def _fresh_sizes(spec: ExportSpec) -> dict[str, int]:
 def _torch_export(module: nn.Module, spec: ExportSpec, path: Path, opset: int, exporter: str) -> None:
     args = spec.sample_inputs(seed=0)
     if exporter == "torchscript":
-        import warnings
 
         with warnings.catch_warnings():
             # diffusers' shape asserts and size checks are constants for the traced shapes; the graph is verified
@@ -176,8 +180,6 @@ def _torch_export(module: nn.Module, spec: ExportSpec, path: Path, opset: int, e
 
 
 def _save(model, path: Path) -> dict[str, Path]:
-    import onnx
-
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
         data = path.with_name(path.name + ".data")
@@ -190,8 +192,6 @@ def _save(model, path: Path) -> dict[str, Path]:
 
 def to_fp16(model):
     """fp16 ONNX model with float32 inputs/outputs (see module doc)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
     wrapped = OnnxModel(model)
@@ -200,8 +200,6 @@ def to_fp16(model):
 
 
 def _compare(path: Path, module: nn.Module, spec: ExportSpec, seed: int) -> dict[str, float]:
-    import onnxruntime as ort
-
     sizes = _fresh_sizes(spec)
     inputs = spec.sample_inputs(sizes, seed=seed)
     with torch.no_grad():
@@ -240,7 +238,6 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | os.PathLike, *,
     Returns: ExportResult (files, sha256, measured errors).
     Raises: ExportVerificationError if the graph does not match; onnx.checker errors if invalid.
     """
-    import onnx
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -32,6 +32,9 @@ import torch.nn as nn
 
 from engines.errors import UserError
 
+from .materialize import apply_arch_, pruning_template
+from .unet_configs import build_unet
+
 
 def _check_multiple(multiple) -> int:
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or int(multiple) < 1:
@@ -90,8 +93,6 @@ def pad_expert(space, expert: nn.Module, arch, rounded) -> nn.Module:
     """The expert for `rounded` (a superset of `arch`, e.g. from round_units) that computes exactly what
     `expert` (materialised for `arch`) computes: its weights scattered into the larger layers, zeros for
     the added units. `expert` is untouched."""
-    from .materialize import apply_arch_, pruning_template
-    from .unet_configs import build_unet
 
     a, r = _binary(space, arch), _binary(space, rounded)
     if (a & ~r).any():

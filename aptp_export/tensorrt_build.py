@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.errors import UserError
-from .export_spec import ExportSpec
 from engines.fileio import atomic_path
+
+from .export_spec import ExportSpec
 
 EXTRA = 'pip install "aptp[tensorrt]"'
 

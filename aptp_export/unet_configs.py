@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+from diffusers import UNet2DConditionModel
+
 # Stable Diffusion 2.1 (768 px, v-prediction) UNet: 865.9 M parameters, latent 96x96x4, OpenCLIP-H text (1024-d).
 # Values as in stabilityai/stable-diffusion-2-1/unet/config.json; the remaining keys are diffusers' defaults.
 SD21_UNET_CONFIG: dict = {
@@ -46,10 +49,25 @@ def config_key(config) -> str:
 
 def build_unet(config: dict, device: str | None = "meta"):
     """A `UNet2DConditionModel` built from `config`; on the meta device (no memory, no init time) by default."""
-    import torch
-    from diffusers import UNet2DConditionModel
 
     if device is None:
         return UNet2DConditionModel.from_config(dict(config))
     with torch.device(device):
         return UNet2DConditionModel.from_config(dict(config))
+
+
+def unwrap_unet(unet):
+    """The UNet2DConditionModel inside DistributedDataParallel / accelerate / torch.compile wrappers."""
+    seen = 0
+    while seen < 8 and not is_unet(unet):
+        inner = getattr(unet, "module", None)
+        if inner is None:
+            inner = getattr(unet, "_orig_mod", None)
+        if inner is None:
+            break
+        unet, seen = inner, seen + 1
+    return unet
+
+
+def is_unet(m) -> bool:
+    return isinstance(m, UNet2DConditionModel)

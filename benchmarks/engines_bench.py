@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
+import torch
+
+from aptp_export.expert_io import load_expert
+from engines import Runtime
+from engines.errors import UserError
+from engines.fileio import write_json, write_text
+from engines.manifest import read_manifest
+from training.base_model import load_base_model
+from training.rundir import RunDir
+from training.toy import captions
 
 from .plots import latency_vs_macs
 from .timing import measure
@@ -28,12 +40,10 @@ def models_from_export(export_dir: str | Path, run_dir: str | Path | None = None
 
     With `run_dir` (the training run the export came from) each also gets a torch loader, so
     torch eager can be timed against onnxruntime on the very same network."""
-    from engines.manifest import read_manifest
 
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
     if m.dense is None:
-        from engines.errors import UserError
 
         raise UserError(f"{export_dir}: no dense model in the export (export with --with-dense); "
                         "latency fractions need it as the reference")
@@ -54,27 +64,20 @@ def _plan(export_dir: Path, files: dict):
 
 
 def _torch_loaders(run_dir, expert_ids: list[int]) -> dict:
-    from aptp_export.expert_io import load_expert
-    from training.config import load_config
-    from training.finetune import expert_dir
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    cfg = run.config()
 
     def dense():
-        from training.base_model import load_base_model
-
         return load_base_model(cfg.model).unet
 
     loaders = {"dense": dense}
     for k in expert_ids:
-        loaders[k] = (lambda k=k: load_expert(expert_dir(run_dir, k)).eval())
+        loaders[k] = (lambda k=k: load_expert(run.expert(k)).eval())
     return loaders
 
 
 def default_prompts(n: int = 16, seed: int = 12345) -> list[str]:
     """A mixed prompt set (easy, medium and hard toy captions, held-out seed)."""
-    from training.toy import captions
 
     return [c for c, _ in captions(n, seed=seed)]
 
@@ -126,9 +129,6 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
               repeats: int = 10, warmup: int = 2, throughput_steps: int = 10, prompts: list[str] | None = None,
               progress: bool = True, threads: int = 0) -> dict:
     """Measure everything `aptp bench` reports and write it under `out_dir`."""
-    from engines.errors import UserError
-    from engines.fileio import write_json, write_text
-    from engines import Runtime
 
     out_dir = Path(out_dir)
     models, shape = models_from_export(export_dir, run_dir)
@@ -172,17 +172,8 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
 
 
 def _machine() -> dict:
-    import os
-
-    import onnxruntime
-
     info = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
     return info

@@ -15,6 +15,13 @@ import argparse
 import resource
 import time
 
+import torch
+
+from aptp_export import ArchSpace, load_expert, save_expert
+from aptp_export.materialize import pruning_template
+from aptp_export.unet_configs import SD21_UNET_CONFIG, build_unet
+from engines.fileio import write_json
+
 
 def rss_gb() -> float:
     with open("/proc/self/status") as f:
@@ -30,9 +37,6 @@ def peak_rss_gb() -> float:
 
 def random_sd21(seed: int = 0):
     """The SD 2.1 UNet with random weights: built on meta, allocated empty, filled (fast, no default init)."""
-    import torch
-
-    from aptp_export.unet_configs import SD21_UNET_CONFIG, build_unet
 
     unet = build_unet(SD21_UNET_CONFIG, device="meta").to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
@@ -59,11 +63,6 @@ def main(argv=None) -> int:
     ap.add_argument("--io", metavar="DIR", help="save and reload the last expert in DIR, timing both")
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args(argv)
-
-    import torch
-
-    from aptp_export import ArchSpace, load_expert, save_expert
-    from aptp_export.materialize import pruning_template
 
     res: dict = {"threads": torch.get_num_threads()}
     t = time.perf_counter()
@@ -130,7 +129,6 @@ def main(argv=None) -> int:
     res["peak_rss_gb"] = peak_rss_gb()
     print(f"peak RSS {res['peak_rss_gb']:.2f} GB")
     if args.out:
-        from engines.fileio import write_json
 
         write_json(args.out, res)
     return 0

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 
 def _op_key(event: dict) -> str:
@@ -36,7 +37,6 @@ def _op_key(event: dict) -> str:
 def profile_graph(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int = 2, threads: int = 0,
                   optimized_model_path: str | os.PathLike | None = None) -> dict:
     """Profile `runs` calls of the graph at `path` (after one warm-up call); times in ms per call."""
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="ortprof.") as tmp:
         so = ort.SessionOptions()

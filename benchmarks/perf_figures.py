@@ -15,18 +15,19 @@ import argparse
 import json
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from engines.fileio import atomic_path, write_text
+
+from .plots import markdown_table
 from .sd21_latency import LAT_TOLERANCE, ROBUSTNESS_COLUMNS, TABLE_COLUMNS
 
 ESTIMATORS = ("latency_fraction", "latency_fraction_paired", "latency_fraction_min", "cpu_fraction")
 
 
 def plot_summary(summary: list[dict], path: Path, title: str, backends=("onnxruntime", "torch")) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engines.fileio import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.2, 4.8), dpi=130)
     xs = [d["macs_fraction"] for d in summary]
@@ -76,10 +77,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/perf")
     ap.add_argument("--name", default="sd21")
     args = ap.parse_args(argv)
-
-    from engines.fileio import write_text
-
-    from .plots import markdown_table
 
     res = json.loads(Path(args.bench).read_text())
     out = Path(args.out)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from engines.fileio import atomic_path
+
 
 def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency against MACs",
                     batch: int | None = None) -> Path:
     """Scatter of latency fraction against MACs fraction per backend, with the y = x line.
 
     Points under the line are experts whose latency fell faster than their MACs."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engines.fileio import atomic_path
 
     sel = [r for r in rows if batch is None or r["batch"] == batch]
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engines.fileio import write_text
+
 from .plots import markdown_table
 
 
 def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Path:
     """Compose the Markdown report from the demo's routing/generation figures and bench.json."""
-    from engines.fileio import write_text
 
     out = Path(out)
     lines = ["# APTP demo report (toy teacher, toy world, CPU)", ""]

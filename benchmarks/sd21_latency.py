@@ -35,34 +35,55 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from aptp_export import ArchSpace
+from aptp_export.export_spec import unet_spec
+from aptp_export.onnx_export import UNetGraph, export_onnx
+from aptp_export.rounding import round_units, rounding_summary
+from aptp_export.unet_configs import SD21_UNET_CONFIG
+from engines.fileio import write_json, write_text
+
+from .engines_bench import rows_to_csv
+from .materialize_sd21 import peak_rss_gb, random_sd21, rss_gb
+from .ort_profile import compare_profiles, profile_graph
+from .plots import latency_vs_macs, markdown_table
+from .timing import interleaved
+from .unet_latency import (
+    InputShape,
+    ModelUnderTest,
+    _ort_callable,
+    _recorded,
+    _torch_callable,
+    bench_unets,
+    speedups,
+    unet_feeds,
+)
 
 LAT_TOLERANCE = 1.05  # acceptance: latency fraction <= 1.05 x MACs fraction (experts with MACs fraction <= 0.9)
 MIN_SPEEDUP = 2.0     # acceptance: onnxruntime >= 2x torch eager
 
 
 def _tag(arch, seed: int) -> str:
-    import numpy as np
-
     bits = np.packbits(arch.numpy() > 0.5).tobytes()
     return hashlib.sha1(bits + f"seed={seed}".encode()).hexdigest()[:10]
 
 
 def _onnx_params(path: Path) -> int:
     """Parameter count of a saved graph from its initialisers' shapes (external data not read)."""
-    import math
-
-    import onnx
 
     m = onnx.load(str(path), load_external_data=False)
     return int(sum(math.prod(t.dims) for t in m.graph.initializer))
 
 
 def _rss_gb() -> float:
-    from .materialize_sd21 import rss_gb
-
     return rss_gb()
 
 
@@ -144,19 +165,6 @@ def main(argv=None) -> int:
     if any(n < 2 for n in args.round_to):
         ap.error("--round-to values must be >= 2")
 
-    import torch
-
-    from aptp_export import ArchSpace
-    from aptp_export.export_spec import unet_spec
-    from engines.fileio import write_json, write_text
-    from aptp_export.onnx_export import UNetGraph, export_onnx
-    from aptp_export.unet_configs import SD21_UNET_CONFIG
-
-    from .engines_bench import rows_to_csv
-    from .materialize_sd21 import peak_rss_gb, random_sd21
-    from .plots import latency_vs_macs, markdown_table
-    from .unet_latency import InputShape, ModelUnderTest, bench_unets, speedups, unet_feeds
-
     out = Path(args.out)
     onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx"
     t0 = time.perf_counter()
@@ -171,7 +179,6 @@ def main(argv=None) -> int:
     sets = [["dense", *archs]] if args.sets == "all" else [["dense", n] for n in archs]
     rounding = {}
     if args.round_to:
-        from aptp_export.rounding import round_units, rounding_summary
 
         sets = []
         for name in list(archs):
@@ -229,7 +236,6 @@ def main(argv=None) -> int:
                 gc.collect()
             print(f"[{size}] onnxruntime done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
         if args.profile:
-            from .ort_profile import compare_profiles, profile_graph
 
             feeds = unet_feeds(shape, 1)
             profiles = {}
@@ -263,10 +269,7 @@ def main(argv=None) -> int:
         #    machine between the two backend phases above
         pairs = []
         if args.paired_speedup:
-            import numpy as np
 
-            from .timing import interleaved
-            from .unet_latency import _ort_callable, _recorded, _torch_callable
 
             feeds = unet_feeds(shape, 1)
             dense = random_sd21(args.seed)

@@ -17,6 +17,19 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import MPNetConfig, MPNetModel
+
+from aptp_export.export_spec import router_spec
+from aptp_export.onnx_export import RouterGraph, export_onnx
+from engines import Runtime
+from engines.fileio import write_json
+from engines.sessions import OrtSession
+
+from .engines_bench import bench_router
+from .timing import measure
+
 PROMPTS = [
     "A man riding a wave on top of a surfboard in the ocean on a sunny day.",
     "Two giraffes standing next to each other near a wooden fence at the zoo.",
@@ -41,15 +54,6 @@ def time_mpnet_base_router(workdir: Path, batch: int, tokens: int, num_experts: 
                            repeats: int = 20) -> dict:
     """The paper's router size: an all-mpnet-base-v2-shaped encoder (random weights, 768-d, 12 layers)
     with a linear scoring head, exported like aptp's router graph and timed with onnxruntime."""
-    import numpy as np
-    import torch
-    from transformers import MPNetConfig, MPNetModel
-
-    from aptp_export.export_spec import router_spec
-    from aptp_export.onnx_export import RouterGraph, export_onnx
-    from engines.sessions import OrtSession
-
-    from .timing import measure
 
     cfg = MPNetConfig(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, max_position_embeddings=514)
@@ -84,10 +88,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the figures as JSON")
     args = ap.parse_args(argv)
 
-    from engines import Runtime
-
-    from .engines_bench import bench_router
-
     sd = json.loads(Path(args.sd_bench).read_text())
     rt = Runtime.load(args.engines, provider="cpu")
     ids, _ = rt.tokenizer.router_tokens(PROMPTS)
@@ -120,7 +120,6 @@ def main(argv=None) -> int:
                   f"batched, {100 * worst[f'{name}_single_fraction']:.3f} % one prompt at a time "
                   f"(worst: {worst['model']})")
     if args.out:
-        from engines.fileio import write_json
 
         write_json(args.out, res)
     return 0

@@ -20,8 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
+
+import torch
+import yaml
+
+from engines.fileio import write_json
+from training import toy
+from training.config import config_from_dict, load_config, resolve_config_arg, save_config
+from training.data import ToyDataset
+from training.evaluation import RunEvaluator, distill_error
+from training.finetune import run_finetune
+from training.prune import run_prune
+from training.router import Router
 
 TIMESTEPS = (200, 500, 800)  # held-out distillation error: every sample at these timesteps, fixed noise
 
@@ -45,9 +58,6 @@ def parse_args(argv=None):
 
 
 def _prune(name, out: Path, base_cfg, overrides, args) -> Path:
-    from training.config import load_config
-    from training.prune import run_prune
-
     run = out / name
     if (run / "prune" / "router.json").is_file():
         print(f"[{name}] reusing {run}")
@@ -68,8 +78,6 @@ def _prune(name, out: Path, base_cfg, overrides, args) -> Path:
 
 
 def _routing(run: Path, captions, difficulty):
-    from training.evaluation import RunEvaluator
-
     ev = RunEvaluator(run)
     r = ev.routing(captions, difficulty)
     r.pop("assignment")
@@ -78,11 +86,6 @@ def _routing(run: Path, captions, difficulty):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from training import toy
-    from training.config import resolve_config_arg
-    from training.data import ToyDataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +105,6 @@ def main(argv=None) -> int:
 
     def save():
         # several instances (--only subsets) may run at once: merge into the file, keep others' keys
-        from engines.fileio import write_json
 
         current = json.loads(results_path.read_text()) if results_path.is_file() else {}
         current.update({k: results[k] for k in mine})
@@ -137,10 +139,7 @@ def main(argv=None) -> int:
         print(f"[k1] MACs {r['mean_macs']:.4f} (budget {target:.4f})")
 
     if "ft" in only:
-        import yaml
 
-        from training.evaluation import RunEvaluator, distill_error
-        from training.finetune import run_finetune
 
         if results_path.is_file():
             comp = json.loads(results_path.read_text()).get("finetune", {})
@@ -150,9 +149,7 @@ def main(argv=None) -> int:
             run = out / name
             steps = args.ft_steps
             if name == "k1_total":
-                import shutil
 
-                from training.router import Router
 
                 if not (out / "k1" / "prune" / "router.json").is_file() or \
                         not (out / "ot_b50" / "prune" / "router.json").is_file():
@@ -190,9 +187,6 @@ def main(argv=None) -> int:
 
 def _set_finetune(run: Path, steps: int, allocation: str) -> None:
     """Fine-tuning steps of a run: `steps` per expert (per_expert) or shared by routed samples (split)."""
-    import yaml
-
-    from training.config import config_from_dict, save_config
 
     d = yaml.safe_load((run / "config.yaml").read_text())
     d["finetune"]["steps"] = steps

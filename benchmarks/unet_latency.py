@@ -11,11 +11,16 @@ i.e. 2 x prompts samples.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from engines.sessions import OrtSession
+from engines.tensorrt_session import TensorRTSession
 
 from .timing import interleaved
 
@@ -57,22 +62,16 @@ def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.n
 
 
 def _ort_callable(path: Path, feeds: dict, threads: int = 0):
-    from engines.sessions import OrtSession
-
     sess = OrtSession(path, "cpu", threads=threads)
     return lambda: sess.run(feeds)
 
 
 def _trt_callable(path: Path, feeds: dict):
-    from engines.tensorrt_session import TensorRTSession
-
     sess = TensorRTSession(path)
     return lambda: sess.run(feeds)
 
 
 def _torch_callable(module, feeds: dict):
-    import torch
-
     args = [torch.from_numpy(feeds[k]) for k in UNET_INPUTS]
 
     def call():
@@ -120,7 +119,6 @@ def _torch_threads(threads: int):
     if not threads:
         yield
         return
-    import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -171,7 +169,6 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
 
 def _recorded(fn, out: list):
     """`fn` that also appends (wall s, process CPU s) of every call to `out`."""
-    import time
 
     def call():
         c, t = time.process_time(), time.perf_counter()

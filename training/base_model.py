@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from engines.errors import UserError
+
+from .text import TextEncoder
+from .toy import teacher_dir
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -66,8 +71,6 @@ class _MiniLMTokens:
     """Toy conditioning: last hidden states of the packaged MiniLM (training.text.TextEncoder)."""
 
     def __init__(self, max_length: int, device):
-        from .text import TextEncoder
-
         self.enc = TextEncoder(max_length=max_length, device=device)
 
     def encode(self, captions):
@@ -78,8 +81,6 @@ class _ClipTokens:
     """Stable Diffusion conditioning: CLIPTokenizer + CLIPTextModel last hidden state (as the pipelines)."""
 
     def __init__(self, path: Path, max_length: int | None, device):
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         self.tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
         self.model = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
@@ -113,7 +114,6 @@ def detect_layout(path: Path) -> str:
 
 def resolve_model_path(path: str | None) -> Path:
     if path is None:
-        from .toy import teacher_dir
 
         d = teacher_dir()
         if not (d / "unet").is_dir():
@@ -124,7 +124,6 @@ def resolve_model_path(path: str | None) -> Path:
 
 def load_base_model(mcfg, device="cpu") -> BaseModel:
     """Load the dense model described by a ModelConfig (training/config.py). Weights are frozen (eval mode)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(mcfg.path)
@@ -139,7 +138,6 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"{path}/scheduler: unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
     if kind == "latent":
-        from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
         vae.eval().requires_grad_(False)

@@ -16,15 +16,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from engines.fileio import write_json
 
 LATEST = "latest.json"
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
                     keep: int = 1) -> Path:
-    from safetensors.torch import save_file
-
-    from engines.fileio import write_json
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -51,8 +51,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
 
 
 def load_latest(root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
-    from safetensors.torch import load_file
-
     root = Path(root)
     if not (root / LATEST).is_file():
         return None

@@ -18,7 +18,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from engines.errors import UserError
+from engines.fileio import write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -323,8 +326,6 @@ def config_from_dict(data: dict) -> RunConfig:
 
 
 def _set_override(data: dict, assignment: str) -> None:
-    import yaml
-
     if "=" not in assignment:
         raise UserError(f"override {assignment!r} must look like section.key=value")
     key, raw = assignment.split("=", 1)
@@ -343,7 +344,6 @@ def _set_override(data: dict, assignment: str) -> None:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (None = the packaged toy config), apply `section.key=value` overrides, validate."""
-    import yaml
 
     path = Path(path) if path is not None else packaged_config("toy")
     if not path.is_file():
@@ -361,14 +361,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) atomically."""
-    from engines.fileio import write_text
 
     write_text(path, config_to_yaml(cfg))
 

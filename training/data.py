@@ -16,6 +16,7 @@ its contiguous slice.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,15 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from engines.errors import UserError
+
+from . import toy
 
 log = logging.getLogger("aptp.data")
 
 
 def to_tensor(image, size: int) -> torch.Tensor:
     """PIL image or uint8 array [H, W, 3] -> float32 [3, size, size] in [-1, 1] (resize shorter side, centre crop)."""
-    from PIL import Image
 
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -52,8 +55,6 @@ class ToyDataset:
     """The first `n` toy-world samples of `seed` (seed >= toy.EVAL_SEED = held-out captions)."""
 
     def __init__(self, n: int, seed: int = 0, size: int = 32):
-        from . import toy
-
         samples = toy.samples(int(n), seed=int(seed))
         self.size = int(size)
         self.images = np.stack([s.image for s in samples])      # uint8 [n, 32, 32, 3]
@@ -77,8 +78,6 @@ class ImageFolderDataset:
     """`root/metadata.jsonl` rows {"file_name": ..., text_column: ...}; images relative to root."""
 
     def __init__(self, root: str | os.PathLike, size: int, text_column: str = "text", limit: int | None = None):
-        from PIL import Image
-
         root = Path(os.path.expanduser(str(root)))
         if not root.is_dir():
             raise UserError(f"data directory not found: {root}")
@@ -127,8 +126,6 @@ class ImageFolderDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         try:
             with Image.open(self.files[i]) as im:
                 return to_tensor(im, self.size), self.captions[i]
@@ -178,11 +175,8 @@ class HFDataset:
         return len(self.captions)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         img = self.ds[int(i)][self.image_column]
         if isinstance(img, dict):  # undecoded Image feature
-            import io
 
             img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
         elif isinstance(img, str):

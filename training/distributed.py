@@ -8,6 +8,8 @@ sum-reduce, gather along the batch, gather that keeps the local gradient, and gr
 from __future__ import annotations
 
 import torch
+import torch.distributed as td
+from accelerate import PartialState
 
 
 class Dist:
@@ -21,8 +23,6 @@ class Dist:
 
     @classmethod
     def init(cls, cpu: bool = False) -> Dist:
-        from accelerate import PartialState
-
         state = PartialState(cpu=cpu)
         return cls(state.process_index, state.num_processes, state.device, state)
 
@@ -37,7 +37,6 @@ class Dist:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
             return t
-        import torch.distributed as td
 
         out = t.detach().clone()
         td.all_reduce(out, op=td.ReduceOp.SUM)
@@ -47,7 +46,6 @@ class Dist:
         """Concatenate equal-shaped local tensors of all processes along dim 0 (rank order), no gradient."""
         if not self.distributed:
             return t.detach()
-        import torch.distributed as td
 
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         td.all_gather(parts, t.detach().contiguous())
@@ -69,7 +67,6 @@ class Dist:
         """Sum .grad of `params` over processes (in one flat buffer)."""
         if not self.distributed:
             return
-        import torch.distributed as td
 
         params = [p for p in params if p.requires_grad]
         if not params:
@@ -87,6 +84,5 @@ class Dist:
 
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as td
 
             td.barrier()

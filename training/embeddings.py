@@ -15,7 +15,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engines.fileio import atomic_path
+
+from .text import SentenceEncoder, default_model_dir
 
 
 def caption_hash(caption: str) -> bytes:
@@ -24,7 +31,6 @@ def caption_hash(caption: str) -> bytes:
 
 def encoder_key(encoder_dir: str | os.PathLike | None) -> str:
     """A short id of a sentence-encoder directory (name + config contents)."""
-    from .text import default_model_dir
 
     d = Path(encoder_dir) if encoder_dir is not None else default_model_dir()
     h = hashlib.sha256(d.name.encode())
@@ -41,7 +47,6 @@ def prompt_embeddings(captions: list[str], cache_dir: str | os.PathLike | None, 
     Args: cache_dir: directory of cache files (None = no cache); encoder_dir: sentence-transformers dir
     (None = packaged MiniLM); write: save a new cache file on a miss (only the main process should).
     """
-    from safetensors.torch import load_file, save_file
 
     uniq = list(dict.fromkeys(captions))
     hashes = torch.tensor(np_frombytes([caption_hash(c) for c in uniq]), dtype=torch.uint8)
@@ -53,9 +58,6 @@ def prompt_embeddings(captions: list[str], cache_dir: str | os.PathLike | None, 
         if t["hashes"].shape == hashes.shape and torch.equal(t["hashes"], hashes):
             emb = t["embeddings"]
     if emb is None:
-        from tqdm import tqdm
-
-        from .text import SentenceEncoder
 
         enc = SentenceEncoder(encoder_dir, device=device, cache=False)
         parts = []
@@ -63,7 +65,6 @@ def prompt_embeddings(captions: list[str], cache_dir: str | os.PathLike | None, 
             parts.append(enc.encode(uniq[i:i + batch_size]).cpu())
         emb = torch.cat(parts).float().contiguous()
         if path is not None and write:
-            from engines.fileio import atomic_path
 
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
@@ -74,6 +75,4 @@ def prompt_embeddings(captions: list[str], cache_dir: str | os.PathLike | None, 
 
 
 def np_frombytes(items: list[bytes]):
-    import numpy as np
-
     return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), -1).copy()

@@ -13,6 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from aptp_export.arch_space import ArchSpace
+from aptp_export.expert_io import load_expert
+
+from .base_model import load_base_model
+from .data import collate
+from .embeddings import prompt_embeddings
+from .router import Router
+from .rundir import RunDir
 
 
 @torch.no_grad()
@@ -24,9 +34,6 @@ def distill_error(experts: dict[int, torch.nn.Module], assignment: torch.Tensor,
     experts: expert id -> model; assignment: int64 [N] expert id per dataset row. Returns {"mse": float,
     "per_expert": {id: float}, "per_timestep": {t: float}}.
     """
-    from tqdm import tqdm
-
-    from .data import collate
 
     n = len(dataset)
     gen = torch.Generator().manual_seed(seed)
@@ -57,26 +64,17 @@ class RunEvaluator:
     """Loads what a run's evaluation needs once (base model, space, router of RUN/prune)."""
 
     def __init__(self, run_dir: str | Path):
-        import yaml
-
-        from aptp_export.arch_space import ArchSpace
-
-        from .base_model import load_base_model
-        from .config import config_from_dict
-        from .router import Router
-
-        self.run_dir = Path(run_dir)
-        self.cfg = config_from_dict(yaml.safe_load((self.run_dir / "config.yaml").read_text()))
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.root
+        self.cfg = self.run.config()
         self.base = load_base_model(self.cfg.model)
         self.space = ArchSpace.from_unet(self.base.unet, depth_blocks=self.cfg.model.depth_blocks)
-        self.router = Router.load(self.run_dir / "prune")
+        self.router = Router.load(self.run.prune_dir)
         s = self.base.sample_size
         self.macs_kwargs = {"height": s, "width": s, "text_len": self.base.text_len}
         self.dense_macs = float(self.space.dense_macs(**self.macs_kwargs))
 
     def embeddings(self, captions: list[str]) -> torch.Tensor:
-        from .embeddings import prompt_embeddings
-
         cache = Path(self.cfg.data.embedding_cache) if self.cfg.data.embedding_cache else self.run_dir / "cache"
         return prompt_embeddings(captions, cache, self.cfg.router.sentence_encoder)
 
@@ -109,7 +107,5 @@ class RunEvaluator:
         return {k: self.space.materialize(self.base.unet, gates[k]).eval() for k in range(self.router.num_experts)}
 
     def finetuned_experts(self) -> dict[int, torch.nn.Module]:
-        from aptp_export.expert_io import load_expert
-
-        return {k: load_expert(self.run_dir / "experts" / f"expert_{k:02d}").eval()
+        return {k: load_expert(self.run.expert(k)).eval()
                 for k in range(self.router.num_experts)}

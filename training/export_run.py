@@ -16,20 +16,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from transformers import CLIPTokenizerFast
+
+from aptp_export import ArchSpace, load_expert
+from aptp_export.expert_io import read_expert_info
+from aptp_export.manifest_writer import ExpertModel, write_export_dir
+from aptp_export.rounding import pad_expert, round_units
 from engines.errors import UserError
 
-
-def _read_run(run_dir: Path):
-    import yaml
-
-    from training.config import config_from_dict
-
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir}: not a training run (no config.yaml)")
-    if not (run_dir / "prune" / "router.json").is_file():
-        raise UserError(f"{run_dir}: the pruning phase has not finished (no prune/router.json); run `aptp prune`")
-    return config_from_dict(yaml.safe_load(cfg_path.read_text()))
+from .base_model import load_base_model
+from .router import Router
+from .rundir import RunDir
+from .text import SentenceEncoder
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnx",
@@ -39,21 +37,15 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
 
     `round_to` > 1 rounds every expert's kept channels per width group up to a multiple of that many
     channels (aptp_export.rounding: added units are zero, the function is unchanged, MACs recomputed)."""
-    from training.base_model import load_base_model
-    from training.finetune import expert_dir
-    from training.router import Router
-    from training.text import SentenceEncoder
 
-    from . import ArchSpace, load_expert
-    from .expert_io import read_expert_info
-    from .manifest_writer import ExpertModel, write_export_dir
-
-    run_dir = Path(run_dir)
-    cfg = _read_run(run_dir)
-    router = Router.load(run_dir / "prune")
-    meta = json.loads((run_dir / "prune" / "router.json").read_text())
+    run = RunDir(run_dir)
+    run.require_pruned()
+    run_dir = run.root
+    cfg = run.config()
+    router = Router.load(run.prune_dir)
+    meta = json.loads(run.router_meta.read_text())
     k = router.num_experts
-    missing = [expert_dir(run_dir, i) for i in range(k) if not (expert_dir(run_dir, i) / "arch.json").is_file()]
+    missing = [run.expert(i) for i in range(k) if not (run.expert(i) / "arch.json").is_file()]
     if missing:
         raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
                         f"{missing[0]}); run `aptp finetune --run {run_dir}`")
@@ -65,14 +57,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
     shares = meta.get("train_shares") or [0.0] * k
     experts = []
     for i in range(k):
-        unet = load_expert(expert_dir(run_dir, i))
-        _, arch, _ = read_expert_info(expert_dir(run_dir, i))
+        unet = load_expert(run.expert(i))
+        _, arch, _ = read_expert_info(run.expert(i))
         if arch.numel() != space.num_units:
-            raise UserError(f"{expert_dir(run_dir, i)}: its vector has {arch.numel()} units, the base model's space "
+            raise UserError(f"{run.expert(i)}: its vector has {arch.numel()} units, the base model's space "
                             f"{space.num_units}; the expert was not made from this run's base model")
         if round_to > 1:
-            from .rounding import pad_expert, round_units
-
             rounded = round_units(space, arch, round_to)
             if bool((rounded != (arch > 0.5).float()).any()):
                 unet = pad_expert(space, unet, arch, rounded)
@@ -110,8 +100,6 @@ class _Deferred:
         self.tokenizer_dir = tokenizer_dir
 
     def write(self, scratch: Path) -> Path:
-        from transformers import CLIPTokenizerFast
-
         tok = CLIPTokenizerFast.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
         tok.save_pretrained(str(scratch / "clip_tokenizer"))
         return scratch / "clip_tokenizer" / "tokenizer.json"

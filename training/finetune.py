@@ -20,17 +20,20 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from aptp_export.expert_io import save_expert
 from engines.errors import UserError
+from engines.fileio import write_json
 
+from .data import collate
 from .distributed import Dist
 from .losses import BlockRecorder, block_distill_loss, diffusion_loss, diffusion_target, per_sample_mse
+from .prune import build_setup
+from .router import Router
+from .rundir import RunDir
 
 log = logging.getLogger("aptp.finetune")
-
-
-def expert_dir(run_dir: Path, k: int) -> Path:
-    return Path(run_dir) / "experts" / f"expert_{k:02d}"
 
 
 def steps_per_expert(counts: list[int], steps: int, allocation: str) -> list[int]:
@@ -55,9 +58,6 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
     Batches are drawn from a permutation of `indices` per epoch (seeded), batch size
     min(fcfg.batch_size, len(indices)). Returns {"steps", "loss_first", "loss_last"}.
     """
-    from tqdm import tqdm
-
-    from .data import collate
 
     lw = fcfg.losses
     dev = next(expert.parameters()).device
@@ -115,25 +115,15 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
 def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = True,
                  experts: list[int] | None = None) -> dict:
     """Fine-tune every expert of a pruned run (RUN/prune must exist). Returns RUN/experts/experts.json's content."""
-    import yaml
 
-    from aptp_export.expert_io import save_expert
-    from engines.fileio import write_json
-
-    from .config import config_from_dict
-    from .prune import build_setup
-    from .router import Router
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    if not (run_dir / "prune" / "router.json").is_file():
-        raise UserError(f"{run_dir}: the pruning phase has not finished (no prune/router.json); run `aptp prune` first")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    run = RunDir(run_dir)
+    run.require_pruned()
+    run_dir = run.root
+    cfg = run.config()
     dist = Dist.init()
     torch.manual_seed(cfg.seed)
     setup = build_setup(cfg, run_dir, dist, progress=progress)
-    router = Router.load(run_dir / "prune").to(dist.device)
+    router = Router.load(run.prune_dir).to(dist.device)
     if router.layout.num_units != setup.layout.num_units:
         raise UserError(f"{run_dir}/prune: router has {router.layout.num_units} units, the model's space "
                         f"{setup.layout.num_units}; was the model changed?")
@@ -148,7 +138,7 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
     mine = [k for k in todo if k % dist.world_size == dist.rank]
     results = {}
     for k in mine:
-        out = expert_dir(run_dir, k)
+        out = run.expert(k)
         if (out / "arch.json").is_file() and (out / "model.safetensors").is_file():
             if resume:
                 log.info("expert %d: already fine-tuned, skipped", k)
@@ -171,11 +161,11 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
     dist.barrier()
     summary = {"experts": []}
     for k in range(k_all):
-        f = expert_dir(run_dir, k) / "finetune.json"
+        f = run.expert(k) / "finetune.json"
         r = json.loads(f.read_text()) if f.is_file() else {}
-        summary["experts"].append({"id": k, "dir": f"experts/expert_{k:02d}", "macs_fraction": macs[k],
+        summary["experts"].append({"id": k, "dir": str(run.expert(k).relative_to(run.root)), "macs_fraction": macs[k],
                                    "train_samples": counts[k], "train_share": counts[k] / len(assignment),
                                    **r})
     if dist.is_main:
-        write_json(run_dir / "experts" / "experts.json", summary)
+        write_json(run.experts_summary, summary)
     return summary

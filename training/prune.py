@@ -27,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from aptp_export.arch_space import ArchSpace
 from engines.errors import UserError
+from engines.fileio import write_json, write_text
 
+from .base_model import detect_layout, load_base_model, resolve_model_path
 from .checkpoint import (
     generator_state,
     load_latest,
@@ -38,8 +42,10 @@ from .checkpoint import (
     save_checkpoint,
     set_generator_state,
 )
-from .config import RunConfig, config_from_dict, diff_configs, save_config
+from .config import RunConfig, diff_configs, save_config
+from .data import GlobalBatches, build_dataset, check_data_source, collate, local_slice
 from .distributed import Dist
+from .embeddings import prompt_embeddings
 from .gumbel import gumbel_noise
 from .losses import (
     BlockRecorder,
@@ -53,6 +59,7 @@ from .losses import (
     spread_loss,
 )
 from .router import ArchLayout, Router
+from .rundir import RunDir
 from .sinkhorn import assign
 
 log = logging.getLogger("aptp.prune")
@@ -84,12 +91,6 @@ class Setup:
 
 
 def build_setup(cfg: RunConfig, run_dir: Path, dist: Dist | None = None, progress: bool = True) -> Setup:
-    from aptp_export.arch_space import ArchSpace
-
-    from .base_model import load_base_model
-    from .data import build_dataset
-    from .embeddings import prompt_embeddings
-
     dist = dist or Dist.init()
     base = load_base_model(cfg.model, device=dist.device)
     space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
@@ -124,15 +125,15 @@ class PruneTrainer:
     def __init__(self, setup: Setup, run_dir: Path, progress: bool = True):
         self.s = setup
         self.cfg = setup.cfg
-        self.run_dir = Path(run_dir)
-        self.out_dir = self.run_dir / "prune"
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        run = RunDir(run_dir)
+        self.run_dir = run.root
+        self.out_dir = run.prune_dir
+        self.ckpt_dir = run.checkpoints
         self.progress = progress
         self.dist = setup.dist
         pc = self.cfg.prune
         if pc.batch_size % self.dist.world_size:
             raise UserError(f"prune.batch_size {pc.batch_size} must be divisible by the {self.dist.world_size} processes")
-        from .data import GlobalBatches
 
         self.batches = GlobalBatches(len(setup.dataset), pc.batch_size, seed=self.cfg.seed)
         self.router = make_router(setup)
@@ -197,7 +198,6 @@ class PruneTrainer:
 
     def _truncate_log(self) -> None:
         """Drop log lines after the checkpoint (and a line cut by a kill), so the log reads as one run."""
-        from engines.fileio import write_text
 
         f = self.out_dir / "log.jsonl"
         if not f.is_file():
@@ -230,8 +230,6 @@ class PruneTrainer:
         return out
 
     def train_step(self) -> dict:
-        from .data import collate, local_slice
-
         pc, lw, rc = self.cfg.prune, self.cfg.prune.losses, self.cfg.router
         dist, base, dev = self.dist, self.s.base, self.dist.device
         B = pc.batch_size
@@ -342,8 +340,6 @@ class PruneTrainer:
 
     # --- loop ----------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> None:
-        from tqdm import tqdm
-
         pc = self.cfg.prune
         end = pc.steps if stop_after is None else min(pc.steps, stop_after)
         if self.dist.is_main:
@@ -427,21 +423,17 @@ def routing_summary(router: Router, setup: Setup, embeddings: torch.Tensor, grou
     return out
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
+def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> RunConfig:
     """Check the run dir against --resume and return the config to use."""
-    import yaml
-
-    saved = run_dir / "config.yaml"
-    has_ckpt = (run_dir / "prune" / "checkpoints" / "latest.json").is_file()
+    run_dir = run.root
     if resume:
-        if not saved.is_file():
+        if not run.has_config():
             raise UserError(f"--resume: no run to resume in {run_dir} (no config.yaml)")
-        old = config_from_dict(yaml.safe_load(saved.read_text()))
-        changed = [k for k in diff_configs(old, cfg) if k not in RESUMABLE_KEYS]
+        changed = [k for k in diff_configs(run.config(), cfg) if k not in RESUMABLE_KEYS]
         if changed:
-            raise UserError(f"--resume: the config differs from {saved} in {', '.join(changed)}")
+            raise UserError(f"--resume: the config differs from {run.config_path} in {', '.join(changed)}")
         return cfg
-    if has_ckpt or (run_dir / "prune" / "router.json").is_file():
+    if run.latest_checkpoint.is_file() or run.is_pruned():
         raise UserError(f"{run_dir} already holds a pruning run; pass --resume or choose another --run-dir")
     return cfg
 
@@ -449,19 +441,16 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
 def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
               stop_after: int | None = None) -> dict:
     """Run (or resume) the pruning phase; returns the summary written to RUN/prune/summary.json."""
-    from engines.fileio import write_json
 
-    from .base_model import detect_layout, resolve_model_path
-    from .data import check_data_source
-
-    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir()
+    run = RunDir(run_dir if run_dir is not None else cfg.run_dir())
+    run_dir = run.root
     check_data_source(cfg.data)
     detect_layout(resolve_model_path(cfg.model.path))
     dist = Dist.init()
-    cfg = _prepare_run_dir(cfg, run_dir, resume)
+    cfg = _prepare_run_dir(cfg, run, resume)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run.config_path)
     dist.barrier()
     torch.manual_seed(cfg.seed)
     setup = build_setup(cfg, run_dir, dist, progress=progress)
@@ -483,8 +472,8 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
                  "expert_macs_fraction": summary["expert_macs"], "train_shares": summary["shares"]}
         if hasattr(setup.space, "to_dict"):
             extra["arch_space"] = setup.space.to_dict()
-        trainer.router.save(run_dir / "prune", extra=extra)
-        write_json(run_dir / "prune" / "summary.json", summary)
+        trainer.router.save(run.prune_dir, extra=extra)
+        write_json(run.prune_summary, summary)
     dist.barrier()
     return summary
 
@@ -492,16 +481,12 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
 def calibrate_run(run_dir: str | Path) -> list[float]:
     """Re-derive the inference balancing offsets of a finished run (router.inference_balance) from its
     training prompts and rewrite RUN/prune's router files; returns the offsets."""
-    import yaml
 
-    from .base_model import load_base_model  # noqa: F401  (documented dependency of the config)
-    from .data import build_dataset
-    from .embeddings import prompt_embeddings
-
-    run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    router = Router.load(run_dir / "prune")
-    meta = json.loads((run_dir / "prune" / "router.json").read_text())
+    run = RunDir(run_dir)
+    run_dir = run.root
+    cfg = run.config()
+    router = Router.load(run.prune_dir)
+    meta = json.loads(run.router_meta.read_text())
     size = cfg.model.resolution or 32
     captions = build_dataset(cfg.data, size).captions
     cache = Path(cfg.data.embedding_cache) if cfg.data.embedding_cache else run_dir / "cache"
@@ -512,5 +497,5 @@ def calibrate_run(run_dir: str | Path) -> list[float]:
     keep = {k: v for k, v in meta.items() if k not in ("format", "num_experts", "num_units", "embedding_dim",
                                                        "gumbel_tau", "gumbel_offset", "min_width_units",
                                                        "width_slices", "scores")}
-    router.save(run_dir / "prune", extra=keep)
+    router.save(run.prune_dir, extra=keep)
     return bias.tolist()

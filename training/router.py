@@ -22,12 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aptp_export.unit_kinds import DEPTH_KINDS
+from engines.errors import UserError
+from engines.fileio import atomic_path, write_json
+
 from .gumbel import gumbel_sigmoid, hard_gates, keep_min_units
+from .sinkhorn import balancing_bias
 
 ROUTER_FORMAT = "aptp-router/1"
-DEPTH_KINDS = ("resnet_depth", "transformer_depth")
 
 
 @dataclass
@@ -171,7 +176,6 @@ class Router(nn.Module):
     def calibrate_(self, z: torch.Tensor, epsilon: float = 0.05) -> torch.Tensor:
         """Set `code_bias` so that inference routing of prompt embeddings z [N, E] (the training set) is
         the balanced optimal-transport assignment (see sinkhorn.balancing_bias). Returns the bias [K]."""
-        from .sinkhorn import balancing_bias
 
         self.code_bias.zero_()
         self.code_bias.copy_(balancing_bias(self.inference_scores(z), epsilon))
@@ -192,9 +196,6 @@ class Router(nn.Module):
     # --- files -------------------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike, extra: dict | None = None) -> None:
         """Write router.safetensors, codes.safetensors and router.json into `out_dir` (atomically)."""
-        from safetensors.torch import save_file
-
-        from engines.fileio import atomic_path, write_json
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -219,9 +220,6 @@ class Router(nn.Module):
     @classmethod
     def load(cls, in_dir: str | os.PathLike) -> Router:
         """Rebuild a Router from `save`'s files."""
-        from safetensors.torch import load_file
-
-        from engines.errors import UserError
 
         d = Path(in_dir)
         for f in ("router.json", "router.safetensors", "codes.safetensors"):

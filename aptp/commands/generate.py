@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engines import EngineError, Runtime
 from engines.errors import UserError
+from engines.fileio import atomic_path, write_json
+
 from .route import add_engine_arguments, read_prompts
 
 
@@ -34,10 +37,6 @@ def _progress_bar(total: int):
 
 
 def run(args) -> int:
-    from engines import EngineError, Runtime
-
-    from engines.fileio import atomic_path, write_json
-
     prompts = read_prompts(args)
     expert = args.expert
     if expert is not None and expert != "dense":

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aptp_export.arch_space import ArchSpace
+from aptp_export.unet_configs import SD21_UNET_CONFIG
 from engines.errors import UserError
+from training.toy.model import TEXT_LEN, UNET_CONFIG
 
 
 def add_arguments(parser) -> None:
@@ -45,20 +48,12 @@ def _read_config(directory: str) -> dict:
 
 
 def run(args) -> int:
-    from ..arch_space import ArchSpace
-
     text_len = args.text_len
     if args.unet:
         cfg = _read_config(args.unet)
     elif args.sd21:
-        from ..unet_configs import SD21_UNET_CONFIG
-
         cfg = SD21_UNET_CONFIG
     else:
-        try:
-            from training.toy.model import TEXT_LEN, UNET_CONFIG
-        except ImportError as e:
-            raise UserError(f"the toy model is not available in this installation ({e}); use --unet DIR") from None
         cfg = UNET_CONFIG
         text_len = TEXT_LEN if text_len is None else text_len
     if text_len is None:

@@ -8,6 +8,12 @@ Runs under `accelerate launch --num_processes N` unchanged (the global batch is 
 
 from __future__ import annotations
 
+import json
+import logging
+
+from training.config import load_config, resolve_config_arg
+from training.prune import run_prune
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default="toy",
@@ -20,12 +26,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
-    import logging
-
-    from training.config import load_config, resolve_config_arg
-    from training.prune import run_prune
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(resolve_config_arg(args.config), overrides=args.set)
     summary = run_prune(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)

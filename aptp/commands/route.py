@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from engines import EngineError, Runtime
 from engines.errors import UserError
 
 
@@ -40,8 +41,6 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from engines import EngineError, Runtime
-
     prompts = read_prompts(args)
     try:
         rt = Runtime.load(args.engines, provider=args.provider)

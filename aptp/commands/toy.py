@@ -11,9 +11,17 @@ Seeds >= 1000000 draw held-out (evaluation) captions, seeds below draw training 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-EVAL_SEED = 1_000_000  # mirrors training.toy.world.EVAL_SEED (kept here so --help imports nothing heavy)
-GUIDANCE = 3.0  # mirrors training.toy.model.SAMPLING_DEFAULTS (the toy teacher's recommended CFG scale)
+from engines.errors import UserError
+from engines.fileio import atomic_path, write_json
+from training import toy
+from training.toy.model import SAMPLING_DEFAULTS
+from training.toy.report import evaluate, make_grid
+from training.toy.world import EVAL_SEED
+
+GUIDANCE = SAMPLING_DEFAULTS["guidance_scale"]  # the toy teacher's recommended CFG scale
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    from engines.errors import UserError
-
     if args.n <= 0:
         raise UserError(f"-n must be > 0, got {args.n}")
     if args.seed < 0:
@@ -68,38 +74,9 @@ def _check(args) -> None:
             raise UserError(f"--scale must be in 1..32, got {args.scale}")
 
 
-def _load(args):
-    import json
-    from pathlib import Path
-
-    from engines.errors import UserError
-    from training import toy
-
-    if args.teacher is None:
-        return toy.load_teacher()
-    from diffusers import UNet2DConditionModel
-
-    from training.sampling import make_scheduler
-    from training.text import TextEncoder
-
-    d = Path(args.teacher)
-    for f in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder.json"):
-        if not (d / f).is_file():
-            raise UserError(f"--teacher {d}: missing {f}")
-    unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet").eval()
-    text = TextEncoder(max_length=int(json.loads((d / "text_encoder.json").read_text())["max_length"]))
-    return unet, make_scheduler(d / "scheduler", "ddim"), text
-
-
 def run(args) -> int:
-    import os
-    from pathlib import Path
-
-    from engines.errors import UserError
-
     _check(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from training import toy
 
     if args.toy_cmd == "data":
         out = Path(args.out)
@@ -109,14 +86,11 @@ def run(args) -> int:
         print(f"wrote {args.n} samples to {out} (metadata.jsonl + PNG)")
         return 0
 
-    unet, scheduler, text = _load(args)
-    from training.toy.report import evaluate, make_grid
+    unet, scheduler, text = toy.load_teacher(path=args.teacher)
 
     res = evaluate(unet, text, scheduler, n=args.n, steps=args.steps, guidance_scale=args.guidance,
                    seed=args.seed, caption_seed=args.caption_seed)
     if args.toy_cmd == "grid":
-        from engines.fileio import atomic_path
-
         grid = make_grid(res["images"], res["captions"], scale=args.scale)
         with atomic_path(args.out) as tmp:
             grid.save(tmp, format="PNG")
@@ -128,8 +102,6 @@ def run(args) -> int:
     for d, r in res["by_difficulty"].items():
         print(f"  {d:6s} n={r['n']:3d}  colour {fmt(r['colour'])}  position {fmt(r['position'])}")
     if getattr(args, "json", None):
-        from engines.fileio import write_json
-
         write_json(args.json, {k: v for k, v in res.items() if k not in ("images", "scores")}
                    | {"steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                       "caption_seed": args.caption_seed})

@@ -11,7 +11,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+
+from engines.errors import UserError
+from training.sampling import make_scheduler
+from training.text import TextEncoder
 
 from .imagefolder import read_imagefolder, write_imagefolder
 from .scorer import Score, score, score_many
@@ -39,18 +46,15 @@ def teacher_dir() -> Path:
     return Path(__file__).resolve().parent / "teacher"
 
 
-def load_teacher(device="cpu", scheduler: str = "ddim"):
-    """(unet, scheduler, text_encoder) of the shipped teacher, ready for `training.sampling.sample`."""
-    import json
-
-    from diffusers import UNet2DConditionModel
-
-    from training.sampling import make_scheduler
-    from training.text import TextEncoder
-
-    d = teacher_dir()
-    if not (d / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"the toy teacher is missing from {d}")
+def load_teacher(device="cpu", scheduler: str = "ddim", path: str | Path | None = None):
+    """(unet, scheduler, text_encoder) of the shipped teacher (or of a teacher directory written by
+    train_teacher at `path`), ready for `training.sampling.sample`."""
+    d = teacher_dir() if path is None else Path(path)
+    for f in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder.json"):
+        if not (d / f).is_file():
+            if path is None:
+                raise FileNotFoundError(f"the toy teacher is missing from {d}")
+            raise UserError(f"--teacher {d}: missing {f}")
     unet = UNet2DConditionModel.from_pretrained(d, subfolder="unet").to(device).eval()
     text_cfg = json.loads((d / "text_encoder.json").read_text())
     text = TextEncoder(max_length=int(text_cfg["max_length"]), device=device)

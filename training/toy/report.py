@@ -5,6 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from training.sampling import sample
 
 from .scorer import score
 from .world import EVAL_SEED, samples
@@ -13,7 +17,6 @@ from .world import EVAL_SEED, samples
 def make_grid(images: np.ndarray, captions: list[str], scale: int = 4, cols: int | None = None,
               wrap: int = 24):
     """PIL image: each uint8 [H, W, 3] image upscaled `scale`x (nearest) with its caption wrapped under it."""
-    from PIL import Image, ImageDraw, ImageFont
 
     images = np.asarray(images)
     n = len(images)
@@ -46,9 +49,6 @@ def evaluate(unet, text_encoder, scheduler, n: int = 64, steps: int = 25, guidan
              "by_difficulty": {difficulty: {"colour", "position", "n"}}, "images": uint8 [n, 32, 32, 3],
              "captions": [...], "scores": [Score]}.
     """
-    from tqdm import tqdm
-
-    from training.sampling import sample
 
     data = samples(n, caption_seed)
     caps = [s.caption for s in data]

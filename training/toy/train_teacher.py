@@ -31,8 +31,21 @@ import argparse
 import functools
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engines.fileio import atomic_path, write_json
+from training.text import TextEncoder
+
+from .model import SAMPLING_DEFAULTS, SCHEDULER_CONFIG, TEXT_LEN, make_train_scheduler, make_unet
+from .world import EVAL_SEED, sample_at
 
 
 def parse_args(argv=None):
@@ -83,8 +96,6 @@ def _optimizer_to_tensors(opt, params) -> tuple[dict, dict]:
 
 
 def _optimizer_from_tensors(opt, params, tensors: dict, meta: dict) -> None:
-    import torch
-
     for g, saved in zip(opt.param_groups, meta["param_groups"], strict=True):
         g.update(saved)
     for i, p in enumerate(params):
@@ -95,10 +106,6 @@ def _optimizer_from_tensors(opt, params, tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(ckpt: Path, step: int, unet, ema: dict, opt, params, args) -> None:
-    from safetensors.torch import save_file
-
-    from engines.fileio import atomic_path, write_json
-
     ckpt.mkdir(parents=True, exist_ok=True)
     with atomic_path(ckpt / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp))
@@ -114,14 +121,6 @@ def save_checkpoint(ckpt: Path, step: int, unet, ema: dict, opt, params, args) -
 
 def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_prediction") -> None:
     """Write unet/ (EMA weights), scheduler/ and text_encoder.json into `out`."""
-    import shutil
-    import tempfile
-
-    from diffusers import DDPMScheduler
-
-    from engines.fileio import write_json
-
-    from .model import SAMPLING_DEFAULTS, SCHEDULER_CONFIG, TEXT_LEN
 
     unet.load_state_dict(ema)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,18 +152,12 @@ def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_predicti
 @functools.lru_cache(maxsize=1)
 def _text_encoder(max_length: int):
     """One MiniLM per process (tests run the recipe several times in one process)."""
-    from training.text import TextEncoder
 
     return TextEncoder(max_length=max_length)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-    from tqdm import tqdm
-
-    from .model import TEXT_LEN, make_train_scheduler, make_unet
-    from .world import EVAL_SEED, sample_at
 
     if args.data_seed >= EVAL_SEED:
         raise SystemExit(f"--data-seed must be < {EVAL_SEED} (seeds >= {EVAL_SEED} are held out)")
@@ -173,7 +166,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     ckpt = out / "checkpoint"
     if args.export_only:
-        from safetensors.torch import load_file
 
         if not (ckpt / "state.json").is_file():
             raise SystemExit(f"--export-only: no checkpoint in {ckpt}")
@@ -183,7 +175,6 @@ def main(argv=None) -> int:
 
     unet = make_unet(args.seed).train()
     if args.init:
-        from safetensors.torch import load_file
 
         init = Path(args.init)
         if init.is_dir():
@@ -197,7 +188,6 @@ def main(argv=None) -> int:
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     start = 0
     if (ckpt / "state.json").is_file():
-        from safetensors.torch import load_file
 
         state = json.loads((ckpt / "state.json").read_text())
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
