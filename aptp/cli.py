@@ -15,17 +15,17 @@ from importlib.metadata import PackageNotFoundError, version
 
 from engines.errors import UserError
 
-# verb -> one-line help. Order is the order shown in --help; the module is aptp.commands.<verb>.
-VERBS: dict[str, str] = {
-    "demo": "end-to-end run on the built-in toy model (CPU, minutes)",
-    "toy": "the built-in toy world: write a dataset or a teacher sample grid",
-    "inspect": "print the table of prunable units of a UNet",
-    "prune": "pruning phase: train the prompt router and architecture codes",
-    "finetune": "materialise each expert and fine-tune it on its prompts",
-    "export": "export experts, router and shared parts to ONNX / TensorRT",
-    "route": "route prompts to experts with an exported engines directory",
-    "generate": "generate images with an exported engines directory",
-    "bench": "measure latency against MACs per expert and backend",
+# verb -> (module, one-line help). Order is the order shown in --help.
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("aptp.commands.demo", "end-to-end run on the built-in toy model (CPU, minutes)"),
+    "toy": ("aptp.commands.toy", "the built-in toy world: write a dataset or a teacher sample grid"),
+    "inspect": ("aptp.commands.inspect", "print the table of prunable units of a UNet"),
+    "prune": ("aptp.commands.prune", "pruning phase: train the prompt router and architecture codes"),
+    "finetune": ("aptp.commands.finetune", "materialise each expert and fine-tune it on its prompts"),
+    "export": ("aptp.commands.export", "export experts, router and shared parts to ONNX / TensorRT"),
+    "route": ("aptp.commands.route", "route prompts to experts with an exported engines directory"),
+    "generate": ("aptp.commands.generate", "generate images with an exported engines directory"),
+    "bench": ("aptp.commands.bench", "measure latency against MACs per expert and backend"),
 }
 
 # What each group of verbs needs beyond the runtime, for the message when it is missing.
@@ -40,9 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _verb_module(verb: str):
-    """Import aptp.commands.<verb>; a missing third-party package becomes a one-line install hint."""
+    """Import the verb's module; a missing third-party package becomes a one-line install hint."""
     try:
-        return importlib.import_module(f"aptp.commands.{verb}")
+        return importlib.import_module(VERBS[verb][0])
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "aptp":
             raise
@@ -55,7 +55,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
-    for name, helptext in VERBS.items():
+    for name, (_, helptext) in VERBS.items():
         if verb is not None and name != verb:
             sub.add_parser(name, help=helptext, description=helptext)
             continue

@@ -1,22 +1,11 @@
-"""APTP model surgery and export: architecture space, gating, MACs, physical pruning, ONNX/TensorRT export.
+"""APTP model surgery and export: architecture space, unit kinds, gating, MACs, physical pruning, ONNX/TensorRT.
 
-Public names are imported lazily so that `aptp --help` and light tools do not pay for importing torch.
+    from aptp_export import ArchSpace, save_expert, load_expert
 """
-
-from importlib import import_module
 
 from engines.errors import UserError
 
-_LAZY = {
-    "ArchSpace": ".arch_space",
-    "save_expert": ".expert_io",
-    "load_expert": ".expert_io",
-}
+from .arch_space import ArchSpace
+from .expert_io import load_expert, save_expert
 
-__all__ = ["UserError", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["ArchSpace", "UserError", "load_expert", "save_expert"]

@@ -7,7 +7,7 @@
     with space.gated(unet, a): y = unet(x, t, ctx).sample   # masked dense forward (see gates.py)
     expert = space.materialize(unet, a)                # physically pruned copy (see materialize.py)
 
-Units (see docs/method.md section 1 for why the gates sit where they do):
+Units (see docs/method.md §1 for why the gates sit where they do):
 
 | kind                | one unit                                   | gate position (exact equivalence)        |
 |---------------------|--------------------------------------------|------------------------------------------|

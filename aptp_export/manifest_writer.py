@@ -43,6 +43,7 @@ from engines.manifest import (
 )
 from engines.schedulers import make_scheduler, scheduler_name
 
+from .export_options import ExportOptions
 from .export_spec import ExportSpec, router_spec, text_encoder_spec, unet_spec, vae_decoder_spec
 from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
 from .tensorrt_build import build_engine, import_tensorrt
@@ -131,7 +132,6 @@ def write_export_dir(
     router_head,
     tokenizer: str | os.PathLike,
     scheduler_config: dict,
-    scheduler: str = "pndm",
     sample_size: tuple[int, int],
     in_channels: int,
     text_len: int,
@@ -145,17 +145,13 @@ def write_export_dir(
     vae_scaling_factor: float | None = None,
     dense: ExpertModel | None = None,
     codes: dict | None = None,
-    precision: str = "fp32",
-    backend: str = "onnx",
-    exporter: str = "torchscript",
-    max_batch: int = 8,
     size_range: tuple[int, int] | None = None,
     pad_token: str | None = None,
     router_tokenizer: str | os.PathLike | None = None,
     router_pad_token: str | None = None,
     text_encoder_uses_mask: bool = True,
     info: dict | None = None,
-    progress: bool = True,
+    options: ExportOptions = ExportOptions(),
 ) -> tuple[Manifest, dict]:
     """Export every model and write manifest.json; returns (manifest, report).
 
@@ -166,24 +162,20 @@ def write_export_dir(
     directory (pad_token overrides its padding token); router_tokenizer / router_pad_token: the
     router encoder's, when it is another model (default: the same file); text_encoder_uses_mask:
     False for encoders their pipeline calls without an attention mask (SD's CLIP);
-    scheduler_config: diffusers scheduler config dict, `scheduler` the default sampler name;
-    sample_size / in_channels: UNet input (latent if `vae` is given); max_batch: most prompts per
-    UNet call the profiles allow (the UNet batch is twice that); size_range: (min, max) UNet
-    height/width for the dynamic axes (default: sample_size only); precision "fp32" | "fp16";
-    backend "onnx" | "tensorrt" (plans for experts and dense; checked before any work).
+    scheduler_config: diffusers scheduler config dict; sample_size / in_channels: UNet input (latent
+    if `vae` is given); size_range: (min, max) UNet height/width for the dynamic axes (default:
+    sample_size only); options: backend, precision, default sampler, profile batch (ExportOptions;
+    with_dense and round_to are the caller's: pass `dense` and rounded experts).
     The report holds per-graph seconds and measured relative errors vs torch.
     """
 
     out_dir = Path(out_dir)
-    if backend not in ("onnx", "tensorrt"):
-        raise UserError(f"backend must be onnx or tensorrt, got {backend!r}")
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"precision must be fp32 or fp16, got {precision!r}")
+    backend, precision, exporter, max_batch = options.backend, options.precision, options.exporter, options.max_batch
     if not experts:
         raise UserError("no experts to export")
     if (vae is None) != (vae_scaling_factor is None):
         raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
-    name = scheduler_name(scheduler)
+    name = scheduler_name(options.scheduler)
     make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
     if backend == "tensorrt":
 
@@ -232,7 +224,7 @@ def write_export_dir(
     report: dict[str, Any] = {"precision": precision, "exporter": exporter, "graphs": {}}
     files: dict[str, dict[str, Path]] = {}
     specs = {}
-    for key, module, spec, path in tqdm(jobs, desc="export", disable=not progress):
+    for key, module, spec, path in tqdm(jobs, desc="export", disable=not options.progress):
         # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
         prec = precision if key.startswith(("expert", "dense", "vae")) else "fp32"
         res = export_onnx(module, spec, path, precision=prec, exporter=exporter)

@@ -1,7 +1,7 @@
 """Physical pruning: turn a dense UNet and a binary architecture vector into a smaller UNet that computes
 exactly what the gated dense UNet computes (gates.py).
 
-How (docs/method.md sections 1, 7, 8):
+How (docs/method.md §1, §7, §8):
 
 1. **Plan, once per UNet structure.** torch-pruning's `DependencyGraph` is built on a *meta-device* copy of
    the UNet (no weights, ~1 s for SD 2.1) and asked, for the root layer of every width group (`resnet.conv1`

@@ -44,7 +44,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
 
-from engines.manifest import sha256_file
+from engines.manifest import PRECISIONS, sha256_file
 
 from .export_spec import ExportSpec
 
@@ -53,7 +53,6 @@ FP32_RTOL = 1e-4
 FP16_RTOL = 2e-2
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initialisers; protobuf's hard limit is 2 GiB
 EXPORTERS = ("torchscript", "dynamo")
-PRECISIONS = ("fp32", "fp16")
 
 
 class ExportVerificationError(RuntimeError):

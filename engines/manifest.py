@@ -53,6 +53,7 @@ from .errors import IntegrityError, ManifestError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnx", "tensorrt")  # what an export can hold per UNet: ONNX graphs, optionally TensorRT plans
 FILE_KINDS = ("onnx", "onnx_data", "tensorrt")
 
 # Graph interface (format version 1)

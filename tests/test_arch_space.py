@@ -10,7 +10,7 @@ import torch
 from arch_testkit import CONFIGS, SD1_LIKE, TOY, inputs, make_unet, one_thread, rel_err
 
 from aptp_export import ArchSpace, UserError
-from aptp_export.arch_space import DEPTH_KINDS, WIDTH_KINDS
+from aptp_export.unit_kinds import DEPTH_KINDS, WIDTH_KINDS
 from aptp_export.unet_configs import build_unet
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -7,22 +7,22 @@ import types
 
 import pytest
 
-from aptp_export import cli
+from aptp import cli
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "aptp_export.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "aptp", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_every_available_verb():
     r = _run("--help")
     assert r.returncode == 0
-    for verb in cli._available_verbs():
+    for verb in cli.VERBS:
         assert verb in r.stdout
 
 
 def test_each_verb_has_help():
-    for verb in cli._available_verbs():
+    for verb in cli.VERBS:
         r = _run(verb, "--help")
         assert r.returncode == 0, (verb, r.stderr)
         assert "usage: aptp " + verb in r.stdout

@@ -33,7 +33,7 @@ def test_two_processes_route_like_one(tmp_path):
     cfg["data"]["embedding_cache"] = str(tmp_path / "cache")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["-m", "aptp_export.cli", "prune", "--config", str(tmp_path / "cfg.yaml"), "--no-progress", "--run-dir"]
+    args = ["-m", "aptp", "prune", "--config", str(tmp_path / "cfg.yaml"), "--no-progress", "--run-dir"]
     _run([sys.executable, *args, str(tmp_path / "one")], tmp_path, env)
     accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

@@ -9,7 +9,7 @@ import pytest
 from engines_export_fixture import ANCHORS, build_export, copy_export, one_thread
 from PIL import Image
 
-from aptp_export.cli import main
+from aptp.cli import main
 from engines import Runtime
 
 

@@ -45,7 +45,7 @@ ENGINES_SCRIPT = BLOCKER + textwrap.dedent("""
 """)
 
 CLI_SCRIPT = BLOCKER + textwrap.dedent("""
-    from aptp_export.cli import main
+    from aptp.cli import main
     code = main(json.loads(sys.argv[2]))
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"code": code, "loaded": loaded}))

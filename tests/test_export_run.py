@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(finished_run, tmp_path_factory):
-    from aptp_export.export_run import export_run
+    from training.export_run import export_run
 
     out = tmp_path_factory.mktemp("export") / "engines"
     manifest, report = export_run(finished_run, out, with_dense=True, progress=False)
@@ -43,18 +43,18 @@ def exported(finished_run, tmp_path_factory):
 def test_manifest_accounts_every_expert_of_the_run(finished_run, exported):
     from aptp_export import ArchSpace
     from aptp_export.expert_io import read_expert_info
-    from training.finetune import expert_dir
+    from training.rundir import RunDir
 
     out, manifest, _ = exported
     meta = json.loads((finished_run / "prune" / "router.json").read_text())
     assert len(manifest.experts) == meta["num_experts"] == 2
-    space, _, _ = read_expert_info(expert_dir(finished_run, 0))
+    space, _, _ = read_expert_info(RunDir(finished_run).expert(0))
     space = ArchSpace.from_dict(space.to_dict())
     dense = space.dense_macs(manifest.sample_size[0], manifest.sample_size[1], manifest.text_len)
     assert manifest.dense_macs == pytest.approx(dense, rel=1e-9)
     assert manifest.dense is not None and manifest.dense.macs == pytest.approx(dense, rel=1e-9)
     for e in manifest.experts:
-        _, arch, _ = read_expert_info(expert_dir(finished_run, e.id))
+        _, arch, _ = read_expert_info(RunDir(finished_run).expert(e.id))
         macs = space.macs(arch.tolist(), manifest.sample_size[0], manifest.sample_size[1], manifest.text_len)
         assert e.macs == pytest.approx(macs, rel=1e-9)
         assert e.macs_fraction == pytest.approx(macs / dense, rel=1e-9)
@@ -84,7 +84,7 @@ def test_exported_router_routes_like_the_torch_router(finished_run, exported):
 
 def test_export_verb_rejects_an_unfinished_run(tmp_path):
     (tmp_path / "config.yaml").write_text("name: x\n")
-    r = subprocess.run([sys.executable, "-m", "aptp_export.cli", "export", "--run", str(tmp_path), "--out",
+    r = subprocess.run([sys.executable, "-m", "aptp", "export", "--run", str(tmp_path), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
@@ -96,7 +96,7 @@ def test_latent_run_exports_clip_text_encoder_vae_and_router_tokenizer(tmp_path)
     sentence encoder; the runtime reproduces CLIP's states and decodes with the VAE."""
     from prune_fixtures import write_sd_model
 
-    from aptp_export.export_run import export_run
+    from training.export_run import export_run
     from engines import Runtime
     from training.base_model import load_base_model
     from training.config import config_from_dict

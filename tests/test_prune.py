@@ -106,7 +106,7 @@ def test_gradient_paths(model_dir, tmp_path, emb_cache, losses, warmup, predicto
 
 
 def test_cli_rejects_bad_config_with_one_line(model_dir, tmp_path, capsys):
-    from aptp_export.cli import main
+    from aptp.cli import main
 
     bad = tmp_path / "bad.yaml"
     for text, key in (("prune: {budget: 1.5}", "prune.budget"), ("prune: {budget: 0}", "prune.budget"),

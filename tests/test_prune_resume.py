@@ -25,7 +25,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def cmd(run, *extra):
-        return [sys.executable, "-m", "aptp_export.cli", "prune", "--config", str(tmp_path / "cfg.yaml"),
+        return [sys.executable, "-m", "aptp", "prune", "--config", str(tmp_path / "cfg.yaml"),
                 "--no-progress", "--run-dir", str(tmp_path / run), *extra]
 
     full = subprocess.run(cmd("full"), env=env, capture_output=True, text=True, timeout=600)

@@ -129,9 +129,10 @@ def test_export_run_round_to_writes_padded_experts_that_match_the_run(tmp_path):
     from prune_fixtures import tiny_config, write_toy_model
 
     from aptp_export.expert_io import load_expert, read_expert_info
-    from aptp_export.export_run import export_run
+    from training.export_run import export_run
     from training.config import config_from_dict
-    from training.finetune import expert_dir, run_finetune
+    from training.finetune import run_finetune
+    from training.rundir import RunDir
     from training.prune import run_prune
 
     model = write_toy_model(tmp_path / "model", seed=4)
@@ -149,16 +150,16 @@ def test_export_run_round_to_writes_padded_experts_that_match_the_run(tmp_path):
     space = ArchSpace.from_unet(base)
     for i, keep in ((1, 0.5), (2, 0.7)):
         arch = space.sample(torch.Generator().manual_seed(i), keep=keep)
-        save_expert(expert_dir(run_dir, i), space, arch, space.materialize(base, arch))
+        save_expert(RunDir(run_dir).expert(i), space, arch, space.materialize(base, arch))
     manifest, _ = export_run(run_dir, tmp_path / "engines", progress=False, round_to=8)
     padded_any = 0
     for e in manifest.experts:
-        space, arch, _ = read_expert_info(expert_dir(run_dir, e.id))
+        space, arch, _ = read_expert_info(RunDir(run_dir).expert(e.id))
         rounded = round_units(space, arch, 8)
         padded_any += bool((rounded != (arch > 0.5).float()).any())
         h, w = manifest.sample_size
         assert e.macs == pytest.approx(space.macs(rounded.tolist(), h, w, manifest.text_len), rel=1e-9)
-        expert = load_expert(expert_dir(run_dir, e.id)).eval()
+        expert = load_expert(RunDir(run_dir).expert(e.id)).eval()
         g = torch.Generator().manual_seed(e.id)
         x = torch.randn(2, manifest.in_channels, h, w, generator=g)
         t = torch.tensor([10.0, 700.0])

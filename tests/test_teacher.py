@@ -103,7 +103,7 @@ def test_teacher_ships_and_loads():
 
 
 def test_cli_constants_mirror_the_library():
-    from aptp_export.commands import toy as toy_cmd
+    from aptp.commands import toy as toy_cmd
     from training.toy.model import SAMPLING_DEFAULTS
 
     assert toy_cmd.EVAL_SEED == toy.EVAL_SEED

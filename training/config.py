@@ -6,7 +6,8 @@
 
 Every section is a dataclass validated in `__post_init__`; a bad value raises `UserError` naming the key
 (e.g. "prune.budget must be in (0, 1], got 1.5"). `packaged_config("toy")` is the path of a shipped config.
-Defaults are the reference values of method.md §2-§5 where the method defines them.
+Defaults are the reference values of docs/method.md §2-§5 for the method's hyper-parameters; steps, batch and
+learning rates are sized for CPU runs (the reference values are in training/configs/sd21_*.yaml).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class DataConfig:
 
 @dataclass
 class RouterConfig:
-    """Prompt router (method.md §2-§3)."""
+    """Prompt router (docs/method.md §2-§3)."""
 
     sentence_encoder: str | None = None  # a sentence-transformers dir; None = packaged all-MiniLM-L6-v2
     num_experts: int = 8
@@ -149,7 +150,7 @@ class PruneLosses:
 
 @dataclass
 class PruneConfig:
-    """Pruning phase (method.md §4). `batch_size` is the global batch (split over processes)."""
+    """Pruning phase (docs/method.md §4). `batch_size` is the global batch (split over processes)."""
 
     budget: float = 0.5                  # target mean MACs as a fraction of the dense model's
     steps: int = 300
@@ -200,7 +201,7 @@ class FinetuneLosses:
 
 @dataclass
 class FinetuneConfig:
-    """Expert fine-tuning (method.md §5). allocation: "per_expert" = `steps` for every expert (the paper);
+    """Expert fine-tuning (docs/method.md §5). allocation: "per_expert" = `steps` for every expert (the paper);
     "split" = `steps` in total, shared in proportion to each expert's routed samples."""
 
     steps: int = 200

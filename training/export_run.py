@@ -20,6 +20,7 @@ from transformers import CLIPTokenizerFast
 
 from aptp_export import ArchSpace, load_expert
 from aptp_export.expert_io import read_expert_info
+from aptp_export.export_options import ExportOptions
 from aptp_export.manifest_writer import ExpertModel, write_export_dir
 from aptp_export.rounding import pad_expert, round_units
 from engines.errors import UserError
@@ -30,13 +31,15 @@ from .rundir import RunDir
 from .text import SentenceEncoder
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backend: str = "onnx",
-               precision: str = "fp32", with_dense: bool = False, scheduler: str = "ddim", max_batch: int = 8,
-               progress: bool = True, round_to: int = 1):
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions | None = None,
+               **changes):
     """Export run `run_dir` to `out_dir`; returns (manifest, report) of write_export_dir.
 
+    `options` (default ExportOptions()) with `changes` applied, e.g. `export_run(run, out, with_dense=True)`.
     `round_to` > 1 rounds every expert's kept channels per width group up to a multiple of that many
     channels (aptp_export.rounding: added units are zero, the function is unchanged, MACs recomputed)."""
+    options = (options or ExportOptions()).replace(**changes)
+    round_to = options.round_to
 
     run = RunDir(run_dir)
     run.require_pruned()
@@ -70,7 +73,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
         macs = space.macs(arch.tolist(), h, w, text_len)
         experts.append(ExpertModel(unet, macs, share=float(shares[i])))
     sentence = SentenceEncoder(cfg.router.sentence_encoder)
-    dense = ExpertModel(base.unet, dense_macs, share=0.0) if with_dense else None
+    dense = ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None
     if base.kind == "pixel":  # the toy layout: MiniLM token states, one tokenizer for both encoders
         shared = {"text_encoder": base.text_encoder.enc.model, "tokenizer": sentence.model_dir}
     else:
@@ -85,12 +88,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, backen
             shared["tokenizer"] = shared["tokenizer"].write(Path(scratch))
         return write_export_dir(
             out_dir, experts=experts, router_encoder=sentence.model, router_head=router.scorer(),
-            scheduler_config=dict(base.scheduler.config), scheduler=scheduler, sample_size=(h, w),
+            scheduler_config=dict(base.scheduler.config), sample_size=(h, w),
             in_channels=base.sample_channels, text_len=text_len, context_dim=int(base.unet.config.cross_attention_dim),
             router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim, dense_macs=dense_macs,
             budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None,
-            precision=precision, backend=backend, max_batch=max_batch,
-            info={"run": str(run_dir), "arch_space": space.to_dict()}, progress=progress, **shared)
+            info={"run": str(run_dir), "arch_space": space.to_dict()}, options=options, **shared)
 
 
 class _Deferred:

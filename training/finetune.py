@@ -1,4 +1,4 @@
-"""The fine-tuning phase (method.md §5): one physically pruned expert per architecture code.
+"""The fine-tuning phase (docs/method.md §5): one physically pruned expert per architecture code.
 
     summary = run_finetune(run_dir, resume=False)
 

@@ -1,4 +1,4 @@
-"""Gumbel-sigmoid gates with a straight-through estimator (method.md §2).
+"""Gumbel-sigmoid gates with a straight-through estimator (docs/method.md §2).
 
     s = sigmoid((logits + g + offset) / tau),  g = -log(-log u),  u ~ U(0, 1)
     gate = 1[s > 0.5] + s - stop_grad(s)

@@ -1,4 +1,4 @@
-"""Losses of the pruning and fine-tuning phases (method.md §4-§5).
+"""Losses of the pruning and fine-tuning phases (docs/method.md §4-§5).
 
 Per-sample losses return [B] so that a distributed step can sum them over the global batch; losses
 over the global batch (resource, spread, contrastive) take gathered tensors.

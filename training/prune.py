@@ -1,4 +1,4 @@
-"""The pruning phase (method.md §4): train the prompt router and K architecture codes on a frozen UNet.
+"""The pruning phase (docs/method.md §4): train the prompt router and K architecture codes on a frozen UNet.
 
     summary = run_prune(cfg, run_dir, resume=False)
 

@@ -1,4 +1,4 @@
-"""The prompt router (method.md §3): architecture predictor, K architecture codes, cosine routing.
+"""The prompt router (docs/method.md §3): architecture predictor, K architecture codes, cosine routing.
 
     layout = ArchLayout.from_space(space)
     router = Router(layout, embed_dim=384, num_experts=8)

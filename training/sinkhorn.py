@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp optimal transport with equipartition (method.md §3; Cuturi 2013, SwAV).
+"""Sinkhorn-Knopp optimal transport with equipartition (docs/method.md §3; Cuturi 2013, SwAV).
 
 Given similarities S [B, K] of B samples to K codes, find Q = diag(u) exp(S / eps) diag(v) whose rows
 (samples) each sum to 1 and whose columns (codes) each receive B / K, by alternate renormalisation.

@@ -8,33 +8,33 @@ model on fresh random inputs (fp32: relative error <= 1e-4) or the export fails.
 
 from __future__ import annotations
 
-from engines.errors import UserError
+from aptp_export.export_options import ExportOptions
+from engines.manifest import BACKENDS, PRECISIONS
+from engines.schedulers import SCHEDULERS
 from training.export_run import export_run
+
+DEFAULTS = ExportOptions()
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="training run directory (after aptp finetune)")
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
-    parser.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
                         help="onnx (default) or tensorrt (ONNX + TensorRT plans; needs a GPU and aptp[tensorrt])")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="graph precision")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="graph precision")
     parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")
-    parser.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), default="ddim",
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=DEFAULTS.scheduler,
                         help="default sampler recorded in the manifest (the runtime can override it)")
-    parser.add_argument("--max-batch", type=int, default=8, help="most prompts per UNet call the profiles allow")
-    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="most prompts per UNet call the profiles allow")
+    parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to, metavar="N",
                         help="round every expert's kept channels per layer up to a multiple of N (added channels "
                              "are zero, outputs unchanged; e.g. 16 for AVX-512 CPUs, 8 for tensor cores; 1 = off)")
 
 
 def run(args) -> int:
-    if args.max_batch < 1:
-        raise UserError("--max-batch must be at least 1")
-    if args.round_to < 1:
-        raise UserError("--round-to must be at least 1 (1 = no rounding)")
-    manifest, _ = export_run(args.run, args.out, backend=args.backend, precision=args.precision,
-                             with_dense=args.with_dense, scheduler=args.scheduler, max_batch=args.max_batch,
-                             round_to=args.round_to)
+    options = ExportOptions(backend=args.backend, precision=args.precision, scheduler=args.scheduler,
+                            max_batch=args.max_batch, with_dense=args.with_dense, round_to=args.round_to)
+    manifest, _ = export_run(args.run, args.out, options)
     print(f"exported {len(manifest.experts)} experts to {args.out} ({manifest.precision})")
     for e in manifest.experts:
         print(f"  expert {e.id:2d}: {e.macs / 1e6:8.1f} MMACs ({e.macs_fraction:.2f} of dense), "

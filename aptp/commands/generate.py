@@ -10,6 +10,7 @@ from pathlib import Path
 from engines import EngineError, Runtime
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
+from engines.schedulers import SCHEDULERS
 
 from .route import add_engine_arguments, read_prompts
 
@@ -21,7 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="most prompts per UNet call (default 8)")
-    parser.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), default=None,
+    parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=None,
                         help="sampler (default: the one in the manifest)")
     parser.add_argument("--expert", default=None,
                         help="force one expert id (or 'dense') for every prompt instead of routing")

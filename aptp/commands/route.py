@@ -9,6 +9,7 @@ import sys
 
 from engines import EngineError, Runtime
 from engines.errors import UserError
+from engines.sessions import PROVIDERS
 
 
 def add_engine_arguments(parser) -> None:
@@ -17,7 +18,7 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", metavar="FILE", help="a text file with one prompt per line")
-    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+    parser.add_argument("--provider", choices=PROVIDERS, default="cpu",
                         help="inference backend (default cpu)")
 
 

@@ -1,0 +1,61 @@
+"""`ExportOptions`: the one set of export settings and their defaults.
+
+`aptp export` builds it from its flags, `training.export_run.export_run` and
+`manifest_writer.write_export_dir` take it. The lists of valid choices are the runtime's own
+(engines owns the export format): precisions from `engines.manifest`, samplers from `engines.schedulers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engines.errors import UserError
+from engines.manifest import BACKENDS, PRECISIONS
+from engines.schedulers import SCHEDULERS, scheduler_name
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export a run.
+
+    backend: "onnx", or "tensorrt" (ONNX + a TensorRT plan per UNet; needs a GPU and aptp[tensorrt]).
+    precision: "fp32" | "fp16" for the UNets and VAE decoder (router and text encoder stay fp32).
+    scheduler: default sampler recorded in the manifest (the runtime can override it).
+    max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that).
+    with_dense: also export the dense UNet as the latency reference (experts/dense.onnx).
+    round_to: round every expert's kept channels per width group up to a multiple of this (1 = off).
+    exporter: torch.onnx exporter. progress: show a progress bar.
+    """
+
+    backend: str = "onnx"
+    precision: str = "fp32"
+    scheduler: str = "ddim"
+    max_batch: int = 8
+    with_dense: bool = False
+    round_to: int = 1
+    exporter: str = "torchscript"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, choices in (("backend", BACKENDS), ("precision", PRECISIONS), ("exporter", EXPORTERS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.scheduler.lower() not in SCHEDULERS:
+            scheduler_name(self.scheduler)  # accepts diffusers class names too; raises naming the choices
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise UserError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UserError(f"round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
+
+    def replace(self, **changes) -> ExportOptions:
+        """A copy with some fields changed (validated again); unknown names raise UserError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise UserError(f"unknown export option {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
