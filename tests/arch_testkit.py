@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from prune_fixtures import one_thread  # noqa: F401  (re-exported for the test modules)
 
 # The toy teacher (common brief), SD-2-like, 3 levels, GroupNorm 16, per-block heads, linear projections.
 TOY = dict(

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prune_fixtures import one_thread  # noqa: F401  (re-exported for the test modules)
 
 MINILM = None
 ANCHORS = ("a red circle on a blue background", "the letter K in green above a small yellow square")
@@ -122,6 +121,7 @@ class Export:
 @functools.cache
 def build_export(kind: str = "pixel", precision: str = "fp32") -> Export:
     """Export the tiny models once per session into a temporary directory (removed at exit)."""
+    from aptp_export.export_options import ExportOptions
     from aptp_export.manifest_writer import ExpertModel, write_export_dir
 
     out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_{precision}_"))
@@ -140,11 +140,12 @@ def build_export(kind: str = "pixel", precision: str = "fp32") -> Export:
         manifest, report = write_export_dir(
             out, experts=[ExpertModel(u, macs=float(p), share=0.5) for u, p in zip(unets, params, strict=True)],
             text_encoder=encoder, router_encoder=encoder, router_head=head, tokenizer=minilm_dir(),
-            scheduler_config=SCHEDULER, scheduler="ddim", sample_size=(size, size), in_channels=in_ch,
+            scheduler_config=SCHEDULER, sample_size=(size, size), in_channels=in_ch,
             text_len=TEXT_LEN, context_dim=HIDDEN, router_max_length=256, embedding_dim=HIDDEN,
             dense_macs=float(max(params)), budget=0.5, base_model=f"tiny-{kind}", vae=vae,
-            vae_scaling_factor=0.3 if latent else None, max_batch=4, info={"test": True}, progress=False,
-            codes={"codes": [[1, 0, 1], [0, 1, 1]]}, precision=precision,
+            vae_scaling_factor=0.3 if latent else None, info={"test": True},
+            codes={"codes": [[1, 0, 1], [0, 1, 1]]},
+            options=ExportOptions(scheduler="ddim", max_batch=4, precision=precision, progress=False),
         )
     return Export(out, kind, unets, encoder, head, vae, manifest, report)
 

@@ -129,15 +129,3 @@ def tiny_config(model_dir: Path, runs_dir: Path, **sections) -> dict:
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
-
-
-def one_thread():
-    """Generator for a pytest fixture: tiny models run faster on one thread, above all on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from engines_export_fixture import one_thread, tiny_unet
+from engines_export_fixture import tiny_unet
 
 from aptp_export.export_spec import unet_spec
 from aptp_export.onnx_export import UNetGraph, export_onnx
@@ -16,11 +16,8 @@ from aptp_export.tensorrt_build import TensorRTUnavailable, build_engine, tensor
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 
@@ -36,6 +33,7 @@ def test_missing_tensorrt_names_the_extra(tmp_path):
     with pytest.raises(BackendError, match=r'aptp\[tensorrt\]'):
         Runtime.load(tmp_path, provider="tensorrt")  # refused before the directory is even read
 
+    from aptp_export.export_options import ExportOptions
     from aptp_export.manifest_writer import ExpertModel, write_export_dir
 
     out = tmp_path / "export"
@@ -43,7 +41,8 @@ def test_missing_tensorrt_names_the_extra(tmp_path):
         write_export_dir(out, experts=[ExpertModel(torch.nn.Identity(), 1.0)], text_encoder=None,
                          router_encoder=None, router_head=None, tokenizer=tmp_path, scheduler_config={},
                          sample_size=(16, 16), in_channels=3, text_len=16, context_dim=32, router_max_length=64,
-                         embedding_dim=32, dense_macs=1.0, backend="tensorrt", progress=False)
+                         embedding_dim=32, dense_macs=1.0,
+                         options=ExportOptions(backend="tensorrt", progress=False))
     assert not out.exists(), "nothing may be exported when the backend cannot be built"
 
 

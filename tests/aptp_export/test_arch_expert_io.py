@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from arch_testkit import SD1_LIKE, TOY, inputs, make_unet, one_thread
+from arch_testkit import SD1_LIKE, TOY, inputs, make_unet
 
 from aptp import cli
 from aptp_export import ArchSpace, UserError, load_expert, save_expert
 from aptp_export.expert_io import read_expert_info
 from aptp_export.unit_kinds import ConstantAttention, ResnetShortcut, TransformerSkip
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.fixture(scope="module")

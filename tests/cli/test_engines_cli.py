@@ -6,16 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, copy_export, one_thread
+from engines_export_fixture import ANCHORS, build_export, copy_export
 from PIL import Image
 
 from aptp.cli import main
 from engines import Runtime
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+
 
 
 

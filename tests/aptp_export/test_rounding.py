@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from arch_testkit import CONFIGS, arch_suite, inputs, make_unet, one_thread
+from arch_testkit import CONFIGS, arch_suite, inputs, make_unet
 
 from aptp_export import ArchSpace
-from engines.errors import UserError
 from aptp_export.rounding import pad_expert, round_units, rounding_summary
+from engines.errors import UserError
 
-_single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 MULTIPLES = (2, 3, 7, 8, 16)
 
@@ -129,11 +130,11 @@ def test_export_run_round_to_writes_padded_experts_that_match_the_run(tmp_path):
     from prune_fixtures import tiny_config, write_toy_model
 
     from aptp_export.expert_io import load_expert, read_expert_info
-    from training.export_run import export_run
     from training.config import config_from_dict
+    from training.export_run import export_run
     from training.finetune import run_finetune
-    from training.rundir import RunDir
     from training.prune import run_prune
+    from training.rundir import RunDir
 
     model = write_toy_model(tmp_path / "model", seed=4)
     cfg = tiny_config(model, tmp_path / "runs", prune={"steps": 4, "warmup_steps": 1, "budget": 0.5},

@@ -9,16 +9,15 @@ import os
 
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, copy_export, one_thread, psnr, torch_reference
+from engines_export_fixture import ANCHORS, build_export, copy_export, psnr, torch_reference
 
 from engines import EngineError, IntegrityError, ManifestError, PromptError, Runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 8
 MIXED = [ANCHORS[0], ANCHORS[1], "a red circle", "the letter K above a square", "a blue background"]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 

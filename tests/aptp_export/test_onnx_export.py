@@ -10,9 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from engines_export_fixture import minilm_dir, one_thread, tiny_bert, tiny_unet, tiny_vae
+from engines_export_fixture import minilm_dir, tiny_bert, tiny_unet, tiny_vae
 
-from engines.errors import UserError
 from aptp_export.export_spec import (
     Axis,
     ExportSpec,
@@ -30,13 +29,11 @@ from aptp_export.onnx_export import (
     VaeDecoderGraph,
     export_onnx,
 )
+from engines.errors import UserError
 from engines.manifest import sha256_file
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 

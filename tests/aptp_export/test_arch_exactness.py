@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from arch_testkit import CONFIGS, arch_suite, inputs, make_unet, one_thread, rel_err
+from arch_testkit import CONFIGS, arch_suite, inputs, make_unet, rel_err
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from aptp_export import ArchSpace
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REL_TOL = 1e-5
 MACS_TOL = 0.005
 _MODELS: dict = {}
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _model(name):

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from prune_fixtures import one_thread, tiny_config, write_toy_model
+from prune_fixtures import tiny_config, write_toy_model
 
-_single_thread = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,10 @@ def test_latent_run_exports_clip_text_encoder_vae_and_router_tokenizer(tmp_path)
     sentence encoder; the runtime reproduces CLIP's states and decodes with the VAE."""
     from prune_fixtures import write_sd_model
 
-    from training.export_run import export_run
     from engines import Runtime
     from training.base_model import load_base_model
     from training.config import config_from_dict
+    from training.export_run import export_run
     from training.finetune import run_finetune
     from training.prune import run_prune
 

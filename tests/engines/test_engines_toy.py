@@ -9,22 +9,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from engines_export_fixture import one_thread
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
 PROMPTS = ["a red circle on a blue background", "the letter K in green above a small yellow square",
            "two small blue squares", "the digit 7 in white"]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 
 @pytest.fixture(scope="module")
 def toy_export(tmp_path_factory):
     from aptp_export import ArchSpace
+    from aptp_export.export_options import ExportOptions
     from aptp_export.manifest_writer import ExpertModel, write_export_dir
     from training.text import SentenceEncoder
     from training.toy import load_teacher, teacher_dir
@@ -45,10 +42,10 @@ def toy_export(tmp_path_factory):
             out, experts=[ExpertModel(unet, dense_macs, share=0.5),
                           ExpertModel(expert, space.macs(arch, height=32, width=32, text_len=16), share=0.5)],
             text_encoder=text.model, router_encoder=sentence.model, router_head=head, tokenizer=sentence.model_dir,
-            scheduler_config=dict(scheduler.config), scheduler="ddim", sample_size=(32, 32), in_channels=3,
+            scheduler_config=dict(scheduler.config), sample_size=(32, 32), in_channels=3,
             text_len=16, context_dim=384, router_max_length=int(sentence.max_seq_length),
             embedding_dim=sentence.dim, dense_macs=dense_macs, budget=0.7, base_model=str(teacher_dir()),
-            progress=False)
+            options=ExportOptions(scheduler="ddim", progress=False))
     return out, [unet, expert], text, scheduler, report
 
 

@@ -14,7 +14,9 @@ import sys
 import textwrap
 
 import pytest
-from engines_export_fixture import ANCHORS, build_export, one_thread
+from engines_export_fixture import ANCHORS, build_export
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HEAVY = ["torch", "torchvision", "diffusers", "transformers", "accelerate", "sentence_transformers",
          "torch_pruning", "safetensors", "onnx", "onnxscript", "matplotlib"]
@@ -51,9 +53,6 @@ CLI_SCRIPT = BLOCKER + textwrap.dedent("""
     print(json.dumps({"code": code, "loaded": loaded}))
 """)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from prune_fixtures import one_thread, tiny_config, write_toy_model
+from prune_fixtures import tiny_config, write_toy_model
 
 from engines.errors import UserError
 from training.config import config_from_dict
 from training.finetune import steps_per_expert
 
-_single_thread = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 def test_steps_per_expert():

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from arch_testkit import CONFIGS, SD1_LIKE, TOY, inputs, make_unet, one_thread, rel_err
+from arch_testkit import CONFIGS, SD1_LIKE, TOY, inputs, make_unet, rel_err
 
 from aptp_export import ArchSpace, UserError
-from aptp_export.unit_kinds import DEPTH_KINDS, WIDTH_KINDS
 from aptp_export.unet_configs import build_unet
+from aptp_export.unit_kinds import DEPTH_KINDS, WIDTH_KINDS
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 import yaml
-from prune_fixtures import one_thread, tiny_config, write_toy_model
+from prune_fixtures import tiny_config, write_toy_model
 
 from training.config import config_from_dict
 
-_single_thread = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.fixture(scope="module")
