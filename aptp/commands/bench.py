@@ -9,6 +9,7 @@ batching against one prompt at a time. Writes OUT/bench.json, OUT/bench.csv and 
 import argparse
 from pathlib import Path
 
+from aptp.args import add_export_argument
 from benchmarks.engines_bench import run_bench
 from engines.errors import UserError
 from training.rundir import RunDir
@@ -25,7 +26,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(p):
-    p.add_argument("--engines", required=True, help="export directory (with manifest.json and the dense model)")
+    add_export_argument(p, help="export directory (with manifest.json and the dense model, `aptp export --with-dense`)")
     p.add_argument("--run", default=None, help="training run the export came from (enables torch eager timing)")
     p.add_argument("--out", default=None, help="output directory (default: ENGINES/../bench)")
     p.add_argument("--backend", action="append", choices=["onnxruntime", "torch", "tensorrt"],
@@ -40,7 +41,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    engines = Path(args.engines)
+    engines = Path(args.export)
     if not (engines / "manifest.json").is_file():
         raise UserError(f"{engines}: not an export directory (no manifest.json)")
     if args.repeats < 1:

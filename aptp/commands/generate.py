@@ -1,4 +1,4 @@
-"""Generate images with an exported engines directory: routes each prompt to its expert, runs the
+"""Generate images with an export directory: routes each prompt to its expert, runs the
 denoising loop with classifier-free guidance per expert (prompts batched per expert), and writes
 one PNG per prompt plus images.json recording which expert made which image with which seed.
 Uses only the torch-free runtime (engines)."""
@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aptp.args import add_runtime_arguments, read_prompts
 from engines import EngineError, Runtime
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.schedulers import SCHEDULERS
 
-from .route import add_engine_arguments, read_prompts
-
 
 def add_arguments(parser) -> None:
-    add_engine_arguments(parser)
+    add_runtime_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for PNGs and images.json")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -57,7 +56,7 @@ def run(args) -> int:
             bars[0].update(done - bars[0].n)
 
     try:
-        rt = Runtime.load(args.engines, provider=args.provider)
+        rt = Runtime.load(args.export, provider=args.provider)
         result = rt.generate_with_info(prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                                        scheduler=args.scheduler, batch_size=args.batch_size, expert=expert,
                                        progress=progress)
@@ -73,7 +72,7 @@ def run(args) -> int:
         rec["file"] = f"{rec['index']:03d}_expert{rec['expert']}.png"
         with atomic_path(out / rec["file"]) as tmp:
             img.save(tmp, format="PNG")
-    write_json(out / "images.json", {"engines": str(Path(args.engines).resolve()), "images": records,
+    write_json(out / "images.json", {"engines": str(Path(args.export).resolve()), "images": records,
                                      "seconds": round(result.seconds, 3)})
     for rec in records:
         print(f"{out / rec['file']}  expert {rec['expert']}  seed {rec['seed']}  {rec['prompt']}")
