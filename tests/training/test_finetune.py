@@ -87,7 +87,7 @@ def test_finetune_inherits_weights_and_approaches_the_teacher(pruned_run):
 def test_finetune_needs_a_pruned_run(tmp_path):
     from training.finetune import run_finetune
 
-    with pytest.raises(UserError, match="not a run directory"):
+    with pytest.raises(UserError, match="not a training run"):
         run_finetune(tmp_path)
     (tmp_path / "config.yaml").write_text("name: x\n")
     with pytest.raises(UserError, match="has not finished"):

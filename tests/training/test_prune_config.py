@@ -13,7 +13,7 @@ from training.config import (
     resolve_config_arg,
 )
 
-PACKAGED = ["toy", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small"]
+PACKAGED = ["toy", "demo", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small"]
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -27,7 +27,7 @@ def test_packaged_configs_load_and_list_every_key(name):
 
 def test_paper_settings():
     got = {n: (load_config(resolve_config_arg(n)).prune.budget, load_config(resolve_config_arg(n)).router.num_experts)
-           for n in PACKAGED[1:]}
+           for n in PACKAGED[2:]}
     assert got == {"sd21_cc3m_base": (0.85, 16), "sd21_cc3m_small": (0.66, 8), "sd21_coco_base": (0.78, 8),
                    "sd21_coco_small": (0.64, 8)}
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(PACKAGED)
