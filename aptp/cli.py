@@ -23,8 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "prune": ("aptp.commands.prune", "pruning phase: train the prompt router and architecture codes"),
     "finetune": ("aptp.commands.finetune", "materialise each expert and fine-tune it on its prompts"),
     "export": ("aptp.commands.export", "export experts, router and shared parts to ONNX / TensorRT"),
-    "route": ("aptp.commands.route", "route prompts to experts with an exported engines directory"),
-    "generate": ("aptp.commands.generate", "generate images with an exported engines directory"),
+    "route": ("aptp.commands.route", "route prompts to experts with an export directory"),
+    "generate": ("aptp.commands.generate", "generate images with an export directory"),
     "bench": ("aptp.commands.bench", "measure latency against MACs per expert and backend"),
 }
 

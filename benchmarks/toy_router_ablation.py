@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from engines.fileio import write_json
 from training import toy
@@ -35,6 +34,7 @@ from training.evaluation import RunEvaluator, distill_error
 from training.finetune import run_finetune
 from training.prune import run_prune
 from training.router import Router
+from training.rundir import RunDir
 
 TIMESTEPS = (200, 500, 800)  # held-out distillation error: every sample at these timesteps, fixed noise
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 def _prune(name, out: Path, base_cfg, overrides, args) -> Path:
     run = out / name
-    if (run / "prune" / "router.json").is_file():
+    if RunDir(run).is_pruned():
         print(f"[{name}] reusing {run}")
         return run
     ov = list(args.set) + list(overrides) + [f"name={name}", f"runs_dir={out}"]
@@ -71,7 +71,7 @@ def _prune(name, out: Path, base_cfg, overrides, args) -> Path:
         ov.append(f"prune.warmup_steps={args.warmup}")
     cfg = load_config(base_cfg, overrides=ov)
     t0 = time.time()
-    resume = (run / "prune" / "checkpoints" / "latest.json").is_file()
+    resume = RunDir(run).latest_checkpoint.is_file()
     run_prune(cfg, run, resume=resume)
     print(f"[{name}] pruned in {time.time() - t0:.0f} s")
     return run
@@ -151,17 +151,16 @@ def main(argv=None) -> int:
             if name == "k1_total":
 
 
-                if not (out / "k1" / "prune" / "router.json").is_file() or \
-                        not (out / "ot_b50" / "prune" / "router.json").is_file():
+                if not RunDir(out / "k1").is_pruned() or not RunDir(out / "ot_b50").is_pruned():
                     raise SystemExit("k1_total needs the pruned runs k1 and ot_b50 under --out (run them first)")
                 if args.ft_allocation == "per_expert":  # the mixture's total: K x steps; under split it is `steps`
-                    steps = args.ft_steps * Router.load(out / "ot_b50" / "prune").num_experts
+                    steps = args.ft_steps * Router.load(RunDir(out / "ot_b50").prune_dir).num_experts
                 if not run.is_dir():
-                    shutil.copytree(out / "k1", run, ignore=shutil.ignore_patterns("experts"))
+                    shutil.copytree(out / "k1", run, ignore=shutil.ignore_patterns(RunDir(run).experts_dir.name))
             ev = RunEvaluator(run)
             a = ev.router.route(ev.embeddings(caps))
             before = distill_error(ev.materialized_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
-            if not (run / "experts" / "experts.json").is_file():
+            if not RunDir(run).is_finetuned():
                 _set_finetune(run, steps, args.ft_allocation)
                 t0 = time.time()
                 run_finetune(run, resume=True)
@@ -170,10 +169,10 @@ def main(argv=None) -> int:
                 print(f"[{name}] reusing fine-tuned experts")
             after = distill_error(ev.finetuned_experts(), a, ev.base.unet, ev.base, held, TIMESTEPS, progress=True)
             macs = ev.expert_macs()
-            used = yaml.safe_load((run / "config.yaml").read_text())["finetune"]  # what the experts were trained with
+            used = RunDir(run).config().finetune  # what the experts were trained with
             comp[name] = {"mean_macs": float(macs[a].double().mean()), "mse_before_finetune": before["mse"],
                           "mse_after_finetune": after["mse"], "per_timestep_after": after["per_timestep"],
-                          "finetune_steps": used["steps"], "allocation": used["allocation"], "lr": used["lr"]}
+                          "finetune_steps": used.steps, "allocation": used.allocation, "lr": used.lr}
             print(f"[{name}] held-out distillation MSE {before['mse']:.5f} -> {after['mse']:.5f} "
                   f"at mean MACs {comp[name]['mean_macs']:.4f}")
         results["finetune"] = comp
@@ -188,10 +187,11 @@ def main(argv=None) -> int:
 def _set_finetune(run: Path, steps: int, allocation: str) -> None:
     """Fine-tuning steps of a run: `steps` per expert (per_expert) or shared by routed samples (split)."""
 
-    d = yaml.safe_load((run / "config.yaml").read_text())
+    rd = RunDir(run)
+    d = rd.config().to_dict()
     d["finetune"]["steps"] = steps
     d["finetune"]["allocation"] = allocation
-    save_config(config_from_dict(d), run / "config.yaml")
+    save_config(config_from_dict(d), rd.config_path)
 
 
 def _write_markdown(out: Path, res: dict) -> None:

@@ -1,4 +1,4 @@
-"""Export a finished training run (RUN/prune + RUN/experts) to an engines directory.
+"""Export a finished training run (RUN/prune + RUN/experts) to an export directory.
 
     manifest, report = export_run("runs/toy", "export/toy", with_dense=True)
 

@@ -1,4 +1,4 @@
-"""`aptp export --run`: a finished training run becomes an engines directory that routes and
+"""`aptp export --run`: a finished training run becomes an export directory that routes and
 generates exactly as the torch run does."""
 
 from __future__ import annotations
