@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "route": ("aptp.commands.route", "route prompts to experts with an export directory"),
     "generate": ("aptp.commands.generate", "generate images with an export directory"),
     "bench": ("aptp.commands.bench", "measure latency against MACs per expert and backend"),
+    "doctor": ("aptp.commands.doctor", "versions, GPU and working providers here; does an export's plans match"),
 }
 
 # What each group of verbs needs beyond the runtime, for the message when it is missing.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engines.denoise import DEFAULT_BATCH_SIZE
 from engines.errors import UserError
 from engines.manifest import BACKENDS, PRECISIONS
 from engines.schedulers import SCHEDULERS, scheduler_name
@@ -24,7 +25,8 @@ class ExportOptions:
     backend: "onnx", or "tensorrt" (ONNX + a TensorRT plan per UNet; needs a GPU and aptp[tensorrt]).
     precision: "fp32" | "fp16" for the UNets and VAE decoder (router and text encoder stay fp32).
     scheduler: default sampler recorded in the manifest (the runtime can override it).
-    max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that).
+    max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that);
+        TensorRT tunes for the runtime's default call (engines.denoise.DEFAULT_BATCH_SIZE prompts) or this.
     with_dense: also export the dense UNet as the latency reference (experts/dense.onnx).
     round_to: round every expert's kept channels per width group up to a multiple of this (1 = off).
     exporter: torch.onnx exporter. progress: show a progress bar.
@@ -33,7 +35,7 @@ class ExportOptions:
     backend: str = "onnx"
     precision: str = "fp32"
     scheduler: str = "ddim"
-    max_batch: int = 8
+    max_batch: int = DEFAULT_BATCH_SIZE
     with_dense: bool = False
     round_to: int = 1
     exporter: str = "torchscript"

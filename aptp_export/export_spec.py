@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engines.denoise import DEFAULT_BATCH_SIZE, unet_batch
 from engines.errors import UserError
 from engines.manifest import (
     ROUTER_INPUTS,
@@ -35,19 +36,28 @@ FILLS = ("normal", "timestep", "tokens", "mask")
 
 @dataclass(frozen=True)
 class Axis:
-    """A dynamic axis: sizes in [min, max], `opt` is what TensorRT tunes for and what is traced."""
+    """A dynamic axis: sizes in [min, max]; `opt` is what TensorRT tunes its kernels for; `trace` the size
+    the ONNX export traces with (default `opt`; a UNet traces at a small batch, which gives the same graph
+    at a fraction of the memory)."""
 
     name: str
     min: int
     opt: int
     max: int
     multiple_of: int = 1
+    trace: int = 0  # 0: opt
+
+    @property
+    def traced(self) -> int:
+        return self.trace or self.opt
 
     def __post_init__(self):
         if not 1 <= self.min <= self.opt <= self.max:
             raise UserError(f"axis {self.name}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
         if self.multiple_of < 1 or any(v % self.multiple_of for v in (self.min, self.opt, self.max)):
             raise UserError(f"axis {self.name}: min/opt/max must be multiples of {self.multiple_of}")
+        if self.trace and not (self.min <= self.trace <= self.max and self.trace % self.multiple_of == 0):
+            raise UserError(f"axis {self.name}: trace size {self.trace} is outside [{self.min}, {self.max}]")
 
     def check(self, size: int) -> int:
         if not self.min <= size <= self.max or size % self.multiple_of:
@@ -96,8 +106,8 @@ class ExportSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def sizes(self, which: str = "opt", **override: int) -> dict[str, int]:
-        """Axis sizes: each axis' `which` ("min" | "opt" | "max") value, with overrides checked."""
+    def sizes(self, which: str = "traced", **override: int) -> dict[str, int]:
+        """Axis sizes: each axis' `which` ("min" | "opt" | "max" | "traced") value, overrides checked."""
         sizes = {name: getattr(ax, which) for name, ax in self.axes.items()}
         for name, v in override.items():
             if name not in self.axes:
@@ -155,30 +165,39 @@ class ExportSpec:
             "name": self.name,
             "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.inputs],
             "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.outputs],
-            "axes": {n: {"min": a.min, "opt": a.opt, "max": a.max, "multiple_of": a.multiple_of}
+            "axes": {n: {"min": a.min, "opt": a.opt, "max": a.max, "multiple_of": a.multiple_of, "trace": a.traced}
                      for n, a in self.axes.items()},
         }
 
 
 # -- the four models ---------------------------------------------------------------------------
-def _batch(name: str, batch: tuple[int, int, int]) -> Axis:
-    return Axis(name, *batch)
+def _batch(name: str, batch: tuple[int, int, int], trace: int = 0) -> Axis:
+    return Axis(name, *batch, trace=min(trace, batch[2]) if trace else 0)
+
+
+def unet_batch_range(max_prompts: int, opt_prompts: int = DEFAULT_BATCH_SIZE) -> tuple[int, int, int]:
+    """(min, opt, max) UNet batch of the profile for at most `max_prompts` prompts per call, tuned for the
+    runtime's default call (`opt_prompts`, `engines.denoise.DEFAULT_BATCH_SIZE`): with classifier-free
+    guidance a call of B prompts is a UNet batch of 2B (`engines.denoise.unet_batch`)."""
+    hi = unet_batch(max_prompts, guidance_scale=2.0)
+    return 1, min(unet_batch(opt_prompts, guidance_scale=2.0), hi), hi
 
 
 def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, context_dim: int,
-              batch: tuple[int, int, int] = (1, 2, 16), out_channels: int | None = None,
+              batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE), out_channels: int | None = None,
               size_range: tuple[int, int] | None = None, size_multiple: int = 8,
               num_train_timesteps: int = 1000) -> ExportSpec:
     """UNet: (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample.
 
-    `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG). Height and width are
+    `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG; `unet_batch_range`); the
+    graph is traced at batch 2. Height and width are
     dynamic axes with opt = sample_size and [min, max] = `size_range` (default: sample_size only),
     multiples of `size_multiple` (2 ** number of downsamplings)."""
     h, w = sample_size
     lo, hi = size_range or (min(h, w), max(h, w))
     m = size_multiple
     axes = {
-        "batch": _batch("batch", batch),
+        "batch": _batch("batch", batch, trace=2),
         "height": Axis("height", min(lo, h), h, max(hi, h), m),
         "width": Axis("width", min(lo, w), w, max(hi, w), m),
     }

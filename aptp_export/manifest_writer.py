@@ -10,6 +10,10 @@ router's encoder and head, optionally the dense UNet and a VAE) and does the who
       experts/expert_00.onnx [.plan]  ...  [dense.onnx]
       specs.json                          # the ExportSpec of every graph (for engine rebuilds)
 
+With the TensorRT backend the manifest records where the plans were built (TensorRT version, GPU,
+compute capability); the builder's timing cache lives in a temporary directory for the export, so
+nothing unlisted is left in the shipped directory.
+
 The manifest format belongs to `engines.manifest` (this module only fills its dataclasses, and
 validates the result by reading it back). `aptp export --run` loads a training run into these
 arguments; tests call it with tiny random models.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from engines.cuda_device import plan_environment
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.manifest import (
@@ -37,6 +43,7 @@ from engines.manifest import (
     Manifest,
     RouterInfo,
     SchedulerInfo,
+    TensorRTInfo,
     TextEncoderInfo,
     TokenizerInfo,
     VaeDecoderInfo,
@@ -44,7 +51,14 @@ from engines.manifest import (
 from engines.schedulers import make_scheduler, scheduler_name
 
 from .export_options import ExportOptions
-from .export_spec import ExportSpec, router_spec, text_encoder_spec, unet_spec, vae_decoder_spec
+from .export_spec import (
+    ExportSpec,
+    router_spec,
+    text_encoder_spec,
+    unet_batch_range,
+    unet_spec,
+    vae_decoder_spec,
+)
 from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
 from .tensorrt_build import build_engine, import_tensorrt
 
@@ -123,6 +137,24 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
+def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Path, files, specs, report) -> None:
+    """Export (and with the TensorRT backend, build) every graph of `jobs`, filling files/specs/report."""
+    for key, module, spec, path in tqdm(jobs, desc="export", disable=not options.progress):
+        # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
+        prec = precision if key.startswith(("expert", "dense", "vae")) else "fp32"
+        res = export_onnx(module, spec, path, precision=prec, exporter=exporter)
+        files[key] = dict(res.files)
+        specs[key] = spec.to_dict()
+        report["graphs"][key] = {"seconds": round(res.seconds, 2), "precision": prec,
+                                 "max_rel_error": res.max_rel_error, "verified": res.verified,
+                                 **({"note": res.note} if res.note else {})}
+        if backend == "tensorrt" and key.startswith(("expert", "dense")):
+            plan = path.with_suffix(".plan")
+            b = build_engine(path, spec, plan, timing_cache=timing_cache, allow_tf32=False)
+            files[key]["tensorrt"] = plan
+            report["graphs"][key]["tensorrt_seconds"] = round(b.seconds, 2)
+
+
 def write_export_dir(
     out_dir: str | os.PathLike,
     *,
@@ -177,14 +209,16 @@ def write_export_dir(
         raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
     name = scheduler_name(options.scheduler)
     make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
+    plan_env = None
     if backend == "tensorrt":
-
         import_tensorrt()
+        plan_env = plan_environment()  # BackendError (a UserError) when no GPU is usable: before any export
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / MANIFEST_NAME
     if stale.exists():
         stale.unlink()  # a half-rewritten directory must not look like a finished export
+    (out_dir / "timing.cache").unlink(missing_ok=True)  # left, unlisted, by aptp < 0.2
 
     tok_rel = copy_tokenizer(tokenizer, out_dir, pad_token)
     tok_files = {"json": tok_rel}
@@ -195,7 +229,7 @@ def write_export_dir(
     router_vocab = Tokenizer.from_file(str(out_dir / tok_files.get("router_json", tok_rel))).get_vocab_size()
     unet0 = experts[0].unet
     n_down = len(getattr(unet0, "config", {}).get("block_out_channels", (0, 0, 0))) - 1
-    unet_batch = (1, 2, 2 * max_batch)
+    unet_batch = unet_batch_range(max_batch)
 
     def spec_for_unet(u) -> ExportSpec:
         out_ch = getattr(u, "config", {}).get("out_channels", in_channels)
@@ -224,20 +258,9 @@ def write_export_dir(
     report: dict[str, Any] = {"precision": precision, "exporter": exporter, "graphs": {}}
     files: dict[str, dict[str, Path]] = {}
     specs = {}
-    for key, module, spec, path in tqdm(jobs, desc="export", disable=not options.progress):
-        # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
-        prec = precision if key.startswith(("expert", "dense", "vae")) else "fp32"
-        res = export_onnx(module, spec, path, precision=prec, exporter=exporter)
-        files[key] = dict(res.files)
-        specs[key] = spec.to_dict()
-        report["graphs"][key] = {"seconds": round(res.seconds, 2), "precision": prec,
-                                 "max_rel_error": res.max_rel_error, "verified": res.verified,
-                                 **({"note": res.note} if res.note else {})}
-        if backend == "tensorrt" and key.startswith(("expert", "dense")):
-            plan = path.with_suffix(".plan")
-            b = build_engine(path, spec, plan, timing_cache=out_dir / "timing.cache")
-            files[key]["tensorrt"] = plan
-            report["graphs"][key]["tensorrt_seconds"] = round(b.seconds, 2)
+    with tempfile.TemporaryDirectory(prefix="aptp_trt_cache_") as cache_dir:
+        _export_graphs(jobs, precision, exporter, backend, options, Path(cache_dir) / "timing.cache",
+                       files, specs, report)
     write_json(out_dir / "specs.json", specs)
 
     codes_ref = None
@@ -275,6 +298,7 @@ def write_export_dir(
         vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
                                                             float(vae_scaling_factor)),
         dense=dense_info,
+        tensorrt=None if plan_env is None else TensorRTInfo(**plan_env, tf32=False),
         info={**(info or {}), "export": report},
     )
     _publish_modes(out_dir)

@@ -152,9 +152,9 @@ def _fresh_sizes(spec: ExportSpec) -> dict[str, int]:
     """Axis sizes for the check: differ from the traced (opt) ones where the axis allows."""
     sizes = {}
     for name, ax in spec.axes.items():
-        cand = ax.opt + ax.multiple_of
-        sizes[name] = cand if cand <= ax.max else (ax.opt - ax.multiple_of if ax.opt - ax.multiple_of >= ax.min
-                                                   else ax.opt)
+        cand = ax.traced + ax.multiple_of
+        sizes[name] = cand if cand <= ax.max else (ax.traced - ax.multiple_of if ax.traced - ax.multiple_of >= ax.min
+                                                   else ax.traced)
     return sizes
 
 

@@ -138,6 +138,7 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     if missing:
         why = {"torch": "pass --run (the training run) to time torch eager",
                "tensorrt": "export with --backend tensorrt on a GPU machine",
+               "onnxruntime-cuda": "onnxruntime cannot run on CUDA here (see `aptp doctor`)",
                "onnxruntime": "the export lacks ONNX graphs"}
         raise UserError("; ".join(f"backend {b} is not available: {why.get(b, 'unknown backend')}" for b in missing))
     say = print if progress else (lambda *a, **k: None)

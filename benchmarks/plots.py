@@ -22,7 +22,7 @@ def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency ag
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     lo = min([r["macs_fraction"] for r in sel] + [r["latency_fraction"] for r in sel] + [0.3])
     ax.plot([lo * 0.9, 1.05], [lo * 0.9, 1.05], "k--", lw=1, label="latency = MACs")
-    markers = {"onnxruntime": "o", "torch": "s", "tensorrt": "^"}
+    markers = {"onnxruntime": "o", "onnxruntime-cuda": "D", "torch": "s", "tensorrt": "^"}
     for backend in sorted({r["backend"] for r in sel}):
         for b in sorted({r["batch"] for r in sel}):
             pts = [r for r in sel if r["backend"] == backend and r["batch"] == b]

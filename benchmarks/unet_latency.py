@@ -6,6 +6,14 @@ are timed in alternating rounds (benchmarks.timing.interleaved); `latency_fracti
 median over the dense model's median for the same backend and batch, to be read against
 `macs_fraction`. The batch is the UNet batch of `prompts` prompts with classifier-free guidance,
 i.e. 2 x prompts samples.
+
+What is timed, per backend:
+- "onnxruntime" (CPU) and "torch": wall clock of one call, host arrays in and out.
+- "onnxruntime-cuda": wall clock of one `run_with_iobinding` with inputs and outputs resident on the
+  GPU (no host copies; includes onnxruntime's launch overhead and its end-of-run stream sync).
+- "tensorrt": GPU time between CUDA events around `execute_async_v3`, inputs resident on the GPU
+  (`TensorRTSession.time_device`): the engine alone, no pageable copies, casts or host syncs. One
+  session per model serves every batch size; all share one activation memory block.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.sessions import OrtSession
-from engines.tensorrt_session import TensorRTSession
+from engines.sessions import OrtSession, cuda_unavailable_reason
+from engines.tensorrt_session import DeviceMemoryPool, TensorRTSession
 
 from .timing import interleaved
 
@@ -66,9 +74,8 @@ def _ort_callable(path: Path, feeds: dict, threads: int = 0):
     return lambda: sess.run(feeds)
 
 
-def _trt_callable(path: Path, feeds: dict):
-    sess = TensorRTSession(path)
-    return lambda: sess.run(feeds)
+def _ort_cuda_callable(path: Path, feeds: dict):
+    return OrtSession(path, "cuda").resident_runner(feeds)
 
 
 def _torch_callable(module, feeds: dict):
@@ -81,13 +88,15 @@ def _torch_callable(module, feeds: dict):
     return call
 
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "torch", "tensorrt")
 
 
 def available_backends(models: list[ModelUnderTest]) -> list[str]:
     out = []
     if all(m.onnx is not None for m in models):
         out.append("onnxruntime")
+        if _cuda_works():
+            out.append("onnxruntime-cuda")
     if all(m.load_torch is not None for m in models):
         out.append("torch")
     if all(m.plan is not None for m in models):
@@ -128,19 +137,62 @@ def _torch_threads(threads: int):
         torch.set_num_threads(old)
 
 
+def _cuda_works() -> bool:
+    return cuda_unavailable_reason() is None
+
+
+def _bench_tensorrt(models, shape, prompts_per_batch, warmup, repeats, progress) -> list[dict]:
+    """Device-side timing of every plan (CUDA events, resident inputs), one session per model."""
+    pool = DeviceMemoryPool()
+    sessions = {m.name: TensorRTSession(m.plan, device_memory=pool) for m in models}
+    rows = []
+    try:
+        for prompts in prompts_per_batch:
+            feeds = unet_feeds(shape, prompts)
+            times = {}
+            for _ in range(2):  # two alternating passes: a clock change hits every model alike
+                for m in models:
+                    times.setdefault(m.name, []).extend(sessions[m.name].time_device(feeds, warmup, max(1, repeats // 2)))
+            dense = np.asarray(times["dense"])
+            for m in models:
+                t = np.asarray(times[m.name])
+                med = float(np.median(t))
+                rows.append({
+                    "expert": m.name, "backend": "tensorrt", "batch": 2 * prompts, "prompts": prompts,
+                    "macs": m.macs, "macs_fraction": m.macs_fraction, "params": m.params,
+                    "latency_ms_median": med, "latency_ms_p90": float(np.percentile(t, 90)),
+                    "latency_ms_min": float(t.min()), "repeats": len(t), "timing": "cuda-events",
+                    "latency_fraction": med / float(np.median(dense)),
+                    "latency_over_macs": (med / float(np.median(dense))) / m.macs_fraction,
+                    "latency_fraction_paired": float(np.median(t / dense)),
+                    "latency_fraction_min": float(t.min() / dense.min()),
+                    "cpu_ms_median": float("nan"), "cpu_fraction": float("nan"), **m.extra,
+                })
+            if progress is not None:
+                progress("tensorrt", prompts)
+    finally:
+        for sess in sessions.values():
+            sess.close()
+        pool.close()
+    return rows
+
+
 def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, settle, block, threads,
                  progress) -> list[dict]:
     torch_modules = {}
     rows = []
     for backend in backends:
+        if backend == "tensorrt":
+            rows += _bench_tensorrt(models, shape, prompts_per_batch, warmup, repeats, progress)
+            continue
         for prompts in prompts_per_batch:
             feeds = unet_feeds(shape, prompts)
             fns = {}
             for m in models:
                 if backend == "onnxruntime":
                     fns[m.name] = _ort_callable(m.onnx, feeds, threads=threads)
-                elif backend == "tensorrt":
-                    fns[m.name] = _trt_callable(m.plan, feeds)
+                elif backend == "onnxruntime-cuda":
+                    fns[m.name] = _ort_cuda_callable(m.onnx, feeds)
                 elif backend == "torch":
                     if m.name not in torch_modules:
                         torch_modules[m.name] = m.load_torch()
@@ -155,6 +207,7 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
             for m in models:
                 t = timings[m.name]
                 rows.append({
+                    "timing": "wall-resident" if backend == "onnxruntime-cuda" else "wall",
                     "expert": m.name, "backend": backend, "batch": 2 * prompts, "prompts": prompts,
                     "macs": m.macs, "macs_fraction": m.macs_fraction, "params": m.params,
                     **t.as_dict(), "latency_fraction": t.median_ms / dense,

@@ -29,6 +29,12 @@ from .schedulers import Scheduler
 from .sessions import Session
 
 SEED_MAX = 2**63 - 1
+DEFAULT_BATCH_SIZE = 8  # prompts per UNet call of Runtime.generate; export profiles are tuned for it
+
+
+def unet_batch(prompts: int, guidance_scale: float) -> int:
+    """UNet batch of a call for `prompts` prompts: twice that with classifier-free guidance."""
+    return 2 * prompts if guidance_scale > 1.0 else prompts
 
 
 def resolve_seeds(seed: int | Sequence[int], n: int) -> list[int]:
@@ -70,9 +76,10 @@ def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond: np.nda
     scheduler.set_timesteps(steps)
     latents = (noise * scheduler.init_noise_sigma).astype(np.float32)
     b = latents.shape[0]
-    cfg = guidance_scale > 1.0
+    cfg = unet_batch(1, guidance_scale) == 2
     context = np.concatenate([np.repeat(uncond, b, axis=0), cond]) if cfg else cond
-    context = context.astype(np.float32, copy=False)
+    context = context.astype(np.float32, copy=context is cond)  # our own array, never the caller's
+    context.setflags(write=False)  # the same every step: a GPU session may keep it on the device
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         model_in = np.concatenate([latents, latents]) if cfg else latents

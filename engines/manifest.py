@@ -1,9 +1,9 @@
 """The export manifest: what an export directory holds and how the runtime checks it.
 
-`manifest.json` (format version 1) sits at the root of an export directory:
+`manifest.json` (format version 2) sits at the root of an export directory:
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "base_model": "toy-teacher",            # free text naming the dense model the experts come from
       "created_by": "aptp 0.1.0",
       "precision": "fp32" | "fp16",           # of the graphs' internals; graph inputs/outputs stay fp32
@@ -23,8 +23,15 @@
       "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
                    "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?}}, ...],
       "dense": null | {"macs": ..., "params": ..., "files": {...}},
+      "tensorrt": null | {"version": "10.8.0.43", "gpu": "NVIDIA H200", "compute_capability": "9.0",
+                          "tf32": false},     # where the plans were built (required when any is listed)
       "info": {...}                           # free-form provenance (run name, config); not interpreted
     }
+
+Format versions: 2 added `tensorrt` (a plan only deserializes with the TensorRT version that built
+it and only runs on GPUs of the same compute capability, so the runtime checks both before opening
+a plan). This reader also reads version 1 (no `tensorrt` key; plans then go unchecked until their
+first call); a version it does not know is refused.
 
 where FILE = {"path": "experts/expert_00.onnx", "sha256": "<64 hex>", "bytes": 123}, paths relative
 to the export directory. Every file the runtime reads is listed with its sha256; `verify_files`
@@ -50,7 +57,8 @@ from typing import Any
 
 from .errors import IntegrityError, ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # what this reader accepts; what each added: see the module doc
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt")  # what an export can hold per UNet: ONNX graphs, optionally TensorRT plans
@@ -218,6 +226,20 @@ class DenseInfo:
 
 
 @dataclass(frozen=True)
+class TensorRTInfo:
+    """Where an export's TensorRT plans were built: TensorRT version, GPU name, compute capability
+    ("major.minor"), and whether fp32 layers were allowed TF32 (never, since format version 2)."""
+
+    version: str
+    gpu: str
+    compute_capability: str
+    tf32: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     base_model: str
     precision: str
@@ -234,6 +256,7 @@ class Manifest:
     experts: list[ExpertInfo]
     vae_decoder: VaeDecoderInfo | None = None
     dense: DenseInfo | None = None
+    tensorrt: TensorRTInfo | None = None
     created_by: str = "aptp"
     info: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -246,15 +269,17 @@ class Manifest:
         if not isinstance(d, dict):
             r.fail("top level", "expected a JSON object")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
             raise ManifestError(
                 f"{source}: format_version {version!r} is not supported by this runtime "
-                f"(it reads format_version {FORMAT_VERSION}); re-export with a matching aptp version"
+                f"(it reads format_version {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); "
+                "re-export with a matching aptp version"
             )
         required = ("format_version", "base_model", "precision", "scheduler", "budget", "dense_macs",
                     "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                     "tokenizer", "experts")
-        r.obj(d, "top level", required, ("vae_decoder", "dense", "created_by", "info"))
+        optional = ("vae_decoder", "dense", "created_by", "info") + (("tensorrt",) if version >= 2 else ())
+        r.obj(d, "top level", required, optional)
 
         sch = r.obj(d["scheduler"], "scheduler", ("name", "config"))
         if not isinstance(sch["config"], dict):
@@ -320,6 +345,18 @@ class Manifest:
         info = d.get("info", {})
         if not isinstance(info, dict):
             r.fail("info", "expected an object")
+        tensorrt = None
+        if d.get("tensorrt") is not None:
+            t = r.obj(d["tensorrt"], "tensorrt", ("version", "gpu", "compute_capability"), ("tf32",))
+            cc = r.string(t["compute_capability"], "tensorrt.compute_capability")
+            if not all(part.isdigit() for part in cc.split(".")) or cc.count(".") != 1:
+                r.fail("tensorrt.compute_capability", f"{cc!r} is not of the form major.minor")
+            tensorrt = TensorRTInfo(r.string(t["version"], "tensorrt.version"), r.string(t["gpu"], "tensorrt.gpu"),
+                                    cc, r.boolean(t.get("tf32", False), "tensorrt.tf32"))
+        has_plans = any("tensorrt" in e.files for e in experts) or (dense is not None and "tensorrt" in dense.files)
+        if version >= 2 and has_plans and tensorrt is None:
+            r.fail("tensorrt", "TensorRT plans are listed but not where they were built "
+                               "(version, gpu, compute_capability)")
 
         manifest = cls(
             base_model=r.string(d["base_model"], "base_model"),
@@ -337,8 +374,10 @@ class Manifest:
             experts=experts,
             vae_decoder=vae,
             dense=dense,
+            tensorrt=tensorrt,
             created_by=r.string(d.get("created_by", "aptp"), "created_by"),
             info=info,
+            format_version=version,
         )
         paths = [f.path for f in manifest.all_files()]
         dup = sorted({p for p in paths if paths.count(p) > 1})
@@ -353,7 +392,9 @@ class Manifest:
         d["sample_size"] = list(self.sample_size)
         order = ["format_version", "base_model", "created_by", "precision", "scheduler", "budget", "dense_macs",
                  "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder", "vae_decoder",
-                 "tokenizer", "experts", "dense", "info"]
+                 "tokenizer", "experts", "dense", "tensorrt", "info"]
+        if self.format_version < 2:  # a version 1 manifest (read and written back) has no tensorrt key
+            order.remove("tensorrt")
         return {k: d[k] for k in order}
 
     # -- queries ---------------------------------------------------------------------------------

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .denoise import denoise, initial_noise, resolve_seeds
-from .errors import EngineError
+from .cuda_device import plan_environment, plan_mismatch
+from .denoise import DEFAULT_BATCH_SIZE, denoise, initial_noise, resolve_seeds, unet_batch
+from .errors import BackendError, EngineError
 from .images import decode, to_pil
 from .manifest import (
     ROUTER_INPUTS,
@@ -38,7 +40,8 @@ from .manifest import (
     verify_file,
 )
 from .schedulers import make_scheduler, scheduler_name
-from .sessions import Session, check_provider, open_session
+from .sessions import Session, check_provider, cuda_unavailable_reason, open_session
+from .tensorrt_session import DeviceMemoryPool
 from .tokenization import PromptTokenizer, clean_prompts
 
 
@@ -83,6 +86,9 @@ class Runtime:
         self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when hashed
         self._tokenizer: PromptTokenizer | None = None
         self._uncond: np.ndarray | None = None
+        # onnxruntime provider of the graphs without a TensorRT plan (router, text encoder, VAE decoder)
+        self.ort_provider = "cpu" if provider == "cpu" else "cuda"
+        self._device_memory: DeviceMemoryPool | None = None  # TensorRT activations, shared by the plans
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -102,10 +108,40 @@ class Runtime:
             if missing:
                 raise EngineError(f"{export_dir}: provider 'tensorrt' needs TensorRT plans, none for "
                                   f"{', '.join(missing)}; export with --backend tensorrt")
+            rt._check_plan_environment()
+            reason = cuda_unavailable_reason()
+            if reason is not None:
+                rt.ort_provider = "cpu"
+                warnings.warn(f"provider 'tensorrt': the router, text encoder and VAE decoder run on onnxruntime's "
+                              f"CPU provider ({reason})", RuntimeWarning, stacklevel=2)
         if verify:
             for ref in manifest.all_files():
                 rt._verify(ref)
         return rt
+
+    def _check_plan_environment(self) -> None:
+        """Refuse plans built with another TensorRT version or for another compute capability (recorded in
+        the manifest since format version 2; older manifests cannot be checked before the first call)."""
+        recorded = self.manifest.tensorrt
+        if recorded is None:
+            return
+        error, warning = plan_mismatch(recorded.to_dict(), plan_environment())
+        if error:
+            raise BackendError(f"{self.export_dir}: {error}")
+        if warning:
+            warnings.warn(f"{self.export_dir}: {warning}", RuntimeWarning, stacklevel=3)
+
+    @property
+    def part_providers(self) -> dict[str, str]:
+        """Where each part runs: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu" per part name."""
+        ort = f"onnxruntime-{self.ort_provider}"
+        unet = "tensorrt" if self.provider == "tensorrt" else ort
+        parts = {"router": ort, "text_encoder": ort, "experts": unet}
+        if self.manifest.vae_decoder is not None:
+            parts["vae_decoder"] = ort
+        if self.manifest.dense is not None:
+            parts["dense"] = unet
+        return parts
 
     def _verify(self, ref: FileRef) -> None:
         verify_file(self.export_dir, ref)
@@ -130,8 +166,11 @@ class Runtime:
                 if kind == "onnx" and ref is files.get("tensorrt"):
                     continue
                 self._recheck(ref)
+            if kind == "tensorrt" and self._device_memory is None:
+                self._device_memory = DeviceMemoryPool()
             self._sessions[key] = open_session(self.export_dir / files[kind].path, self.provider, kind,
-                                               inputs, outputs, threads=self.threads)
+                                               inputs, outputs, threads=self.threads, ort_provider=self.ort_provider,
+                                               device_memory=self._device_memory)
         return self._sessions[key]
 
     def _expert_session(self, expert_id) -> Session:
@@ -139,6 +178,9 @@ class Runtime:
             if self.manifest.dense is None:
                 raise EngineError(f"{self.export_dir}: no dense model was exported (export with --with-dense)")
             files = self.manifest.dense.files
+            if self.provider == "tensorrt" and "tensorrt" not in files:
+                raise BackendError(f"{self.export_dir}: provider 'tensorrt' needs a TensorRT plan of the dense model "
+                                   "(export with --backend tensorrt --with-dense); it would run on onnxruntime instead")
         else:
             files = self.manifest.expert(int(expert_id)).files
         return self._session(f"expert:{expert_id}", files, UNET_INPUTS, UNET_OUTPUTS)
@@ -202,14 +244,14 @@ class Runtime:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int | Sequence[int] = 0, scheduler: str | None = None, batch_size: int = 8,
-                 expert: int | str | None = None) -> list:
+                 seed: int | Sequence[int] = 0, scheduler: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None) -> list:
         """PIL images in prompt order (see `generate_with_info` for arguments and provenance)."""
         return self.generate_with_info(prompts, steps, guidance_scale, seed, scheduler, batch_size, expert).images
 
     def generate_with_info(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
-                           seed: int | Sequence[int] = 0, scheduler: str | None = None, batch_size: int = 8,
-                           expert: int | str | None = None, progress=None) -> GenerationResult:
+                           seed: int | Sequence[int] = 0, scheduler: str | None = None,
+                           batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None, progress=None) -> GenerationResult:
         """Route, group prompts by expert, denoise each group with CFG, decode.
 
         Args:
@@ -217,7 +259,8 @@ class Runtime:
             steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance).
             seed: int s (prompt i uses s + i) or one int per prompt (see engines.denoise).
             scheduler: "ddim" | "pndm" | "euler", or None for the manifest's.
-            batch_size: most prompts per UNet call (the UNet batch is twice that with CFG).
+            batch_size: most prompts per UNet call (the UNet batch is twice that with CFG); lowered to
+                what a TensorRT plan's profile allows.
             expert: None to route; an expert id or "dense" to force one model for every prompt.
             progress: optional callable(done_model_calls, total_model_calls).
         Returns: GenerationResult with images, the expert of each image and the seeds used.
@@ -261,7 +304,10 @@ class Runtime:
         groups: dict = {}
         for i, e in enumerate(ids):
             groups.setdefault(e, []).append(i)
-        n_batches = sum((len(v) + batch_size - 1) // batch_size for v in groups.values())
+        # open every needed UNet before any denoising: a plan that cannot load fails now, not halfway
+        unets = {e: self._expert_session(e) for e in groups}
+        chunk_size = {e: self._prompts_per_call(u, batch_size, guidance_scale) for e, u in unets.items()}
+        n_batches = sum((len(v) + chunk_size[e] - 1) // chunk_size[e] for e, v in groups.items())
         done = [0]
 
         def tick(_i, _total):
@@ -271,9 +317,9 @@ class Runtime:
 
         t = time.perf_counter()
         for e, idx in groups.items():
-            unet = self._expert_session(e)
-            for j in range(0, len(idx), batch_size):
-                chunk = idx[j:j + batch_size]
+            unet, step = unets[e], chunk_size[e]
+            for j in range(0, len(idx), step):
+                chunk = idx[j:j + step]
                 noise = initial_noise([seeds[i] for i in chunk], shape)
                 latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond[chunk],
                                   uncond, steps, float(guidance_scale), progress=tick)
@@ -285,6 +331,18 @@ class Runtime:
         return GenerationResult(images=images, expert_ids=ids, seeds=seeds, prompts=prompts,
                                 scheduler=sched_name, steps=int(steps), guidance_scale=float(guidance_scale),
                                 seconds=time.perf_counter() - t0, timings=timings)
+
+
+    @staticmethod
+    def _prompts_per_call(unet: Session, batch_size: int, guidance_scale: float) -> int:
+        """`batch_size`, lowered so that the UNet batch fits the session's `max_batch` (a plan's profile)."""
+        limit = getattr(unet, "max_batch", None)
+        if limit is None:
+            return int(batch_size)
+        per_prompt = unet_batch(1, guidance_scale)
+        if limit < per_prompt:
+            raise BackendError(f"the UNet's profile allows batches of at most {limit}, a prompt needs {per_prompt}")
+        return max(1, min(int(batch_size), limit // per_prompt))
 
 
 def _check_batch_size(batch_size) -> None:

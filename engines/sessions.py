@@ -6,19 +6,27 @@ the denoising loop never sees the backend. Providers:
 
 - "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `aptp[runtime]`);
 - "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `aptp[gpu]`);
-- "tensorrt": TensorRT plans (`engines.tensorrt_session`, extra `aptp[tensorrt]`); graphs exported
-  without a plan run with onnxruntime on CUDA.
+- "tensorrt": TensorRT plans (`engines.tensorrt_session`, extra `aptp[tensorrt]`) for the UNets; the
+  graphs without a plan (router, text encoder, VAE decoder) run on onnxruntime's CUDA provider when
+  it works here, else on its CPU provider, which `Runtime.part_providers` records and a warning says.
+
+Nothing runs on another device than the one asked for without a word: a "cuda" session whose
+onnxruntime silently fell back to the CPU (CUDA/cuDNN libraries not found, no GPU) is refused, and
+`check_provider` finds that before any file is read by running a one-node graph (`probe_provider`).
 """
 
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from .cuda_device import device_info, import_cudart, import_tensorrt
 from .errors import BackendError
+from .tensorrt_session import TensorRTSession
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
@@ -32,10 +40,12 @@ _ORT_TYPES = {
 
 
 class Session(Protocol):
-    """What the runtime needs from a backend."""
+    """What the runtime needs from a backend. `max_batch`: the largest first dimension the session
+    accepts (a TensorRT plan's profile maximum), None when unbounded."""
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    max_batch: int | None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -49,21 +59,130 @@ def _import_ort():
     return ort
 
 
+CUDA_EP = "CUDAExecutionProvider"
+_GPU_EXTRA = 'pip install "aptp[gpu]" (onnxruntime-gpu; in a venv without torch also the nvidia-* CUDA 12 / cuDNN 9 wheels)'
+
+
+def _installed(dist: str) -> str | None:
+    """Version of an installed distribution, or None (never imports it)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def ort_flavour() -> str:
+    """Which onnxruntime distribution(s) provide the `onnxruntime` module: "onnxruntime 1.20.1",
+    "onnxruntime-gpu 1.20.1", or both joined with " + " (a broken install: they share one module)."""
+    found = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := _installed(d))]
+    return " + ".join(found) or "none"
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Let onnxruntime-gpu (>= 1.21) load CUDA and cuDNN from the nvidia-* wheels or torch, so a torch-free
+    venv finds them without LD_LIBRARY_PATH. Best effort: whatever it cannot load, the probe reports."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # noqa: BLE001 - missing libraries are reported by the session check that follows
+        pass
+
+
+# A one-node ONNX model (y = Identity(x), float32 [1]), encoded by hand so that probing a provider needs
+# neither the `onnx` package nor a file: ModelProto{ir_version 8, opset 13, graph{node, input, output}}.
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_field(number: int, value) -> bytes:
+    if isinstance(value, int):
+        return _pb_varint(number << 3) + _pb_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _pb_varint(number << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def probe_model_bytes() -> bytes:
+    """Serialized ONNX model `y = Identity(x)`, x and y float32 of shape [1]."""
+    dim = _pb_field(1, _pb_field(1, 1))                                  # TensorShapeProto{dim{dim_value 1}}
+    tensor_type = _pb_field(1, _pb_field(1, 1) + _pb_field(2, dim))      # TypeProto{tensor_type{FLOAT, shape}}
+    value = lambda name: _pb_field(1, name) + _pb_field(2, tensor_type)  # noqa: E731 - ValueInfoProto
+    node = _pb_field(1, "x") + _pb_field(2, "y") + _pb_field(4, "Identity")
+    graph = _pb_field(1, node) + _pb_field(2, "probe") + _pb_field(11, value("x")) + _pb_field(12, value("y"))
+    return (_pb_field(1, 8) + _pb_field(2, "aptp") + _pb_field(7, graph)
+            + _pb_field(8, _pb_field(1, "") + _pb_field(2, 13)))
+
+
+def _ort_providers(provider: str) -> list[str]:
+    if provider == "cuda":
+        return [CUDA_EP, "CPUExecutionProvider"]
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    raise BackendError(f"provider {provider!r} is not an onnxruntime provider")
+
+
+def probe_provider(provider: str) -> list[str]:
+    """Open a one-node session with onnxruntime `provider` ("cpu" | "cuda") and return the execution
+    providers the session really got (`get_providers()`): onnxruntime falls back to the CPU with only
+    a log line when the CUDA provider cannot start (no GPU, CUDA or cuDNN libraries not found)."""
+    ort = _import_ort()
+    if provider == "cuda":
+        _preload_cuda_libraries(ort)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    sess = ort.InferenceSession(probe_model_bytes(), sess_options=options, providers=_ort_providers(provider))
+    out = sess.run(None, {"x": np.ones(1, np.float32)})[0]
+    if out.shape != (1,) or out[0] != 1.0:
+        raise BackendError(f"onnxruntime provider {provider!r} computed a wrong result on a one-node graph")
+    return list(sess.get_providers())
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None if onnxruntime can run graphs on CUDA here, else one line saying why and what to install."""
+    ort = _import_ort()
+    flavour = ort_flavour()
+    if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+        return (f"onnxruntime and onnxruntime-gpu are both installed ({flavour}); they share the `onnxruntime` "
+                "module and the CPU build can hide CUDA: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install onnxruntime-gpu")
+    if CUDA_EP not in ort.get_available_providers():
+        return f'this onnxruntime ({flavour}) has no CUDA provider: {_GPU_EXTRA}'
+    try:
+        got = probe_provider("cuda")
+    except BackendError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        return f"onnxruntime ({flavour}) could not create a CUDA session ({str(e).strip().splitlines()[0][:200]})"
+    if CUDA_EP not in got:
+        return (f"onnxruntime ({flavour}) lists CUDA but a session created with it runs on {', '.join(got)} "
+                "(no usable GPU, or the CUDA 12 / cuDNN 9 libraries were not found; "
+                "`python -m aptp doctor` shows more)")
+    return None
+
+
 def check_provider(provider: str) -> None:
-    """Raise BackendError early (before any file is opened) if `provider` cannot work here."""
+    """Raise BackendError early (before any file is opened) if `provider` cannot work here.
+
+    "cuda" is checked by running a one-node graph on it: a session that would silently fall back to the
+    CPU is refused. "tensorrt" needs tensorrt, cuda-python and a visible GPU (engines.cuda_device)."""
     if provider not in PROVIDERS:
         raise BackendError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if provider == "cpu":
         _import_ort()
     elif provider == "cuda":
-        ort = _import_ort()
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendError('provider "cuda" needs onnxruntime-gpu and a CUDA GPU: pip install "aptp[gpu]"')
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise BackendError(f'provider "cuda" cannot run here: {reason}')
     else:
-        from .tensorrt_session import import_cudart, import_tensorrt
-
         import_tensorrt()
         import_cudart()
+        device_info()  # BackendError naming the cause when no GPU is usable
 
 
 class OrtSession:
@@ -77,26 +196,32 @@ class OrtSession:
         threads: intra-op threads (0 = onnxruntime's default).
     """
 
+    max_batch = None  # ONNX graphs exported with a dynamic batch take any batch
+
     def __init__(self, path: str | os.PathLike, provider: str = "cpu",
                  expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
                  threads: int = 0):
         ort = _import_ort()
         self.path = Path(path)
+        self.provider = provider
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        providers = _ort_providers(provider)
         if provider == "cuda":
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif provider == "cpu":
-            providers = ["CPUExecutionProvider"]
-        else:
-            raise BackendError(f"OrtSession: provider {provider!r} is not an onnxruntime provider")
+            _preload_cuda_libraries(ort)
         try:
             self._sess = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BackendError(f"{self.path}: onnxruntime cannot load this graph ({str(e).strip()[:300]})") from None
+        # onnxruntime drops a provider it cannot start (CUDA/cuDNN not found, no GPU) with a log line only:
+        # refuse rather than run on the CPU under a "cuda" label
+        got = self._sess.get_providers()
+        if provider == "cuda" and CUDA_EP not in got:
+            raise BackendError(f"{self.path}: onnxruntime could not start CUDA for this graph (the session got "
+                               f"{', '.join(got)}); refusing to run it on the CPU under provider 'cuda'")
         self.input_names = tuple(i.name for i in self._sess.get_inputs())
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
         self._input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self._sess.get_inputs()}
@@ -105,6 +230,26 @@ class OrtSession:
         if missing:
             raise BackendError(f"{self.path}: graph lacks the tensor(s) {', '.join(missing)} "
                                f"(has inputs {self.input_names}, outputs {self.output_names})")
+
+    def resident_runner(self, feeds: dict[str, np.ndarray]):
+        """A callable running the graph on `feeds` copied once to the session's device, outputs left there
+        (onnxruntime I/O binding): the graph without host copies, for timing. Returns None when called."""
+        ort = _import_ort()
+        device = "cuda" if self.provider == "cuda" else "cpu"
+        binding = self._sess.io_binding()
+        values = []
+        for name, arr in feeds.items():
+            v = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, dtype=self._input_types[name]), device, 0)
+            values.append(v)  # bound by reference: keep alive with the runner
+            binding.bind_ortvalue_input(name, v)
+        for name in self.output_names:
+            binding.bind_output(name, device)
+        sess = self._sess
+
+        def call(_values=values):
+            sess.run_with_iobinding(binding)
+
+        return call
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph; inputs are cast to the graph's types, float outputs returned as float32."""
@@ -121,14 +266,12 @@ class OrtSession:
 
 def open_session(path: str | os.PathLike, provider: str, kind: str = "onnx",
                  expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
-                 threads: int = 0) -> Session:
-    """Open `path` with the backend for (`provider`, file `kind` "onnx" | "tensorrt");
-    `threads` = onnxruntime intra-op threads (0 = its default, one per core)."""
+                 threads: int = 0, ort_provider: str | None = None, device_memory=None) -> Session:
+    """Open `path` with the backend for file `kind` ("onnx" | "tensorrt"): a TensorRT plan, or an ONNX graph
+    on onnxruntime's `ort_provider` ("cpu" | "cuda"; default: `provider`, which must then be "cpu" or
+    "cuda"). `threads` = onnxruntime intra-op threads (0 = its default, one per core); `device_memory`:
+    the TensorRT activation memory shared by the plans of one runtime (engines.tensorrt_session)."""
     if kind == "tensorrt":
-        from .tensorrt_session import TensorRTSession
-
-        return TensorRTSession(path, expected_inputs=expected_inputs, expected_outputs=expected_outputs)
-    ort_provider = "cpu" if provider == "cpu" else "cuda"
-    if provider == "tensorrt" and "CUDAExecutionProvider" not in _import_ort().get_available_providers():
-        ort_provider = "cpu"  # a part exported without a plan (e.g. the tokenizer-side graphs) stays usable
-    return OrtSession(path, ort_provider, expected_inputs, expected_outputs, threads=threads)
+        return TensorRTSession(path, expected_inputs=expected_inputs, expected_outputs=expected_outputs,
+                               device_memory=device_memory)
+    return OrtSession(path, ort_provider or provider, expected_inputs, expected_outputs, threads=threads)

@@ -119,12 +119,12 @@ class Export:
 
 
 @functools.cache
-def build_export(kind: str = "pixel", precision: str = "fp32") -> Export:
+def build_export(kind: str = "pixel", precision: str = "fp32", backend: str = "onnx") -> Export:
     """Export the tiny models once per session into a temporary directory (removed at exit)."""
     from aptp_export.export_options import ExportOptions
     from aptp_export.manifest_writer import ExpertModel, write_export_dir
 
-    out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_{precision}_"))
+    out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_{precision}_{backend}_"))
     atexit.register(shutil.rmtree, out, True)
     latent = kind == "latent"
     in_ch, size = (4, 8) if latent else (3, 16)
@@ -145,7 +145,8 @@ def build_export(kind: str = "pixel", precision: str = "fp32") -> Export:
             dense_macs=float(max(params)), budget=0.5, base_model=f"tiny-{kind}", vae=vae,
             vae_scaling_factor=0.3 if latent else None, info={"test": True},
             codes={"codes": [[1, 0, 1], [0, 1, 1]]},
-            options=ExportOptions(scheduler="ddim", max_batch=4, precision=precision, progress=False),
+            options=ExportOptions(scheduler="ddim", max_batch=4, precision=precision, backend=backend,
+                                  progress=False),
         )
     return Export(out, kind, unets, encoder, head, vae, manifest, report)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aptp.args import add_export_argument
 from benchmarks.engines_bench import run_bench
+from benchmarks.unet_latency import BACKENDS
 from engines.errors import UserError
 from training.rundir import RunDir
 
@@ -29,7 +30,7 @@ def add_arguments(p):
     add_export_argument(p, help="export directory (with manifest.json and the dense model, `aptp export --with-dense`)")
     p.add_argument("--run", default=None, help="training run the export came from (enables torch eager timing)")
     p.add_argument("--out", default=None, help="output directory (default: ENGINES/../bench)")
-    p.add_argument("--backend", action="append", choices=["onnxruntime", "torch", "tensorrt"],
+    p.add_argument("--backend", action="append", choices=list(BACKENDS),
                    help="backend to time (repeatable; default: every one available)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8],
                    help="prompts per UNet call, comma-separated (the UNet batch is twice that with CFG)")

@@ -55,7 +55,8 @@ def test_spec_drives_axes_profile_and_samples():
     assert prof["timestep"] == ((1,), (4,), (8,))
     assert prof["encoder_hidden_states"] == ((1, 7, 12), (4, 7, 12), (8, 7, 12))
     x, t, e = spec.sample_inputs(seed=3)
-    assert x.shape == (4, 4, 16, 24) and t.shape == (4,) and e.shape == (4, 7, 12)
+    # TensorRT tunes for opt batch 4; the graph is traced at batch 2 (same graph, less memory)
+    assert x.shape == (2, 4, 16, 24) and t.shape == (2,) and e.shape == (2, 7, 12)
     assert t.dtype == torch.float32 and 0 <= float(t.min()) and float(t.max()) < 1000
     assert torch.equal(spec.sample_inputs(seed=3)[0], x) and not torch.equal(spec.sample_inputs(seed=4)[0], x)
     r = router_spec(256, 100, 3, 8)
