@@ -60,7 +60,8 @@ try:  # the one place the serving extra is imported
     from starlette.datastructures import MutableHeaders
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _e:  # pragma: no cover - exercised by the torch-free test's environment
-    raise BackendError(f'`aptp serve` needs {_e.name}: pip install "aptp[serving]"') from None
+    raise BackendError(f'`aptp serve` needs fastapi, uvicorn and prometheus-client ({_e}): '
+                       'pip install "aptp[serving]"') from None
 
 log = logging.getLogger("aptp.serve")
 
