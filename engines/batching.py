@@ -18,10 +18,15 @@ Policies (`ServeConfig.batching`):
 - "request": a worker takes up to `max_batch` waiting tasks of one expert, once `max_batch` are
   waiting or the oldest has waited `max_wait_ms`, and runs that lane to its end; nothing joins it.
 - "step": a worker returns its lane after every tick; at each step boundary a lane admits waiting
-  tasks of its expert, and each image leaves the lane when its own steps are done. A new request
-  therefore waits at most for the UNet call in flight before its first step (when there is room).
+  tasks of its expert, and each image leaves the lane when its own steps are done. Which lane a free
+  worker ticks next: first one that can admit waiting images (oldest waiting first), so a new
+  request waits about one UNet call before its first step; otherwise the running lane holding the
+  oldest image. Ticking running lanes round-robin instead (processor sharing) made every request
+  finish late: at Poisson 0.5x capacity on the 8-expert demo export, p50 latency was 6x request
+  policy's (docs/serving.md).
 
-Lanes of one expert are kept about the same size, ceil(images of the expert / workers) (at most
+In the step policy at most `workers * max_batch` images are in lanes at once; the others wait in
+their queue (and count against its bound). Lanes of one expert are kept about the same size, ceil(images of the expert / workers) (at most
 `max_batch`): on a CPU, where a larger batch barely lowers the cost per image, that spreads work over
 every worker; with one worker (a GPU) it is one lane of up to `max_batch` per expert.
 
@@ -440,12 +445,15 @@ class Batcher:
             now = time.monotonic()
             best = None  # (key, lane or expert, take)
             wake = None
+            # step policy: images in lanes are capped at workers * max_batch, so the rest really waits
+            # in the (bounded) queue instead of slowing every admitted image down
+            room = workers * cfg.max_batch - sum(len(lane.tasks) for lane in self._lanes)
             for e in self.experts:
                 q = self._queues[e]
                 lanes = [lane for lane in self._lanes if lane.expert == e]
                 if cfg.batching == "step":
                     free = [lane for lane in lanes if not lane.busy]
-                    if q:
+                    if q and room > 0:
                         active = sum(len(lane.tasks) for lane in lanes)
                         target = min(cfg.max_batch, math.ceil((len(q) + active) / workers))
                         for lane in free:
@@ -453,9 +461,9 @@ class Batcher:
                                 best = _better(best, (0, q[0].arrived), lane, target - len(lane.tasks))
                         if len(lanes) < workers:
                             best = _better(best, (0, q[0].arrived), e, target)
-                    for lane in free:
+                    for lane in free:  # then running lanes, oldest work first (close to run-to-completion)
                         if lane.tasks:
-                            best = _better(best, (1, lane.served), lane, 0)
+                            best = _better(best, (1, min(t.arrived for t in lane.tasks)), lane, 0)
                 elif q:
                     ready_at = q[0].arrived + cfg.max_wait_ms / 1000.0
                     if len(q) >= cfg.max_batch or now >= ready_at or not self._accepting:
@@ -474,6 +482,8 @@ class Batcher:
                 lane = _Lane(target, now)
                 self._lanes.append(lane)
             q = self._queues[lane.expert]
+            if cfg.batching == "step":
+                take = min(take, max(0, room))
             for _ in range(min(take, len(q))):
                 lane.tasks.append(q.popleft())
                 self._queued -= 1
