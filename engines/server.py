@@ -43,7 +43,6 @@ from .errors import (
     EngineError,
     PromptError,
     RequestCancelledError,
-    SchedulerConfigError,
     UnavailableError,
 )
 from .runtime import Runtime
@@ -55,7 +54,14 @@ try:  # the one place the serving extra is imported
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import MutableHeaders
     from starlette.exceptions import HTTPException as StarletteHTTPException

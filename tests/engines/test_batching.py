@@ -13,7 +13,7 @@ from engines_export_fixture import ANCHORS, build_export, one_thread
 
 from engines import Runtime
 from engines import batching as batching_mod
-from engines.batching import BatchObserver, Batcher
+from engines.batching import Batcher, BatchObserver
 from engines.errors import (
     DeadlineExceededError,
     EngineError,
