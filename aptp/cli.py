@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("aptp.commands.export", "export experts, router and shared parts to ONNX / TensorRT"),
     "route": ("aptp.commands.route", "route prompts to experts with an export directory"),
     "generate": ("aptp.commands.generate", "generate images with an export directory"),
+    "serve": ("aptp.commands.serve", "serve an export over HTTP (OpenAI images API, per-expert batching, metrics)"),
     "bench": ("aptp.commands.bench", "measure latency against MACs per expert and backend"),
     "doctor": ("aptp.commands.doctor", "versions, GPU and working providers here; does an export's plans match"),
 }

@@ -20,12 +20,19 @@ _LAZY = {
     "verify_files": ".manifest",
     "FORMAT_VERSION": ".manifest",
     "make_scheduler": ".schedulers",
+    "Batcher": ".batching",
+    "Ticket": ".batching",
+    "ImageResult": ".batching",
+    "ServeConfig": ".serve_config",
     "EngineError": ".errors",
     "ManifestError": ".errors",
     "IntegrityError": ".errors",
     "PromptError": ".errors",
     "BackendError": ".errors",
     "SchedulerConfigError": ".errors",
+    "UnavailableError": ".errors",
+    "DeadlineExceededError": ".errors",
+    "RequestCancelledError": ".errors",
 }
 
 __all__ = list(_LAZY)

@@ -38,3 +38,20 @@ class BackendError(EngineError):
 
 class SchedulerConfigError(EngineError, ValueError):
     """A scheduler config asks for something these numpy schedulers do not implement, or is invalid."""
+
+
+class UnavailableError(EngineError):
+    """The server cannot take work now (not ready, draining, queue full); retry after `retry_after_s`."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(EngineError):
+    """A request's deadline passed before its images were done; its work was dropped."""
+
+
+class RequestCancelledError(EngineError):
+    """A request was cancelled (client disconnected, server shut down); its work was dropped."""

@@ -8,11 +8,16 @@ Sessions are opened lazily (an expert's graph is loaded the first time a prompt 
 and cached. Before a session is opened its file is checked again against the manifest (size and
 modification time against what was verified at load; a changed file is hashed again), so a file
 corrupted after loading is refused too and nothing is generated from it.
+
+A Runtime may be shared by threads (the server's workers): lazy opening of sessions, the tokenizer and
+the unconditional context happens under one lock, and the sessions themselves are thread-safe
+(onnxruntime's `InferenceSession.run` may be called concurrently).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -89,6 +94,7 @@ class Runtime:
         # onnxruntime provider of the graphs without a TensorRT plan (router, text encoder, VAE decoder)
         self.ort_provider = "cpu" if provider == "cpu" else "cuda"
         self._device_memory: DeviceMemoryPool | None = None  # TensorRT activations, shared by the plans
+        self._lock = threading.RLock()  # guards the lazy caches above (re-entrant: _session -> _recheck)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -160,6 +166,11 @@ class Runtime:
 
     def _session(self, key: str, files: dict[str, FileRef], inputs: tuple[str, ...],
                  outputs: tuple[str, ...]) -> Session:
+        with self._lock:
+            return self._open_session(key, files, inputs, outputs)
+
+    def _open_session(self, key: str, files: dict[str, FileRef], inputs: tuple[str, ...],
+                      outputs: tuple[str, ...]) -> Session:
         if key not in self._sessions:
             kind = "tensorrt" if self.provider == "tensorrt" and "tensorrt" in files else "onnx"
             for ref in files.values():
@@ -187,6 +198,10 @@ class Runtime:
 
     @property
     def tokenizer(self) -> PromptTokenizer:
+        with self._lock:
+            return self._load_tokenizer()
+
+    def _load_tokenizer(self) -> PromptTokenizer:
         if self._tokenizer is None:
             info = self.manifest.tokenizer
             for ref in info.files.values():
@@ -217,9 +232,10 @@ class Runtime:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _uncond_context(self) -> np.ndarray:
-        if self._uncond is None:
-            self._uncond = self.encode_text([""], _clean=False)  # the unconditional prompt is ""
-        return self._uncond
+        with self._lock:
+            if self._uncond is None:
+                self._uncond = self.encode_text([""], _clean=False)  # the unconditional prompt is ""
+            return self._uncond
 
     # -- routing ---------------------------------------------------------------------------------
     def route_scores(self, prompts: str | Sequence[str], batch_size: int = 64) -> RouteResult:

@@ -92,3 +92,40 @@ def test_route_and_generate_verbs_without_torch(pixel, tmp_path):
                            "--out", str(tmp_path / "imgs")]))
     assert out == {"code": 0, "loaded": []}
     assert (tmp_path / "imgs" / "000_expert1.png").is_file()
+
+
+SERVER_SCRIPT = BLOCKER + textwrap.dedent("""
+    from starlette.testclient import TestClient
+    from engines import Runtime
+    from engines.batching import Batcher
+    from engines.serve_config import ServeConfig
+    from engines.server import create_app
+    cfg = ServeConfig(default_steps=2)
+    batcher = Batcher(Runtime.load(sys.argv[2]), cfg)
+    with TestClient(create_app(batcher, cfg, warm_up=False)) as client:
+        batcher.warm_up()
+        r = client.post("/v1/images/generations", json={"prompt": sys.argv[3], "n": 2, "seed": 1})
+        codes = [r.status_code, client.get("/readyz").status_code, client.get("/metrics").status_code]
+    import aptp.commands.serve  # the verb's module too
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(json.dumps({"codes": codes, "seeds": [d["seed"] for d in r.json()["data"]], "loaded": loaded}))
+""")
+
+
+def test_server_runs_without_torch(pixel):
+    """engines.server and the FastAPI app import and answer with torch, diffusers, transformers (and our
+    other packages, for engines.server) absent. The real server process is run the same way by
+    tests/engines/test_server.py."""
+    out = _run(SERVER_SCRIPT, json.dumps([*HEAVY, "training", "benchmarks"]), str(pixel.dir), ANCHORS[0])
+    assert out == {"codes": [200, 200, 200], "seeds": [1, 2], "loaded": []}
+
+
+def test_server_without_the_serving_extra_names_it():
+    script = BLOCKER + textwrap.dedent("""
+        try:
+            import engines.server
+        except Exception as e:
+            print(json.dumps({"error": str(e)}))
+    """)
+    out = _run(script, json.dumps(["fastapi"]))
+    assert 'pip install "aptp[serving]"' in out["error"] and "fastapi" in out["error"]

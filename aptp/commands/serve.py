@@ -1,0 +1,62 @@
+"""Serve an exported engines directory over HTTP: OpenAI-compatible POST /v1/images/generations,
+POST /v1/route, GET /v1/models, /healthz, /readyz and Prometheus /metrics, with per-expert queues,
+request- or step-level batching, bounded queues (503 + Retry-After), deadlines (504), client
+disconnects cancelling work, and draining on SIGTERM. Every flag can also be set as an environment
+variable APTP_SERVE_<FLAG> (e.g. APTP_SERVE_MAX_QUEUE_IMAGES=64); a flag wins over the variable.
+Needs the serving extra (pip install "aptp[serving]"); runs without torch. See docs/serving.md."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from engines.errors import UserError
+from engines.serve_config import POLICIES, ServeConfig
+from engines.server import serve  # a clear one-line error names the serving extra when it is missing
+from engines.sessions import PROVIDERS
+
+_DEFAULTS = ServeConfig()
+# flag -> help; the type and the default come from ServeConfig
+_HELP = {
+    "engines": "export directory (with manifest.json); required here or as APTP_SERVE_ENGINES",
+    "host": "address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes the server)",
+    "port": "TCP port",
+    "provider": "inference backend",
+    "workers": "worker threads running UNet calls; up to this many batches run at once (one per worker)",
+    "threads": "onnxruntime intra-op threads per session (0 = one per core)",
+    "batching": "'request': batch up to --max-batch waiting images of an expert and run them to the end; "
+                "'step': images join and leave an expert's running batch at every denoising step",
+    "max_batch": "most images in one UNet call (twice as many UNet samples with guidance)",
+    "max_wait_ms": "request policy: longest wait for a batch to fill",
+    "max_queue_images": "images waiting to start, all experts together; a request that does not fit gets "
+                        "503 + Retry-After at once",
+    "max_queue_images_per_expert": "the same limit per expert (0 = --max-queue-images)",
+    "timeout_s": "per-request deadline in seconds (queue + generation); past it the request gets 504 and "
+                 "its work is dropped",
+    "drain_timeout_s": "on SIGTERM: seconds to let admitted requests finish before exiting",
+    "max_n": "most images per request (field n)",
+    "max_steps": "most denoising steps per request (field steps)",
+    "max_prompt_chars": "longest prompt accepted, in characters",
+    "max_body_bytes": "largest request body accepted, in bytes",
+    "default_steps": "denoising steps when a request gives none",
+    "default_guidance_scale": "classifier-free guidance scale when a request gives none",
+    "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /healthz and /readyz "
+               "(prefer the environment variable APTP_SERVE_API_KEY: flags show in ps)",
+}
+_CHOICES = {"provider": PROVIDERS, "batching": POLICIES}
+
+
+def add_arguments(parser) -> None:
+    for f in fields(ServeConfig):
+        default = getattr(_DEFAULTS, f.name)
+        shown = "unset" if f.name in ("engines", "api_key") else default
+        flags = ("--export", "--engines") if f.name == "engines" else (f"--{f.name.replace('_', '-')}",)
+        parser.add_argument(*flags, dest=f.name, type=type(default), default=None,
+                            choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else ("DIR" if f.name == "engines" else f.name.upper()),
+                            help=f"{_HELP[f.name]} (default {shown}; env APTP_SERVE_{f.name.upper()})")
+
+
+def run(args) -> int:
+    config = ServeConfig.from_env(**{f.name: getattr(args, f.name, None) for f in fields(ServeConfig)})
+    if not config.engines:
+        raise UserError("give --export DIR (or APTP_SERVE_ENGINES)")
+    return serve(config)

@@ -1,0 +1,392 @@
+"""Load test of `aptp serve`: an open-loop async HTTP client against servers it starts on 127.0.0.1.
+
+    python -m benchmarks.serve_load --engines EXPORT --out OUT [--soak-s 300] [--only capacity,poisson,...]
+
+Every scenario sends a fixed number of requests and stops at a time cap; every server it starts binds
+127.0.0.1 only and is stopped at the end. Scenarios:
+- capacity: closed loop at concurrency 1, 2, 4, 8 (images/s, p50/p95 latency); capacity = images/s at 8.
+- poisson: open-loop Poisson arrivals at 0.5x, 0.9x, 1.5x capacity under both policies; latency, codes,
+  each image's wait until its first UNet call (`queued_s`) against the mean UNet call of the server.
+- burst: 200 concurrent requests against a 32-image queue: codes, Retry-After on every 503, /readyz after.
+- disconnect: clients that give up after 0.3 s; the server's cancellation metrics.
+- deadline: 1.5x capacity with a short --timeout-s: 504s and the requests' latency.
+- sigterm: SIGTERM at mid-load: in-flight requests' codes, exit code and time to exit.
+- soak: Poisson at 0.9x for --soak-s seconds: resident memory of the server over time, codes.
+Writes OUT/serve_load.json and OUT/serve_load.png (latency distributions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+PROMPTS = [
+    "a red circle", "a blue background", "the letter K in red above a small green square", "two yellow triangles",
+    "a small green square on the left", "the digit 7 in blue", "a large purple circle at the bottom",
+    "three red squares", "the letter A in white on a black background", "an orange triangle above a blue circle",
+    "a small cyan circle in the top right", "the digit 3 in green below a red square",
+]
+LAUNCH = """
+import argparse, sys
+from aptp.commands import serve
+p = argparse.ArgumentParser(prog="aptp serve")
+serve.add_arguments(p)
+sys.exit(serve.run(p.parse_args(sys.argv[1:])))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An `aptp serve` subprocess on 127.0.0.1 (its log in OUT/logs/)."""
+
+    def __init__(self, engines: str, log_dir: Path, name: str, *flags: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_dir / f"{name}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--engines", engines, "--host", "127.0.0.1",
+                                      "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {name} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"server {name} not ready; see {self.log.name}")
+            time.sleep(0.1)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for m in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+async def one_request(client: httpx.AsyncClient, url: str, i: int, steps: int, timeout: float | None = None) -> dict:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": steps}
+    t0 = time.perf_counter()
+    rec = {"i": i, "sent": t0}
+    try:
+        r = await client.post(url + "/v1/images/generations", json=body, timeout=timeout)
+        rec["code"] = r.status_code
+        if r.status_code == 200:
+            d = r.json()["data"]
+            rec["images"] = len(d)
+            rec["queued_s"] = d[0]["queued_s"]
+            rec["expert"] = d[0]["expert"]
+            rec["ok_images"] = all(len(x["b64_json"]) > 100 for x in d)
+        elif r.status_code == 503:
+            rec["retry_after"] = r.headers.get("retry-after")
+    except httpx.TimeoutException:
+        rec["code"] = "client_timeout"
+    except httpx.HTTPError as e:
+        rec["code"] = type(e).__name__
+    rec["latency_s"] = time.perf_counter() - t0
+    return rec
+
+
+def summarise(recs: list[dict], wall: float) -> dict:
+    ok = [r for r in recs if r.get("code") == 200]
+    lat = np.array([r["latency_s"] for r in ok]) if ok else np.array([np.nan])
+    codes: dict = {}
+    for r in recs:
+        codes[str(r.get("code"))] = codes.get(str(r.get("code")), 0) + 1
+    q = np.array([r["queued_s"] for r in ok]) if ok else np.array([np.nan])
+    return {"requests": len(recs), "codes": codes, "images_per_s": sum(r.get("images", 0) for r in ok) / wall,
+            "wall_s": wall, "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
+            "queued_p50_s": float(np.percentile(q, 50)), "queued_p95_s": float(np.percentile(q, 95)),
+            "queued_max_s": float(np.max(q))}
+
+
+async def closed_loop(url: str, concurrency: int, total: int, steps: int, cap_s: float) -> tuple[list, float]:
+    recs, counter = [], iter(range(total))
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def loop():
+            for i in counter:
+                if time.perf_counter() - t0 > cap_s:
+                    return
+                recs.append(await one_request(client, url, i, steps))
+        await asyncio.gather(*[loop() for _ in range(concurrency)])
+    return recs, time.perf_counter() - t0
+
+
+async def open_loop(url: str, rate: float, total: int, steps: int, cap_s: float, seed: int = 0,
+                    timeout: float | None = None, on_tick=None) -> tuple[list, float]:
+    """Poisson arrivals at `rate` requests/s (exponential gaps), `total` requests or `cap_s` seconds."""
+    rng = random.Random(seed)
+    tasks = []
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1000)) as client:
+        nxt = t0
+        for i in range(total):
+            nxt += rng.expovariate(rate)
+            now = time.perf_counter()
+            if nxt - t0 > cap_s:
+                break
+            if nxt > now:
+                await asyncio.sleep(nxt - now)
+            if on_tick is not None:
+                on_tick(i)
+            tasks.append(asyncio.ensure_future(one_request(client, url, i, steps, timeout)))
+        recs = list(await asyncio.gather(*tasks))
+    return recs, time.perf_counter() - t0
+
+
+def mean_unet_call_s(text: str) -> float:
+    return metric_sum(text, "aptp_unet_call_seconds_sum") / max(1.0, metric_sum(text, "aptp_unet_call_seconds_count"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engines", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=60, help="requests per measurement")
+    ap.add_argument("--cap-s", type=float, default=90.0, help="time cap per measurement")
+    ap.add_argument("--soak-s", type=float, default=300.0)
+    ap.add_argument("--only", default="capacity,poisson,burst,disconnect,deadline,sigterm,soak")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    base = ["--workers", str(args.workers), "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+            "--default-steps", str(args.steps)]
+    result = {"settings": vars(args), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                  "loadavg_start": os.getloadavg()}}
+    path = out / "serve_load.json"
+
+    def save():
+        path.write_text(json.dumps(result, indent=1, default=str))
+
+    def run(coro):
+        return asyncio.run(coro)
+
+    capacity = None
+    if "capacity" in only or "poisson" in only or "soak" in only or "deadline" in only:
+        srv = Server(args.engines, out / "logs", "capacity", *base, "--batching", "step")
+        result["capacity"] = {}
+        for c in (1, 2, 4, 8):
+            recs, wall = run(closed_loop(srv.url, c, max(args.requests // 2, 4 * c) if c == 1 else args.requests,
+                                         args.steps, args.cap_s))
+            result["capacity"][str(c)] = summarise(recs, wall)
+            print("capacity", c, result["capacity"][str(c)], flush=True)
+        result["capacity"]["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
+        srv.stop()
+        capacity = result["capacity"]["8"]["images_per_s"]
+        result["capacity"]["speedup_8_vs_1"] = capacity / result["capacity"]["1"]["images_per_s"]
+        save()
+
+    if "poisson" in only:
+        result["poisson"] = {}
+        for policy in ("request", "step"):
+            srv = Server(args.engines, out / "logs", f"poisson_{policy}", *base, "--batching", policy,
+                         "--max-queue-images", "64")
+            for f in (0.5, 0.9, 1.5):
+                recs, wall = run(open_loop(srv.url, f * capacity, args.requests, args.steps, args.cap_s, seed=1))
+                s = summarise(recs, wall)
+                s["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
+                s["queued_s"] = [r["queued_s"] for r in recs if r.get("code") == 200]
+                s["latency_s"] = [r["latency_s"] for r in recs if r.get("code") == 200]
+                result["poisson"][f"{policy}@{f}"] = s
+                print("poisson", policy, f, {k: v for k, v in s.items() if not isinstance(v, list)}, flush=True)
+            srv.stop()
+        for f in (0.5, 0.9, 1.5):
+            st, rq = result["poisson"][f"step@{f}"], result["poisson"][f"request@{f}"]
+            q = np.array(st["queued_s"])
+            st["frac_first_step_within_one_unet_call"] = float(np.mean(q <= st["mean_unet_call_s"])) if len(q) else None
+            st["p50_vs_request"] = st["latency_p50_s"] / rq["latency_p50_s"]
+        save()
+
+    if "burst" in only:
+        srv = Server(args.engines, out / "logs", "burst", *base, "--max-queue-images", "32")
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=250)) as client:
+                return await asyncio.gather(*[one_request(client, srv.url, i, args.steps) for i in range(200)])
+
+        t0 = time.perf_counter()
+        recs = run(burst())
+        s = summarise(recs, time.perf_counter() - t0)
+        s["every_503_has_retry_after"] = all(r.get("retry_after") for r in recs if r.get("code") == 503)
+        s["every_200_has_its_image"] = all(r.get("ok_images") and r.get("images") == 1 for r in recs if r.get("code") == 200)
+        s["readyz_after"] = httpx.get(srv.url + "/readyz").status_code
+        srv.stop()
+        result["burst"] = s
+        print("burst", s, flush=True)
+        save()
+
+    if "disconnect" in only:
+        srv = Server(args.engines, out / "logs", "disconnect", *base, "--max-steps", "500")
+
+        async def disconnects():
+            async with httpx.AsyncClient(timeout=None) as client:
+                return await asyncio.gather(*[one_request(client, srv.url, i, 400, timeout=0.3 + 0.1 * i)
+                                              for i in range(8)])
+
+        recs = run(disconnects())
+        time.sleep(1.0)
+        text = srv.metrics()
+        s = {"client_timeouts": sum(r["code"] == "client_timeout" for r in recs),
+             "cancellations": metric_sum(text, "aptp_cancellations_total", reason="disconnect"),
+             "released_images": metric_sum(text, "aptp_cancel_release_unet_calls_count", reason="disconnect"),
+             "released_within_1_call": metric_sum(text, "aptp_cancel_release_unet_calls_bucket", reason="disconnect", le="1.0"),
+             "release_seconds_mean": metric_sum(text, "aptp_cancel_release_seconds_sum", reason="disconnect")
+             / max(1, metric_sum(text, "aptp_cancel_release_seconds_count", reason="disconnect")),
+             "mean_unet_call_s": mean_unet_call_s(text),
+             "active_after": metric_sum(text, "aptp_active_images")}
+        srv.stop()
+        result["disconnect"] = s
+        print("disconnect", s, flush=True)
+        save()
+
+    if "deadline" in only:
+        single = args.steps * result.get("capacity", {}).get("mean_unet_call_s", 0.01)
+        timeout = max(1.0, 4 * single)
+        srv = Server(args.engines, out / "logs", "deadline", *base, "--timeout-s", f"{timeout:.2f}",
+                     "--max-queue-images", "64")
+        recs, wall = run(open_loop(srv.url, 1.5 * capacity, args.requests, args.steps, args.cap_s, seed=2))
+        s = summarise(recs, wall)
+        text = srv.metrics()
+        s.update(timeout_s=timeout, deadline_cancellations=metric_sum(text, "aptp_cancellations_total", reason="deadline"),
+                 max_latency_504_s=max([r["latency_s"] for r in recs if r.get("code") == 504], default=None))
+        srv.stop()
+        result["deadline"] = s
+        print("deadline", s, flush=True)
+        save()
+
+    if "sigterm" in only:
+        drain = 30.0
+        srv = Server(args.engines, out / "logs", "sigterm", *base, "--drain-timeout-s", str(drain),
+                     "--max-queue-images", "64")
+        sent_at = {}
+        t_kill = {}
+
+        def tick(i):
+            sent_at[i] = time.perf_counter()
+            if i == args.requests // 2 and not t_kill:
+                t_kill["t"] = time.perf_counter()
+                srv.proc.send_signal(signal.SIGTERM)
+
+        recs, wall = run(open_loop(srv.url, 0.9 * (capacity or 2.0), args.requests, args.steps, args.cap_s, seed=3,
+                                   on_tick=tick))
+        rc = srv.proc.wait(drain + 30)
+        exit_s = time.perf_counter() - t_kill["t"]
+        before = [r for r in recs if r["i"] < args.requests // 2]
+        after = [r for r in recs if r["i"] > args.requests // 2]
+        s = {"drain_timeout_s": drain, "exit_code": rc, "exit_after_s": exit_s,
+             "before_sigterm_codes": summarise(before, wall)["codes"], "after_sigterm_codes": summarise(after, wall)["codes"]}
+        srv.stop()
+        result["sigterm"] = s
+        print("sigterm", s, flush=True)
+        save()
+
+    if "soak" in only:
+        srv = Server(args.engines, out / "logs", "soak", *base, "--max-queue-images", "64")
+        samples = [(0.0, srv.rss_mb())]
+        t0 = time.perf_counter()
+
+        def sample(_i):
+            now = time.perf_counter() - t0
+            if now - samples[-1][0] >= 5:
+                samples.append((now, srv.rss_mb()))
+
+        rate = 0.9 * capacity
+        recs, wall = run(open_loop(srv.url, rate, int(rate * args.soak_s * 1.2) + 10, args.steps, args.soak_s, seed=4,
+                                   on_tick=sample))
+        samples.append((time.perf_counter() - t0, srv.rss_mb()))
+        s = summarise(recs, wall)
+        warm = [m for t, m in samples if t >= min(30.0, args.soak_s / 5)]
+        s.update(rss_mb=samples, rss_start_mb=samples[0][1], rss_after_warm_mb=warm[0] if warm else None,
+                 rss_end_mb=samples[-1][1], rss_growth_vs_after_warm=(samples[-1][1] / warm[0] - 1) if warm else None,
+                 rss_growth_vs_start=samples[-1][1] / samples[0][1] - 1)
+        srv.stop()
+        result["soak"] = s
+        print("soak", {k: v for k, v in s.items() if k != "rss_mb"}, flush=True)
+        save()
+
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    save()
+    plot(result, out / "serve_load.png")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    poisson = result.get("poisson")
+    if not poisson:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, s in poisson.items():
+        for ax, field in zip(axes, ("latency_s", "queued_s"), strict=True):
+            v = np.sort(s[field])
+            if len(v):
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=key, ls="-" if key.startswith("step") else "--")
+    unet = poisson.get("step@0.5", {}).get("mean_unet_call_s")
+    if unet:
+        axes[1].axvline(unet, color="k", lw=0.8, label="one UNet call (mean)")
+    axes[0].set(xlabel="request latency (s)", ylabel="CDF", title="latency, Poisson arrivals (x capacity)")
+    axes[1].set(xlabel="wait until first UNet call (s)", xscale="symlog", title="queue wait per image")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
