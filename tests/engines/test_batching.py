@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, one_thread
+from engines_export_fixture import ANCHORS, build_export
 
 from engines import Runtime
 from engines import batching as batching_mod
@@ -23,12 +23,11 @@ from engines.errors import (
 from engines.serve_config import ServeConfig
 from engines.stepping import ImageState, unet_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [ANCHORS[0], ANCHORS[1], "a red circle", "the letter K above a square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

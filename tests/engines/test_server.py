@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, one_thread
+from engines_export_fixture import ANCHORS, build_export
 from PIL import Image
 from serve_testkit import running_server
 from starlette.testclient import TestClient
@@ -24,10 +24,7 @@ from engines.serve_config import ServeConfig
 from engines.server import create_app
 from engines.stepping import unet_step
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
