@@ -262,7 +262,7 @@ def top_words_by_lift(captions: list[str], expert_ids: list[int], expert: int, k
     rows = [{"word": w, "lift": (here[w] / total[w]) / share, "count": here[w], "of": total[w]}
             for w in here if total[w] >= min_count and here[w] >= 2]
     rows.sort(key=lambda r: (-r["lift"], -r["count"], r["word"]))
-    return [{**r, "lift": round(r["lift"], 3)} for r in rows[:k]]
+    return rows[:k]
 
 
 # -- driver ---------------------------------------------------------------------------------------------

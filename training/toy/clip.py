@@ -162,7 +162,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.05) -> fl
 
 def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, warmup: int = 100, pool: int = 30000,
           seed: int = 0, data_seed: int = 0, width: int = 128, layers: int = 4, weight_decay: float = 0.05,
-          log_every: int = 100, progress: bool = True) -> tuple[CLIPModel, PreTrainedTokenizerFast, dict]:
+          log_every: int = 100, progress: bool = True, eval_n: int = 1024) -> tuple[CLIPModel, PreTrainedTokenizerFast, dict]:
     """Train the toy CLIP; returns (model, tokenizer, info with the recipe, time and held-out retrieval)."""
     if data_seed >= EVAL_SEED:
         raise ValueError(f"data_seed must be < {EVAL_SEED} (seeds >= {EVAL_SEED} are held out)")
@@ -201,7 +201,7 @@ def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, warmup: int = 1
             print(f"step {step + 1}/{steps} loss {ema_loss:.4f} scale {model.logit_scale.exp().item():.1f} "
                   f"{(time.time() - t0 - t_data) / (step + 1):.2f}s/step", flush=True)
     train_seconds = time.time() - t0
-    acc = retrieval_accuracy(model, tokenizer)
+    acc = retrieval_accuracy(model, tokenizer, n=eval_n)
     model.eval()
     info = {"recipe": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "pool": pool, "seed": seed,
                        "data_seed": data_seed, "width": width, "layers": layers, "weight_decay": weight_decay},
