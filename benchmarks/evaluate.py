@@ -251,7 +251,7 @@ def words(caption: str) -> set[str]:
 def top_words_by_lift(captions: list[str], expert_ids: list[int], expert: int, k: int = 5,
                       min_count: int = 5) -> list[dict]:
     """Words of `expert`'s captions ranked by lift = P(expert | word) / P(expert), among words in at least
-    `min_count` captions overall and 2 of the expert's (the paper's Table 2 ranks words the same way)."""
+    `min_count` captions overall and 2 of the expert's, with lift > 1 (the paper's Table 2 ranks words the same way)."""
     n = len(captions)
     mine = [i for i, e in enumerate(expert_ids) if e == expert]
     if not mine:
@@ -261,6 +261,7 @@ def top_words_by_lift(captions: list[str], expert_ids: list[int], expert: int, k
     here = Counter(w for i in mine for w in words(captions[i]))
     rows = [{"word": w, "lift": (here[w] / total[w]) / share, "count": here[w], "of": total[w]}
             for w in here if total[w] >= min_count and here[w] >= 2]
+    rows = [r for r in rows if r["lift"] > 1.0]  # only words over-represented among the expert's captions
     rows.sort(key=lambda r: (-r["lift"], -r["count"], r["word"]))
     return rows[:k]
 
