@@ -6,8 +6,6 @@ shipped toy CLIP is used by default; nothing is downloaded."""
 
 from __future__ import annotations
 
-from benchmarks.evaluate import EvalConfig, evaluate
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--engines", required=True, metavar="DIR", help="export directory (with manifest.json)")
@@ -34,6 +32,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    # imported here, not at the top: the parser imports every verb, and `aptp route` must keep working on a
+    # runtime-only install (no torch / transformers)
+    from benchmarks.evaluate import EvalConfig, evaluate
+
     cfg = EvalConfig(engines=args.engines, data=args.data, n=args.n, models=args.models, static=args.static,
                      clip=args.clip, cmmd_clip=args.cmmd_clip, inception=args.inception, out=args.out,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
