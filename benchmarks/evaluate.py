@@ -436,3 +436,10 @@ def demo_quality(routed, dense, captions: list[str], clip: str | None = None) ->
     t = emb.text_embeddings(list(captions))
     return {"n": len(captions), "clip": str(emb.dir), "clip_score_routed": clip_score_from_embeddings(r, t),
             "clip_score_dense": clip_score_from_embeddings(d, t), "cmmd_routed_vs_dense": cmmd(d, r)}
+
+
+def demo_quality_markdown(q: dict) -> str:
+    """The demo report's line for `demo_quality`'s result."""
+    return (f"Toy CLIP score (`{Path(q['clip']).name}`): routed mixture {q['clip_score_routed']:.2f}, dense teacher "
+            f"{q['clip_score_dense']:.2f}; CMMD routed vs dense {q['cmmd_routed_vs_dense']:.3f} "
+            f"(N = {q['n']} image pairs, same captions and seeds; at this N CMMD's bias is part of the figure).")

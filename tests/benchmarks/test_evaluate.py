@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aptp_export.errors import UserError
-from benchmarks.evaluate import EvalConfig, demo_quality, load_data, prepare_images, top_words_by_lift
+from benchmarks.evaluate import EvalConfig, demo_quality, demo_quality_markdown, load_data, prepare_images, top_words_by_lift
 from training.toy import EVAL_SEED, sample_at
 from training.toy.clip import make_model, save_clip_dir, toy_vocabulary, word_tokenizer
 
@@ -56,4 +56,5 @@ def test_demo_quality_of_identical_sets(tmp_path):
     q = demo_quality(imgs, imgs, caps, clip=str(d))
     assert q["n"] == 6 and q["clip_score_routed"] == pytest.approx(q["clip_score_dense"])
     assert q["cmmd_routed_vs_dense"] == pytest.approx(0.0, abs=1e-9)
+    assert "N = 6" in demo_quality_markdown(q)
     assert demo_quality(imgs, 255 - imgs, caps, clip=str(d))["cmmd_routed_vs_dense"] > 0

@@ -1,7 +1,11 @@
 """The toy CLIP: a small `transformers.CLIPModel` trained contrastively on the toy world, so that CLIP score,
 CMMD and FD-CLIP run offline on the toy through the same code path as a user's real CLIP directory.
 
-    python -m training.toy.clip --out training/toy/clip --steps 1500 --batch 128
+    python -m training.toy.clip --out training/toy/clip --threads 1      # the shipped one (defaults below)
+
+Shipped: 800 steps of batch 96, width 64, a pool of 20k samples; 224k parameters, 0.9 MB; 30 min on the
+shared 2-core CPU under heavy load (about 2.2 s a step; far less on a quiet machine); held-out caption ->
+image top-1 among 32 candidates 0.848 (0.940 counting an image with the identical caption; chance 0.031).
 
 Model: a ViT image tower for 32x32 images (4x4 patches) and a CLIP text transformer over a word-level
 vocabulary of the toy world (tokenizer.json written next to the weights, loaded by
@@ -160,8 +164,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.05) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, warmup: int = 100, pool: int = 30000,
-          seed: int = 0, data_seed: int = 0, width: int = 128, layers: int = 4, weight_decay: float = 0.05,
+def train(steps: int = 800, batch: int = 96, lr: float = 1e-3, warmup: int = 100, pool: int = 20000,
+          seed: int = 0, data_seed: int = 0, width: int = 64, layers: int = 4, weight_decay: float = 0.05,
           log_every: int = 100, progress: bool = True, eval_n: int = 1024) -> tuple[CLIPModel, PreTrainedTokenizerFast, dict]:
     """Train the toy CLIP; returns (model, tokenizer, info with the recipe, time and held-out retrieval)."""
     if data_seed >= EVAL_SEED:
@@ -214,14 +218,14 @@ def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, warmup: int = 1
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output CLIP directory")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=96)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--pool", type=int, default=30000, help="training samples drawn once (seed --data-seed)")
+    p.add_argument("--pool", type=int, default=20000, help="training samples drawn once (seed --data-seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=4, help="vision layers (the text tower has half)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = p.parse_args(argv)
