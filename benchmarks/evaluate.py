@@ -172,12 +172,18 @@ def generate(rt: Runtime, model: str, captions: list[str], seeds: list[int], cfg
             print(f"[{model}] reusing {path}", flush=True)
             return {"images": z["images"], "experts": z["experts"].tolist(), "seconds_per_image": float(z["spi"])}
     expert = None if model in ("routed", "static") else ("dense" if model == "dense" else _expert_id(model))
-    print(f"[{model}] generating {len(captions)} images ({cfg.steps} steps)", flush=True)
-    t0 = time.perf_counter()
-    images, experts = [], []
+    images, experts, spent = [], [], 0.0
+    partial = path.with_suffix(".partial.npz") if path is not None else None
+    if partial is not None and partial.is_file():  # an interrupted run of the same key: continue it
+        z = np.load(partial, allow_pickle=False)
+        if str(z["key"]) == key:
+            images, experts, spent = list(z["images"]), z["experts"].tolist(), float(z["seconds"])
+            print(f"[{model}] resuming at {len(images)} images from {partial}", flush=True)
+    print(f"[{model}] generating {len(captions) - len(images)} images ({cfg.steps} steps)", flush=True)
+    t0 = time.perf_counter() - spent
     chunk = max(cfg.batch_size * 8, 64)  # progress lines and bounded memory; batching per expert inside
     try:
-        for i in range(0, len(captions), chunk):
+        for i in range(len(images), len(captions), chunk):
             res = rt.generate_with_info(captions[i:i + chunk], steps=cfg.steps, guidance_scale=cfg.guidance,
                                         seed=seeds[i:i + chunk], scheduler=cfg.scheduler,
                                         batch_size=cfg.batch_size, expert=expert)
@@ -185,17 +191,25 @@ def generate(rt: Runtime, model: str, captions: list[str], seeds: list[int], cfg
             experts += [-1 if e == "dense" else int(e) for e in res.expert_ids]
             done = i + len(res.images)
             print(f"[{model}] {done}/{len(captions)}  {(time.perf_counter() - t0) / done:.3f} s/image", flush=True)
+            if partial is not None and done < len(captions):
+                _save_npz(partial, images=np.stack(images), experts=np.asarray(experts),
+                          seconds=time.perf_counter() - t0, key=np.asarray(key))
     except EngineError as e:
         raise UserError(str(e)) from None
     out = {"images": np.stack(images), "experts": experts,
            "seconds_per_image": (time.perf_counter() - t0) / len(captions)}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=out["images"], experts=np.asarray(experts), spi=out["seconds_per_image"],
-                         key=np.asarray(key))
+        _save_npz(path, images=out["images"], experts=np.asarray(experts), spi=out["seconds_per_image"],
+                  key=np.asarray(key))
+        partial.unlink(missing_ok=True)
     return out
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 # -- metrics --------------------------------------------------------------------------------------------
