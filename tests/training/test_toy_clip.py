@@ -1,0 +1,60 @@
+"""The shipped toy CLIP (training/toy/clip/): loads offline through the same code path as a real CLIP
+directory, covers the toy vocabulary, and retrieves held-out images far above chance."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.metrics import ClipEmbedder, clip_score
+from training.toy import EVAL_SEED, samples
+from training.toy.clip import clip_dir, retrieval_accuracy, toy_vocabulary, train, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    return ClipEmbedder(clip_dir())
+
+
+def test_shipped_toy_clip_is_small_and_records_its_recipe():
+    files = {f.name: f.stat().st_size for f in clip_dir().iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "train.json"} <= set(files)
+    assert sum(files.values()) < 10 * 2 ** 20
+    info = json.loads((clip_dir() / "train.json").read_text())
+    assert info["heldout_retrieval"]["top1"] > 0.3
+
+
+def test_toy_clip_retrieves_held_out_images_far_above_chance(toy_clip):
+    # 256 held-out captions (never seen in training), each among 32 candidate images; chance is 1/32
+    acc = retrieval_accuracy(toy_clip.model, toy_clip.tokenizer, n=256, candidates=32)
+    assert acc["top1"] > 0.3 > 8 * acc["chance"]
+
+
+def test_every_toy_caption_word_is_in_the_vocabulary():
+    tok = word_tokenizer(toy_vocabulary())
+    caps = [s.caption for s in samples(500, EVAL_SEED)] + [s.caption for s in samples(500, 0)]
+    assert all(tok.unk_token_id not in ids for ids in tok(caps)["input_ids"])
+
+
+def test_matching_captions_score_higher_than_shuffled_ones(toy_clip):
+    data = samples(64, EVAL_SEED + 3)
+    images = np.stack([s.image for s in data])
+    caps = [s.caption for s in data]
+    assert clip_score(images, caps, toy_clip) > clip_score(images, caps[1:] + caps[:1], toy_clip) + 5
+
+
+def test_recipe_runs_and_writes_a_loadable_directory(tmp_path):
+    from training.toy.clip import save_clip_dir
+
+    model, tok, info = train(steps=2, batch=8, pool=32, width=32, layers=2, progress=False, eval_n=64)
+    assert info["recipe"]["steps"] == 2 and 0 <= info["heldout_retrieval"]["top1"] <= 1
+    d = save_clip_dir(tmp_path / "clip", model, tok, info=info)
+    emb = ClipEmbedder(d).image_embeddings(np.zeros((2, 32, 32, 3), np.uint8))
+    assert emb.shape == (2, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1)
