@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "route": ("aptp.commands.route", "route prompts to experts with an export directory"),
     "generate": ("aptp.commands.generate", "generate images with an export directory"),
     "serve": ("aptp.commands.serve", "serve an export over HTTP (OpenAI images API, per-expert batching, metrics)"),
+    "eval": ("aptp.commands.eval", "quality against MACs: CLIP score, CMMD, FD-CLIP (FID) per model and expert"),
     "bench": ("aptp.commands.bench", "measure latency against MACs per expert and backend"),
     "doctor": ("aptp.commands.doctor", "versions, GPU and working providers here; does an export's plans match"),
 }

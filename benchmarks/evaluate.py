@@ -32,13 +32,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aptp_export.errors import UserError
-from aptp_export.fileio import atomic_path, write_json, write_text
 from engines import EngineError, Runtime
+from engines.errors import UserError
+from engines.fileio import atomic_path, write_json, write_text
 from training.toy import EVAL_SEED, read_imagefolder, sample_at
 from training.toy.clip import clip_dir as toy_clip_dir
 
-from .metrics import ClipEmbedder, check_inception_weights, clip_score_from_embeddings, cmmd, frechet_distance, inception_fid
+from .metrics import (
+    ClipEmbedder,
+    check_inception_weights,
+    clip_score_from_embeddings,
+    cmmd,
+    frechet_distance,
+    inception_fid,
+)
 
 TOY_DATA_SEED = EVAL_SEED + 11  # held-out toy captions, disjoint from the demo's routing prompts (EVAL_SEED + 7)
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "one"}

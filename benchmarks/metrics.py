@@ -39,7 +39,7 @@ try:  # transformers >= 5: the PIL backend by name (the default class wants torc
 except ImportError:  # transformers 4: CLIPImageProcessor is the PIL/numpy one
     from transformers import CLIPImageProcessor as _ClipImageProcessor
 
-from aptp_export.errors import UserError
+from engines.errors import UserError
 
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
@@ -205,8 +205,8 @@ def check_inception_weights(path) -> Path:
 
 def _fid_metric(weights_path):
     try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
         import torch_fidelity  # noqa: F401  (torchmetrics' FID feature extractor)
+        from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as e:
         raise UserError(f"FID needs the eval extra: pip install 'aptp[eval]' (torchmetrics, torch-fidelity, "
                         f"which needs a torchvision matching your torch) ({e})") from None

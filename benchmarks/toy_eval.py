@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from aptp_export.export_run import export_run
+
 from engines import Runtime
 from training.config import load_config
 from training.finetune import run_finetune

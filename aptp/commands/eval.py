@@ -6,9 +6,12 @@ shipped toy CLIP is used by default; nothing is downloaded."""
 
 from __future__ import annotations
 
+from aptp.args import add_export_argument
+from benchmarks.evaluate import EvalConfig, evaluate
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--engines", required=True, metavar="DIR", help="export directory (with manifest.json)")
+    add_export_argument(parser)
     parser.add_argument("--data", default="toy", metavar="DIR_OR_toy",
                         help="'toy' (held-out toy world captions) or an imagefolder directory with metadata.jsonl")
     parser.add_argument("-n", type=int, default=1000, help="captions to evaluate (the first N rows; default 1000)")
@@ -32,11 +35,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    # imported here, not at the top: the parser imports every verb, and `aptp route` must keep working on a
-    # runtime-only install (no torch / transformers)
-    from benchmarks.evaluate import EvalConfig, evaluate
-
-    cfg = EvalConfig(engines=args.engines, data=args.data, n=args.n, models=args.models, static=args.static,
+    cfg = EvalConfig(engines=args.export, data=args.data, n=args.n, models=args.models, static=args.static,
                      clip=args.clip, cmmd_clip=args.cmmd_clip, inception=args.inception, out=args.out,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                      batch_size=args.batch_size, resize=args.resize, threads=args.threads)

@@ -10,8 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from aptp_export.errors import UserError
-from benchmarks.evaluate import EvalConfig, demo_quality, demo_quality_markdown, load_data, prepare_images, top_words_by_lift
+from benchmarks.evaluate import (
+    EvalConfig,
+    demo_quality,
+    demo_quality_markdown,
+    load_data,
+    prepare_images,
+    top_words_by_lift,
+)
+from engines.errors import UserError
 from training.toy import EVAL_SEED, sample_at
 from training.toy.clip import make_model, save_clip_dir, toy_vocabulary, word_tokenizer
 

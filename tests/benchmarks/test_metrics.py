@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from aptp_export.errors import UserError
 from benchmarks.metrics import (
     ClipEmbedder,
     check_inception_weights,
@@ -20,6 +19,7 @@ from benchmarks.metrics import (
     frechet_distance,
     inception_fid,
 )
+from engines.errors import UserError
 from training.toy.clip import make_model, save_clip_dir, toy_vocabulary, word_tokenizer
 
 

@@ -7,25 +7,21 @@ import json
 import math
 import os
 import socket
-import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared export fixture
 
 import numpy as np
 import pytest
 from engines_export_fixture import build_export
 from PIL import Image
 
-from aptp_export import cli
+from aptp import cli
 from training.toy.clip import make_model, save_clip_dir, toy_vocabulary, word_tokenizer
 
 
 def aptp(argv, monkeypatch):
-    """`aptp ARGV` through the real entry point, with the eval verb registered (until the CLI move)."""
-    monkeypatch.setitem(cli.VERBS, "eval", ("aptp.commands.eval", "quality against MACs"))
+    """`aptp ARGV` through the real entry point."""
     return cli.main(argv)
 
 

@@ -36,10 +36,20 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from aptp_export.fileio import write_json
+from engines.fileio import write_json
 
 from .font import DIGITS, LETTERS
-from .world import EVAL_SEED, NUMBER_WORDS, OBJECT_COLOURS, PALETTE, PLURAL, POSITION_PHRASE, SHAPES, SIZE, sample_at
+from .world import (
+    EVAL_SEED,
+    NUMBER_WORDS,
+    OBJECT_COLOURS,
+    PALETTE,
+    PLURAL,
+    POSITION_PHRASE,
+    SHAPES,
+    SIZE,
+    sample_at,
+)
 
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3; eos != 2 so CLIP pools at the first eos token
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
