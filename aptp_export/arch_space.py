@@ -16,6 +16,7 @@ Units (see docs/method.md §1 for why the gates sit where they do):
 | `ff_width`          | `inner/ff_groups` GEGLU channels            | input of `ff.net[2]` (after the product) |
 | `resnet_depth`      | a ResBlock's residual branch               | output becomes `shortcut(x)/scale`       |
 | `transformer_depth` | a whole `Transformer2DModel`               | output becomes its input                 |
+| `layer_depth`       | one `BasicTransformerBlock` of a transformer | output becomes its input               |
 
 Order of the vector (stable, documented): all width units first, then all depth units. Width groups follow
 the forward order of the UNet (down blocks, mid block, up blocks; inside a block resnet j, then transformer j;
@@ -25,11 +26,18 @@ order. Depth groups follow the same forward order.
 Depth-prunable blocks (`depth_blocks`): "last" (the reference's choice: the last ResBlock and the last
 transformer of every down and up block; the mid block is never depth-pruned), "all" (every ResBlock and
 transformer, mid block included) or "none".
+Depth-prunable transformer layers (`layer_depth`): "multi" (every BasicTransformerBlock of a transformer
+that holds more than one, mid block included: SDXL's 2- and 10-layer transformers; SD 1.5 / 2.1 have none),
+"all" (every BasicTransformerBlock) or "none". A layer unit inside a depth-prunable transformer is nested:
+its `depth_unit` is the transformer's unit, and the layer's width groups name both (`depth_units`).
 
 Supported UNets: `UNet2DConditionModel` with down blocks DownBlock2D / CrossAttnDownBlock2D, up blocks
 UpBlock2D / CrossAttnUpBlock2D, mid block UNetMidBlock2DCrossAttn (or none), any number of levels, layers per
 block, transformer layers per block, heads, head size, GroupNorm groups, cross-attention width, linear or
-1x1-conv projections. Rejected with a UserError naming the feature: class / addition / encoder-hidden
+1x1-conv projections, and SDXL's addition embedding (`addition_embed_type="text_time"`: `add_time_proj` and
+`add_embedding`, kept dense and counted in the MACs; the forward then needs
+`added_cond_kwargs={"text_embeds": [B, D_pool], "time_ids": [B, 6]}`). SD 1.5, SD 2.1 and SDXL UNets are
+supported. Rejected with a UserError naming the feature: class / other addition / encoder-hidden
 embeddings, time-conditioning projections, scale-shift ResBlocks, up/down-sampling ResBlocks, dual or
 only-cross attention, gated (GLIGEN) attention, feed-forwards other than GEGLU, fused QKV projections and
 attention processors that do not apply `to_out[0]` to the merged heads (IP-Adapter, custom processors).
@@ -47,6 +55,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
+from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
@@ -60,6 +69,9 @@ from .unet_configs import build_unet, clean_config, config_key, is_unet, unwrap_
 from .unit_kinds import DEPTH_KINDS
 
 DEPTH_BLOCK_CHOICES = ("last", "all", "none")
+LAYER_DEPTH_CHOICES = ("multi", "all", "none")
+# Space descriptions written before `layer_depth` existed had no layer units: read them so.
+_LEGACY_LAYER_DEPTH = "none"
 FORMAT = "aptp-arch-space"
 FORMAT_VERSION = 1
 
@@ -79,7 +91,10 @@ class UnitGroup:
 
     name: module path in the UNet (the ResBlock, the Attention, the FeedForward or the Transformer2DModel).
     unit_channels: channels per unit (GroupNorm group size, head size, FF channels per group; 1 for depth).
-    depth_unit: vector index of the depth unit whose block contains this width group, or None.
+    depth_unit: vector index of the innermost depth unit whose block contains this group, or None (for a
+        layer unit inside a depth-prunable transformer: the transformer's unit).
+    depth_units: every enclosing depth unit, outermost first (ends with depth_unit; empty if None). The
+        group is removed when any of them is off.
     """
 
     name: str
@@ -88,6 +103,11 @@ class UnitGroup:
     stop: int
     unit_channels: int
     depth_unit: int | None = None
+    depth_units: tuple[int, ...] = ()
+
+    def removed(self, keep) -> bool:
+        """Whether an enclosing depth unit is off in the binary vector `keep` ([D] bool / 0-1)."""
+        return any(not keep[u] for u in self.depth_units)
 
     @property
     def num_units(self) -> int:
@@ -101,9 +121,12 @@ class UnitGroup:
 class ArchSpace:
     """Prunable units of one UNet structure (built from its config; holds no weights)."""
 
-    def __init__(self, unet_config: dict, depth_blocks: str = "last", ff_groups: int = 32, _model=None):
+    def __init__(self, unet_config: dict, depth_blocks: str = "last", ff_groups: int = 32,
+                 layer_depth: str = "multi", _model=None):
         if depth_blocks not in DEPTH_BLOCK_CHOICES:
             raise UserError(f"depth_blocks must be one of {', '.join(DEPTH_BLOCK_CHOICES)}, got {depth_blocks!r}")
+        if layer_depth not in LAYER_DEPTH_CHOICES:
+            raise UserError(f"layer_depth must be one of {', '.join(LAYER_DEPTH_CHOICES)}, got {layer_depth!r}")
         if not isinstance(ff_groups, int) or isinstance(ff_groups, bool) or ff_groups < 1:
             raise UserError(f"ff_groups must be a positive integer, got {ff_groups!r}")
         if not isinstance(unet_config, dict) and not hasattr(unet_config, "items"):
@@ -114,18 +137,20 @@ class ArchSpace:
         self.unet_config = clean_config(model.config)
         self.depth_blocks = depth_blocks
         self.ff_groups = ff_groups
+        self.layer_depth = layer_depth
         self.config_key = config_key(self.unet_config)
         self.dense_params = int(sum(p.numel() for p in model.parameters()))
         self._ref_shapes = _shapes(model)
-        groups, terms, program = _Discovery(model, self.unet_config, depth_blocks, ff_groups).run()
+        groups, terms, program, parents = _Discovery(model, self.unet_config, depth_blocks, ff_groups,
+                                                     layer_depth).run()
         self.groups: list[UnitGroup] = groups
         self.num_units: int = groups[-1].stop if groups else 0
         self._mac_model = MacModel(terms, program, [(g.start, g.stop, g.unit_channels) for g in groups],
-                                   self.num_units)
+                                   self.num_units, parents)
 
     # ---------------------------------------------------------------- construction and serialisation
     @classmethod
-    def from_unet(cls, unet, depth_blocks: str = "last", ff_groups: int = 32) -> ArchSpace:
+    def from_unet(cls, unet, depth_blocks: str = "last", ff_groups: int = 32, layer_depth: str = "multi") -> ArchSpace:
         """The space of a dense `UNet2DConditionModel` (its config must describe its weights); DDP /
         accelerate / torch.compile wrappers are looked through."""
         unet = unwrap_unet(unet)
@@ -134,12 +159,13 @@ class ArchSpace:
         model = _build_structure(cfg)
         _check_same_structure(unet, model)
         check_processors(unet)
-        return cls(cfg, depth_blocks=depth_blocks, ff_groups=ff_groups, _model=model)
+        return cls(cfg, depth_blocks=depth_blocks, ff_groups=ff_groups, layer_depth=layer_depth, _model=model)
 
     @classmethod
-    def from_config(cls, unet_config: dict, depth_blocks: str = "last", ff_groups: int = 32) -> ArchSpace:
+    def from_config(cls, unet_config: dict, depth_blocks: str = "last", ff_groups: int = 32,
+                    layer_depth: str = "multi") -> ArchSpace:
         """The space of the UNet that `UNet2DConditionModel.from_config(unet_config)` builds."""
-        return cls(unet_config, depth_blocks=depth_blocks, ff_groups=ff_groups)
+        return cls(unet_config, depth_blocks=depth_blocks, ff_groups=ff_groups, layer_depth=layer_depth)
 
     def to_dict(self) -> dict:
         """JSON-able description; `ArchSpace.from_dict(space.to_dict())` rebuilds the same space."""
@@ -149,6 +175,7 @@ class ArchSpace:
             "unet_config": self.unet_config,
             "depth_blocks": self.depth_blocks,
             "ff_groups": self.ff_groups,
+            "layer_depth": self.layer_depth,
             "num_units": self.num_units,
         }
 
@@ -160,12 +187,13 @@ class ArchSpace:
             raise UserError(f"not an architecture space description (format {d.get('format')!r}, expected {FORMAT!r})")
         if d.get("version") != FORMAT_VERSION:
             raise UserError(f"architecture space version {d.get('version')!r} is not supported (expected {FORMAT_VERSION})")
-        unknown = set(d) - {"format", "version", "unet_config", "depth_blocks", "ff_groups", "num_units"}
+        unknown = set(d) - {"format", "version", "unet_config", "depth_blocks", "ff_groups", "layer_depth", "num_units"}
         if unknown:
             raise UserError(f"unknown key(s) in architecture space description: {', '.join(sorted(unknown))}")
         if not isinstance(d.get("unet_config"), dict):
             raise UserError("architecture space description has no unet_config object")
-        space = cls(d["unet_config"], depth_blocks=d.get("depth_blocks", "last"), ff_groups=d.get("ff_groups", 32))
+        space = cls(d["unet_config"], depth_blocks=d.get("depth_blocks", "last"), ff_groups=d.get("ff_groups", 32),
+                    layer_depth=d.get("layer_depth", _LEGACY_LAYER_DEPTH))
         if "num_units" in d and d["num_units"] != space.num_units:
             raise UserError(f"architecture space description says {d['num_units']} units but this version of aptp "
                             f"finds {space.num_units} in that UNet")
@@ -174,7 +202,8 @@ class ArchSpace:
     def __repr__(self) -> str:
         nw = sum(g.num_units for g in self.width_groups)
         return (f"ArchSpace(D={self.num_units}: {nw} width units in {len(self.width_groups)} groups + "
-                f"{len(self.depth_groups)} depth units, depth_blocks={self.depth_blocks!r}, ff_groups={self.ff_groups})")
+                f"{len(self.depth_groups)} depth units, depth_blocks={self.depth_blocks!r}, ff_groups={self.ff_groups}, "
+                f"layer_depth={self.layer_depth!r})")
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ArchSpace) and self.to_dict() == other.to_dict()
@@ -251,6 +280,9 @@ class ArchSpace:
     def effective(self, arch):
         """The binary vector with every width unit inside a removed depth unit set to 0 (same sub-network)."""
         a = self.binarize(arch).clone()
+        for g in self.depth_groups:  # outer units precede the layer units nested in them
+            if g.depth_unit is not None:
+                a[..., g.start:g.stop] *= a[..., g.depth_unit:g.depth_unit + 1]
         for g in self.width_groups:
             if g.depth_unit is not None:
                 a[..., g.start:g.stop] *= a[..., g.depth_unit:g.depth_unit + 1]
@@ -340,7 +372,7 @@ class ArchSpace:
         out.append("")
         out.append(f"D = {self.num_units} units: {nw} width units in {len(self.width_groups)} groups, "
                    f"{len(self.depth_groups)} depth units (depth_blocks={self.depth_blocks!r}, "
-                   f"ff_groups={self.ff_groups})")
+                   f"ff_groups={self.ff_groups}, layer_depth={self.layer_depth!r})")
         out.append(f"dense: {self.dense_params / 1e6:.2f} M parameters, "
                    f"{self.dense_macs(h, w, text_len) / 1e9:.3f} GMACs at a {h}x{w} latent, {text_len} tokens, batch 1 "
                    "(true MACs; attention products counted once)")
@@ -434,14 +466,15 @@ def _check_same_structure(unet, model=None, space: ArchSpace | None = None) -> N
 class _Discovery:
     """Walks a (meta) UNet in forward order; collects unit groups, MAC terms and the resolution program."""
 
-    def __init__(self, model, cfg: dict, depth_blocks: str, ff_groups: int):
+    def __init__(self, model, cfg: dict, depth_blocks: str, ff_groups: int, layer_depth: str = "multi"):
         self.model = model
         self.cfg = cfg
         self.depth_blocks = depth_blocks
         self.ff_groups = ff_groups
+        self.layer_depth = layer_depth
         self.mods = dict(model.named_modules())
         self.width: list[list] = []  # [name, kind, units, unit_channels, depth_ref]
-        self.depth: list[list] = []  # [name, kind]
+        self.depth: list[list] = []  # [name, kind, enclosing depth_ref | None]
         self.terms: list[tuple] = []  # (coef, tokens, slot, ("w"|"d", i) | None, depth_ref | None, module)
         self.program: list[tuple] = []
         self.problems: list[str] = []
@@ -459,8 +492,8 @@ class _Discovery:
         self.width.append([name, kind, units, unit_channels, depth_ref])
         return len(self.width) - 1
 
-    def add_depth(self, name, kind) -> int:
-        self.depth.append([name, kind])
+    def add_depth(self, name, kind, parent=None) -> int:
+        self.depth.append([name, kind, parent])
         return len(self.depth) - 1
 
     def term(self, coef, tokens, slot, group, depth, module) -> None:
@@ -526,23 +559,27 @@ class _Discovery:
             return
         d = self.add_depth(path, "transformer_depth") if prunable else None
         self.proj(f"{path}.proj_in", slot, d)
+        n_layers = len(t.transformer_blocks)
+        layers = self.layer_depth == "all" or (self.layer_depth == "multi" and n_layers > 1)
         for k, b in enumerate(t.transformer_blocks):
             bp = f"{path}.transformer_blocks.{k}"
             if type(b) is not BasicTransformerBlock:
                 self.problem(f"transformer block type {type(b).__name__} (at {bp})")
                 continue
+            # a BasicTransformerBlock is three residual branches (attn1, attn2, ff): removing it is exact
+            bd = self.add_depth(bp, "layer_depth", parent=d) if layers else d
             if b.norm_type != "layer_norm" or b.pos_embed is not None:
                 self.problem(f"transformer blocks with norm_type={b.norm_type!r} or positional embeddings")
             if b.only_cross_attention:
                 self.problem("only_cross_attention")
             if hasattr(b, "fuser"):
                 self.problem("gated (GLIGEN) attention")
-            self.attention(f"{bp}.attn1", slot, d, cross=False)
+            self.attention(f"{bp}.attn1", slot, bd, cross=False)
             if b.attn2 is not None:
                 if not b.attn2.is_cross_attention:
                     self.problem("double_self_attention (a second self-attention instead of cross-attention)")
-                self.attention(f"{bp}.attn2", slot, d, cross=True)
-            self.feed_forward(f"{bp}.ff", slot, d)
+                self.attention(f"{bp}.attn2", slot, bd, cross=True)
+            self.feed_forward(f"{bp}.ff", slot, bd)
         self.proj(f"{path}.proj_out", slot, d)
 
     def attention(self, path, slot, depth, cross) -> None:
@@ -613,8 +650,10 @@ class _Discovery:
     # ------------------------------------------------------------ walk
     def run(self):
         m, cfg = self.model, self.cfg
+        addition = cfg.get("addition_embed_type")
+        if addition not in (None, "text_time"):
+            self.problem(f"addition embeddings (addition_embed_type={addition!r}; only SDXL's 'text_time')")
         for key, label in (("class_embed_type", "class embeddings"), ("num_class_embeds", "class embeddings"),
-                           ("addition_embed_type", "addition embeddings"),
                            ("encoder_hid_dim", "encoder_hid_dim projections"),
                            ("encoder_hid_dim_type", "encoder_hid_dim projections"),
                            ("time_cond_proj_dim", "time-conditioning projections"),
@@ -632,8 +671,9 @@ class _Discovery:
             v = cfg.get(key)
             if v is True or (isinstance(v, list) and any(v)):
                 self.problem(f"{key}")
-        if getattr(m, "class_embedding", None) is not None or getattr(m, "add_embedding", None) is not None \
-                or getattr(m, "encoder_hid_proj", None) is not None or getattr(m, "position_net", None) is not None:
+        if getattr(m, "class_embedding", None) is not None or getattr(m, "encoder_hid_proj", None) is not None \
+                or getattr(m, "position_net", None) is not None \
+                or (getattr(m, "add_embedding", None) is not None and addition != "text_time"):
             self.problem("extra embeddings (class / addition / encoder_hid / GLIGEN position net)")
 
         s0 = self.slot(("input",))
@@ -643,6 +683,15 @@ class _Discovery:
             self.problem("time-conditioning projections (time_cond_proj_dim)")
         self.linear("time_embedding.linear_1", "one", -1)
         self.linear("time_embedding.linear_2", "one", -1)
+        if addition == "text_time":
+            # SDXL: sinusoidal features of time_ids (no MACs) concatenated with text_embeds, then an MLP added
+            # to the time embedding; kept dense (its output width is the time embedding's, never pruned).
+            ae = getattr(m, "add_embedding", None)
+            if type(ae) is not TimestepEmbedding or ae.cond_proj is not None or ae.post_act is not None:
+                self.problem(f"addition embedding {type(ae).__name__} (only diffusers' TimestepEmbedding)")
+            else:
+                self.linear("add_embedding.linear_1", "one", -1)
+                self.linear("add_embedding.linear_2", "one", -1)
 
         skips, cur = [s0], s0
         down_ok = {"DownBlock2D", "CrossAttnDownBlock2D"}
@@ -704,16 +753,27 @@ class _Discovery:
         n_width_units = sum(w[2] for w in self.width)
         # depth unit j sits at vector index n_width_units + j (one unit each)
         depth_index = [n_width_units + j for j in range(len(self.depth))]
+
+        def chain(dref) -> tuple[int, ...]:  # enclosing depth units, outermost first
+            out = []
+            while dref is not None:
+                out.append(depth_index[dref])
+                dref = self.depth[dref][2]
+            return tuple(reversed(out))
+
         for name, kind, units, uc, dref in self.width:
             groups.append(UnitGroup(name, kind, pos, pos + units, uc,
-                                    None if dref is None else depth_index[dref]))
+                                    None if dref is None else depth_index[dref], chain(dref)))
             pos += units
-        for j, (name, kind) in enumerate(self.depth):
-            groups.append(UnitGroup(name, kind, depth_index[j], depth_index[j] + 1, 1, None))
+        for j, (name, kind, parent) in enumerate(self.depth):
+            groups.append(UnitGroup(name, kind, depth_index[j], depth_index[j] + 1, 1,
+                                    None if parent is None else depth_index[parent], chain(parent)))
         nw = len(self.width)
+        # the MAC model's parent of every group (index into groups): a nested depth unit's enclosing unit
+        parents = [-1] * nw + [-1 if p is None else nw + p for _, _, p in self.depth]
         terms = []
         for coef, tokens, slot, grp, dref, module in self.terms:
             gi = -1 if grp is None else grp[1]
             di = -1 if dref is None else nw + dref
             terms.append(MacTerm(coef, tokens, slot, gi, di, module))
-        return groups, terms, self.program
+        return groups, terms, self.program, parents

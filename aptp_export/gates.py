@@ -7,6 +7,7 @@
 | `attn_heads`        | pre-hook on `attn.to_out[0]`            | each head's output x its gate              |
 | `ff_width`          | pre-hook on `ff.net[2]`                 | GEGLU product channels x gate              |
 | `transformer_depth` | hook on `transformer.proj_out` output   | transformer branch x gate -> its input     |
+| `layer_depth`       | hook on a `BasicTransformerBlock`       | g * output + (1 - g) * input -> its input  |
 
 Because every gate multiplies a quantity that enters the next layer linearly (after every normalisation and
 non-linearity of its own path), a gate of 0 is exactly the removal of the unit (materialize.py), and a soft
@@ -73,6 +74,18 @@ def _depth_hook(arch, index):
     return hook
 
 
+def _residual_hook(arch, index):
+    """A block made only of residual branches: g * block(x) + (1 - g) * x. At g = 1 this is block(x)
+    bit for bit (x * 0 adds zero), at g = 0 exactly x (the removed block)."""
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        d = _depth_factor(arch[..., index], output)
+        return output * d + x * (1 - d)
+
+    return hook
+
+
 @contextmanager
 def gate_hooks(space, unet, arch):
     """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
@@ -92,8 +105,10 @@ def gate_hooks(space, unet, arch):
     try:
         for g in space.groups:
             kind = UNIT_KINDS[g.kind]
-            target = mods[g.name + kind.gate_at]
-            if kind.depth:
+            target = mods[g.name + kind.gate_at]  # gate_at "": the group's module itself
+            if kind.gate_layout == "residual":
+                handles.append(target.register_forward_hook(_residual_hook(a, g.start), with_kwargs=True))
+            elif kind.depth:
                 handles.append(target.register_forward_hook(_depth_hook(a, g.start)))
             else:
                 hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, kind.gate_layout)

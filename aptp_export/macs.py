@@ -10,7 +10,8 @@ The MACs of an architecture vector `a` are a sum of *terms*, one per matrix prod
   term has no width group): a convolution or linear layer is linear in its kept input or output channels,
   an attention product is linear in the kept heads;
 - `d_e(a)` is the depth gate of the block containing the term (1 if none): a removed block removes all MACs of
-  its residual branch, including those of its width units.
+  its residual branch, including those of its width units. A depth unit nested in another (an SDXL
+  transformer layer in a depth-prunable transformer) is multiplied by its enclosing unit's gate too.
 
 Every term has at most one width group because the pruned dimensions are block-internal (`conv1`->`conv2`,
 q/k/v->`to_out`, GEGLU->`ff.net[2]`) and never meet each other in one product. The formula is therefore exact
@@ -18,7 +19,7 @@ for binary vectors: it equals the MACs of the physically pruned model (see docs/
 against torch's FlopCounterMode), and for soft gates it is a smooth, differentiable interpolation.
 
 Counted: convolutions (conv_in, ResBlock convs and 1x1 shortcuts, down/up-sampler convs, conv_out, 1x1
-proj_in/proj_out), linear layers (time-embedding MLP, time_emb_proj, proj_in/proj_out, to_q/k/v/out, GEGLU
+proj_in/proj_out), linear layers (time-embedding MLP, SDXL's addition-embedding MLP, time_emb_proj, proj_in/proj_out, to_q/k/v/out, GEGLU
 projection, ff output) and both attention products per kept head (QK^T and AV; self-attention N*N*d each,
 cross-attention N*L*d each), at batch 1. Not counted (small and not matrix products): GroupNorm, LayerNorm,
 SiLU/GELU, softmax, the attention scale, residual adds, bias adds, up-sampling interpolation, the sinusoidal
@@ -80,11 +81,12 @@ class MacModel:
     """Evaluates the MAC terms of a space for binary or soft architecture vectors.
 
     `group_slices[g] = (start, stop, unit_channels)` for every group of the space (width and depth groups; a
-    depth group has one unit of "1 channel", so its kept value is its gate).
+    depth group has one unit of "1 channel", so its kept value is its gate). `parents[g]`: the group index of
+    the depth unit enclosing depth group g (-1 if none); one level of nesting is supported.
     """
 
     def __init__(self, terms: list[MacTerm], program: list[tuple], group_slices: list[tuple[int, int, int]],
-                 num_units: int):
+                 num_units: int, parents: list[int] | None = None):
         self.terms = list(terms)
         self.program = list(program)
         self.num_units = num_units
@@ -97,6 +99,12 @@ class MacModel:
         self._w = w
         self._group_idx = np.array([t.group for t in self.terms], dtype=np.int64)
         self._depth_idx = np.array([t.depth for t in self.terms], dtype=np.int64)
+        par = np.full(g + 1, -1, dtype=np.int64)  # last entry: "no depth group" has no parent
+        if parents is not None:
+            par[:g] = parents
+            if (par[par[par >= 0]] >= 0).any():
+                raise ValueError("MacModel: depth units nested more than one level deep")
+        self._outer_idx = par[self._depth_idx]
         self._coef_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._torch_cache: dict = {}
 
@@ -125,14 +133,16 @@ class MacModel:
     def per_term(self, arch: np.ndarray, height: int, width: int, text_len: int) -> np.ndarray:
         """MACs of every term for one binary/soft vector [D] (float64 numpy [T])."""
         kept = np.concatenate([arch.astype(np.float64) @ self._w[:, :-1], [1.0]])
-        return self.coefficients(height, width, text_len) * kept[self._group_idx] * kept[self._depth_idx]
+        return (self.coefficients(height, width, text_len) * kept[self._group_idx] * kept[self._depth_idx]
+                * kept[self._outer_idx])
 
     def numpy(self, arch: np.ndarray, height: int, width: int, text_len: int) -> np.ndarray:
         """MACs for arch [D] or [B, D] (numpy, float64) -> [] or [B]."""
         a = np.atleast_2d(arch).astype(np.float64)
         kept = a @ self._w
         kept[:, -1] = 1.0
-        terms = self.coefficients(height, width, text_len) * kept[:, self._group_idx] * kept[:, self._depth_idx]
+        terms = (self.coefficients(height, width, text_len) * kept[:, self._group_idx] * kept[:, self._depth_idx]
+                 * kept[:, self._outer_idx])
         out = terms.sum(-1)
         return out if np.ndim(arch) == 2 else out[0]
 
@@ -146,12 +156,13 @@ class MacModel:
                 torch.as_tensor(self.coefficients(height, width, text_len), device=arch.device),
                 torch.as_tensor(self._group_idx, device=arch.device),
                 torch.as_tensor(self._depth_idx, device=arch.device),
+                torch.as_tensor(self._outer_idx, device=arch.device),
             )
-        w, coef, gidx, didx = self._torch_cache[key]
+        w, coef, gidx, didx, oidx = self._torch_cache[key]
         a = arch.to(torch.float64)
         a2 = a.unsqueeze(0) if a.ndim == 1 else a
         kept = a2 @ w[:, :-1]
         kept = torch.cat([kept, torch.ones_like(kept[:, :1])], dim=1)
-        out = (coef * kept[:, gidx] * kept[:, didx]).sum(-1)
+        out = (coef * kept[:, gidx] * kept[:, didx] * kept[:, oidx]).sum(-1)
         out = out.to(arch.dtype if arch.is_floating_point() else torch.float32)
         return out[0] if a.ndim == 1 else out

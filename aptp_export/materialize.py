@@ -41,7 +41,7 @@ from diffusers.models.attention_processor import Attention
 from engines.errors import UserError
 
 from .gates import is_gated
-from .unet_configs import build_unet, unwrap_unet
+from .unet_configs import added_cond_kwargs, build_unet, unwrap_unet
 from .unit_kinds import UNIT_KINDS
 
 # ==================================================================== the pruning plan (torch-pruning)
@@ -70,11 +70,15 @@ def _example_inputs(model) -> dict:
     ctx = next((m.to_k.in_features for m in model.modules() if isinstance(m, Attention) and m.is_cross_attention),
                model.config.cross_attention_dim if isinstance(model.config.cross_attention_dim, int) else 8)
     dev = "meta"
-    return {
+    out = {
         "sample": torch.zeros(1, model.config.in_channels, side, side, device=dev),
         "timestep": torch.ones(1, device=dev),
         "encoder_hidden_states": torch.zeros(1, 2, ctx, device=dev),
     }
+    added = added_cond_kwargs(model.config, 1, device=dev)
+    if added is not None:
+        out["added_cond_kwargs"] = added
+    return out
 
 
 def pruning_template(space) -> dict[str, list[PlanItem]]:
@@ -133,7 +137,7 @@ def apply_arch_(space, model: nn.Module, keep: np.ndarray) -> nn.Module:
     mods = dict(model.named_modules())
     with torch.no_grad():
         for g in space.width_groups:
-            if g.depth_unit is not None and not keep[g.depth_unit]:
+            if g.removed(keep):
                 continue  # the whole block is replaced below
             k = keep[g.start:g.stop]
             if k.all():
@@ -151,7 +155,7 @@ def apply_arch_(space, model: nn.Module, keep: np.ndarray) -> nn.Module:
             if not UNIT_KINDS[g.kind].fix(mods[g.name], int(k.sum()), ch):
                 raise RuntimeError(f"pruning {g.name} did not leave {ch} channels in every coupled layer")
         for g in space.depth_groups:
-            if not keep[g.start]:
+            if not keep[g.start] and not g.removed(keep):  # a layer in a removed transformer goes with it
                 _set_module(model, g.name, UNIT_KINDS[g.kind].replace(mods[g.name]))
     return model
 

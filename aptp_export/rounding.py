@@ -60,7 +60,7 @@ def round_units(space, arch, multiple: int):
     out = keep.copy()
     if m > 1:
         for g in space.width_groups:
-            if g.depth_unit is not None and not keep[g.depth_unit]:
+            if g.removed(keep):
                 continue
             k_mask = keep[g.start:g.stop]
             k = int(k_mask.sum())
@@ -80,7 +80,7 @@ def rounding_summary(space, arch, rounded, multiple: int) -> dict:
     a, r = _binary(space, arch), _binary(space, rounded)
     changed = unreachable = 0
     for g in space.width_groups:
-        if g.depth_unit is not None and not a[g.depth_unit]:
+        if g.removed(a):
             continue
         k, kr = int(a[g.start:g.stop].sum()), int(r[g.start:g.stop].sum())
         changed += kr != k
@@ -116,7 +116,7 @@ def pad_expert(space, expert: nn.Module, arch, rounded) -> nn.Module:
     positions: dict[str, np.ndarray] = {}
     sizes: dict[str, tuple[int, int]] = {}
     for g in space.width_groups:
-        if g.depth_unit is not None and not a[g.depth_unit]:
+        if g.removed(a):
             continue
         ka, kr = a[g.start:g.stop], r[g.start:g.stop]
         if (ka == kr).all():

@@ -1,5 +1,6 @@
 """UNet configurations as plain dicts: reading a model's config, building a UNet from one (on the meta device
-when only the structure is needed), and the reference Stable Diffusion 2.1 UNet architecture.
+when only the structure is needed), the reference UNet architectures (Stable Diffusion 1.5, 2.1 and XL), and
+SDXL's extra UNet input (`added_cond_kwargs`).
 
 A UNet's *config* (diffusers' `unet.config` without the private `_…` keys, tuples as lists) is what the
 architecture space, expert files and export code pass around; the weights travel separately as safetensors.
@@ -35,6 +36,94 @@ SD21_UNET_CONFIG: dict = {
     "freq_shift": 0,
     "mid_block_scale_factor": 1,
 }
+
+
+# Stable Diffusion 1.5 (512 px, epsilon) UNet: 859.5 M parameters, latent 64x64x4, CLIP ViT-L text (768-d), 8 heads
+# at every level, 1x1-conv projections. Values as in runwayml/stable-diffusion-v1-5/unet/config.json.
+SD15_UNET_CONFIG: dict = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,  # diffusers' naming: 8 heads per block
+    "use_linear_projection": False,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+}
+
+# Stable Diffusion XL base 1.0 (1024 px, epsilon) UNet: 2567.5 M parameters, latent 128x128x4, two text encoders
+# (penultimate states concatenated to 2048-d; pooled 1280-d), no attention at the first level, 1/2/10 transformer
+# layers per level and 10 in the mid block. Values as in stabilityai/stable-diffusion-xl-base-1.0/unet/config.json.
+SDXL_UNET_CONFIG: dict = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],  # diffusers' naming: number of heads per block (head dim 64)
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 (pooled text) + 6 x 256 (time_ids features)
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+}
+
+TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
+
+
+def added_cond_dims(config) -> tuple[int, int] | None:
+    """(text_embeds width, time_ids count) of an SDXL-style UNet (`addition_embed_type="text_time"`), else None.
+
+    The UNet embeds each time id with `addition_time_embed_dim` sinusoidal features and concatenates them to
+    text_embeds, so text_embeds has `projection_class_embeddings_input_dim - 6 * addition_time_embed_dim`.
+    """
+    c = dict(config)
+    if c.get("addition_embed_type") != "text_time":
+        return None
+    return int(c["projection_class_embeddings_input_dim"]) - TIME_IDS * int(c["addition_time_embed_dim"]), TIME_IDS
+
+
+def added_cond_kwargs(config, batch: int, device=None, generator=None, image_size: int | None = None):
+    """The `added_cond_kwargs` an SDXL-style UNet needs ({"text_embeds": [B, D_pool], "time_ids": [B, 6]}),
+    None for other UNets. text_embeds are N(0, 1) from `generator` (zeros on the meta device); time_ids are
+    SDXL's default micro-conditioning for a square image of `image_size` px (default 8 x sample_size):
+    (size, size, 0, 0, size, size)."""
+
+    dims = added_cond_dims(config)
+    if dims is None:
+        return None
+    d_pool, n_ids = dims
+    c = dict(config)
+    s = c.get("sample_size") or 128
+    size = float(image_size if image_size is not None else 8 * int(s[0] if isinstance(s, (list, tuple)) else s))
+    if device is not None and torch.device(device).type == "meta":
+        text = torch.zeros(batch, d_pool, device=device)
+    else:
+        text = torch.randn(batch, d_pool, generator=generator).to(device or "cpu")
+    ids = torch.tensor([size, size, 0.0, 0.0, size, size][:n_ids], device=device).repeat(batch, 1)
+    return {"text_embeds": text, "time_ids": ids}
 
 
 def clean_config(config) -> dict:

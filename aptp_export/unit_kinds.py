@@ -7,6 +7,7 @@
 | `ff_width`          | a group of GEGLU channels         | pre-hook on `net.2` (product channels) | `net.2` in-channels       |
 | `resnet_depth`      | a whole ResBlock's residual branch| hook on `conv2`'s output               | - (block replaced)        |
 | `transformer_depth` | a whole Transformer2DModel        | hook on `proj_out`'s output            | - (block replaced)        |
+| `layer_depth`       | one BasicTransformerBlock         | hook on the block: `g*out + (1-g)*in`  | - (block replaced)        |
 
 Gates (gates.py) read where to hook; materialisation (materialize.py) reads the torch-pruning root,
 the layers that must be coupled to it, the attributes to fix after pruning, and the small exact
@@ -56,6 +57,14 @@ class TransformerSkip(nn.Module):
         return Transformer2DModelOutput(sample=hidden_states)
 
 
+class TransformerLayerSkip(nn.Module):
+    """A removed BasicTransformerBlock: the block is three residual branches, so without them it is the
+    identity on its hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 class ConstantAttention(nn.Module):
     """An attention layer with every head removed: `to_out[0]` of zeros, i.e. its bias at every token."""
 
@@ -84,7 +93,7 @@ class ConstantFeedForward(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
-REPLACEMENT_MODULES = (ResnetShortcut, TransformerSkip, ConstantAttention, ConstantFeedForward)
+REPLACEMENT_MODULES = (ResnetShortcut, TransformerSkip, TransformerLayerSkip, ConstantAttention, ConstantFeedForward)
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,7 +124,9 @@ class UnitKind:
 
     gate_at: submodule (suffix of the group's module path) that carries the gate hook.
     gate_layout: "nchw" / "last" - channel axis of the gated input (width kinds); "output" - the hooked
-        module's output is multiplied by the depth gate (depth kinds).
+        module's output is multiplied by the depth gate; "residual" - the hooked module's output y and its
+        input x become `g*y + (1-g)*x` (a block whose whole body is residual branches; exact at g = 0 and
+        bit-identical at g = 1) (depth kinds).
     prune_root / prune_fn / coupled: torch-pruning root layer, its pruning function name, and the exact set
         of layers the dependency graph must couple to it (anything else breaks an assumption); width only.
     fix: after pruning, set the attributes torch-pruning does not know; returns whether every coupled
@@ -149,6 +160,7 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     UnitKind("resnet_depth", True, ".conv2", "output",
              lambda m: ResnetShortcut(m.conv_shortcut, m.output_scale_factor)),
     UnitKind("transformer_depth", True, ".proj_out", "output", lambda m: TransformerSkip()),
+    UnitKind("layer_depth", True, "", "residual", lambda m: TransformerLayerSkip()),
 )}
 
 KINDS = tuple(UNIT_KINDS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from aptp_export.unet_configs import added_cond_kwargs
+
 # The toy teacher (common brief), SD-2-like, 3 levels, GroupNorm 16, per-block heads, linear projections.
 TOY = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128), layers_per_block=1,
@@ -33,6 +35,38 @@ GN32 = dict(
     cross_attention_dim=16, attention_head_dim=(4, 4), norm_num_groups=32, use_linear_projection=False,
 )
 
+# SDXL-like: no attention at the first level, 1/2/3 transformer layers per level (mid block 3, from the list's
+# last entry), heads per level, linear projections, SDXL's text_time addition embedding (text_embeds 12-d).
+SDXL_LIKE = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 48), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 3),
+    cross_attention_dim=40, attention_head_dim=(2, 4, 6), use_linear_projection=True, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 12,
+)
+# SDXL-like, 2 levels with attention at both, 2 transformer layers everywhere (int), 1x1-conv projections; used with
+# depth_blocks="all": every transformer is depth-prunable, so every layer unit is nested in a transformer unit.
+SDXL_ALL = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), transformer_layers_per_block=2,
+    cross_attention_dim=24, attention_head_dim=(4, 2), use_linear_projection=False, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+)
+# SD-1.5-like: 4 levels (3 with attention), 8 heads at every level (int), 1x1-conv projections, 2 layers per block.
+SD15_LIKE = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 32), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8, use_linear_projection=False,
+)
+# SD-1.5-like, 2 levels, 8 heads, one layer per block; used with depth_blocks="all".
+SD15_SMALL = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 48), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=12, attention_head_dim=8, norm_num_groups=16, use_linear_projection=False,
+)
+
 # name -> (config, depth_blocks, latent side used in tests)
 CONFIGS = {
     "toy": (TOY, "last", 16),
@@ -40,6 +74,14 @@ CONFIGS = {
     "sd2_like": (SD2_LIKE, "last", 16),
     "gn32_all_depth": (GN32, "all", 8),
 }
+# The UNet families people run today (issue 15): SDXL-style (needs added_cond_kwargs, see unet_kwargs) and SD 1.5.
+FAMILY_CONFIGS = {
+    "sdxl_like": (SDXL_LIKE, "last", 16),
+    "sdxl_all_depth": (SDXL_ALL, "all", 8),
+    "sd15_like": (SD15_LIKE, "last", 16),
+    "sd15_all_depth": (SD15_SMALL, "all", 8),
+}
+ALL_CONFIGS = {**CONFIGS, **FAMILY_CONFIGS}
 
 
 def make_unet(config: dict, seed: int = 0):
@@ -75,6 +117,13 @@ def inputs(config: dict, side: int, batch: int, text_len: int, seed: int):
     t = torch.randint(0, 1000, (batch,), generator=g)
     ctx = torch.randn(batch, text_len, cross, generator=g)
     return x, t, ctx
+
+
+def unet_kwargs(config: dict, batch: int, seed: int) -> dict:
+    """Extra keyword arguments of the UNet's forward: `added_cond_kwargs` (random text_embeds, SDXL's default
+    time_ids) for an SDXL-style config, nothing otherwise."""
+    added = added_cond_kwargs(config, batch, generator=torch.Generator().manual_seed(seed + 777))
+    return {} if added is None else {"added_cond_kwargs": added}
 
 
 def arch_suite(space, n: int, seed: int) -> list[tuple[str, torch.Tensor]]:

@@ -1,21 +1,24 @@
 """Property test: gated dense UNet == physically pruned UNet, and analytic MACs == measured MACs.
 
 For every small UNet configuration (toy teacher; SD-1-like; SD-2-like 4 levels; GroupNorm-32 with every block
-depth-prunable) with random non-default weights, and for a suite of architecture vectors (all ones; keep ratios
+depth-prunable; two SDXL-style with the text_time addition embedding, several transformer layers per block and
+layer depth units, nested in transformer units in one; two SD-1.5-style with 8 heads at every level) with random
+non-default weights, and for a suite of architecture vectors (all ones; keep ratios
 0.2-1.0; whole blocks dropped; whole width groups emptied; all but one head; no depth unit kept), on fresh
 random inputs:
   - relative error between gated and materialised outputs <= 1e-5 (float32);
   - all-ones: bit-identical outputs and identical parameter count;
   - space.macs(arch) within 0.5 % of torch's FlopCounterMode / 2 on the materialised model (classic
     AttnProcessor, so the attention products are counted), per sample.
-The default run uses 8 vectors per configuration; `-m slow` runs 40 per configuration.
+The default run uses 8 vectors per configuration; `-m slow` runs 40 per configuration (the issue-15 acceptance
+asks for >= 20 per SDXL- and SD-1.5-style configuration).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from arch_testkit import CONFIGS, arch_suite, inputs, make_unet, rel_err
+from arch_testkit import ALL_CONFIGS, arch_suite, inputs, make_unet, rel_err, unet_kwargs
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,7 +34,7 @@ _MODELS: dict = {}
 
 def _model(name):
     if name not in _MODELS:
-        cfg, depth_blocks, side = CONFIGS[name]
+        cfg, depth_blocks, side = ALL_CONFIGS[name]
         unet = make_unet(cfg, seed=len(_MODELS) + 1)
         unet.set_attn_processor(AttnProcessor())  # counted by FlopCounterMode (SDPA is not)
         _MODELS[name] = (cfg, unet, ArchSpace.from_unet(unet, depth_blocks=depth_blocks), side)
@@ -45,12 +48,13 @@ def _sweep(name: str, n_vectors: int, seed: int) -> dict:
     for i, (label, a) in enumerate(arch_suite(space, n_vectors, seed)):
         batch, text_len = 2, 3 + (i % 5)
         x, t, ctx = inputs(cfg, side, batch, text_len, seed=1000 * seed + i)
+        kw = unet_kwargs(cfg, batch, seed=1000 * seed + i)
         with torch.no_grad():
             with space.gated(unet, a):
-                y_masked = unet(x, t, ctx).sample
+                y_masked = unet(x, t, ctx, **kw).sample
             expert = space.materialize(unet, a)
             with FlopCounterMode(display=False) as fc:
-                y_pruned = expert(x, t, ctx).sample
+                y_pruned = expert(x, t, ctx, **kw).sample
         err = rel_err(y_masked, y_pruned)
         assert err <= REL_TOL, f"{name} {label}: masked vs materialised rel. error {err:.3g}"
         measured = fc.get_total_flops() / 2 / batch
@@ -59,7 +63,7 @@ def _sweep(name: str, n_vectors: int, seed: int) -> dict:
         assert dev <= MACS_TOL, f"{name} {label}: analytic {predicted:.0f} vs measured {measured:.0f} MACs"
         if label == "ones":
             with torch.no_grad():
-                y_dense = unet(x, t, ctx).sample
+                y_dense = unet(x, t, ctx, **kw).sample
             assert torch.equal(y_dense, y_pruned) and torch.equal(y_dense, y_masked)
             assert sum(p.numel() for p in expert.parameters()) == sum(p.numel() for p in unet.parameters())
         worst["rel"] = max(worst["rel"], err)
@@ -69,7 +73,7 @@ def _sweep(name: str, n_vectors: int, seed: int) -> dict:
     return worst
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
 def test_masked_equals_materialised_light(name):
     torch.manual_seed(0)
     worst = _sweep(name, n_vectors=8, seed=1)
@@ -77,7 +81,7 @@ def test_masked_equals_materialised_light(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
 def test_masked_equals_materialised_sweep(name):
     torch.manual_seed(0)
     worst = _sweep(name, n_vectors=40, seed=2)

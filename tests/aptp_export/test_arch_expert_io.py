@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from arch_testkit import SD1_LIKE, TOY, inputs, make_unet
+from arch_testkit import SD1_LIKE, SDXL_LIKE, TOY, inputs, make_unet, unet_kwargs
 
 from aptp import cli
 from aptp_export import ArchSpace, UserError, load_expert, save_expert
 from aptp_export.expert_io import read_expert_info
-from aptp_export.unit_kinds import ConstantAttention, ResnetShortcut, TransformerSkip
+from aptp_export.unit_kinds import ConstantAttention, ResnetShortcut, TransformerLayerSkip, TransformerSkip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,3 +127,26 @@ def test_inspect_cli(capsys, tmp_path):
     assert rows["num_units"] == ArchSpace.from_config(SD1_LIKE, depth_blocks="all").num_units
     assert cli.main(["inspect", "--unet", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_sdxl_expert_round_trip_is_bit_exact(tmp_path):
+    """SDXL-style: a removed transformer layer, a removed transformer (its nested layers go with it)."""
+    unet = make_unet(SDXL_LIKE, seed=3)
+    space = ArchSpace.from_unet(unet)
+    a = space.sample(torch.Generator().manual_seed(4), keep=0.7)
+    for g in space.depth_groups:
+        a[g.start] = 1.0
+    a[space.group("mid_block.attentions.0.transformer_blocks.1", "layer_depth").start] = 0
+    a[space.group("down_blocks.2.attentions.1", "transformer_depth").start] = 0
+    expert = space.materialize(unet, a)
+    out = save_expert(tmp_path / "xl", space, a, expert, text_len=5)
+    assert json.loads((out / "arch.json").read_text())["space"]["layer_depth"] == "multi"
+    loaded = load_expert(out)
+    assert TransformerLayerSkip in {type(m) for m in loaded.modules()}
+    assert isinstance(loaded.get_submodule("down_blocks.2.attentions.1"), TransformerSkip)
+    s1, s2 = expert.state_dict(), loaded.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    x, t, ctx = inputs(SDXL_LIKE, 16, 2, 5, seed=3)
+    kw = unet_kwargs(SDXL_LIKE, 2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(expert(x, t, ctx, **kw).sample, loaded(x, t, ctx, **kw).sample)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from arch_testkit import CONFIGS, SD1_LIKE, TOY, inputs, make_unet, rel_err
+from arch_testkit import ALL_CONFIGS, SD1_LIKE, SDXL_ALL, SDXL_LIKE, TOY, inputs, make_unet, rel_err, unet_kwargs
 
 from aptp_export import ArchSpace, UserError
 from aptp_export.unet_configs import build_unet
@@ -24,9 +24,9 @@ def toy():
 
 
 # ------------------------------------------------------------------ structure
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
 def test_groups_tile_the_vector_width_first(name):
-    cfg, depth_blocks, _ = CONFIGS[name]
+    cfg, depth_blocks, _ = ALL_CONFIGS[name]
     space = ArchSpace.from_config(cfg, depth_blocks=depth_blocks)
     pos = 0
     seen_depth = False
@@ -35,12 +35,17 @@ def test_groups_tile_the_vector_width_first(name):
         pos = g.stop
         if g.kind in DEPTH_KINDS:
             seen_depth = True
-            assert g.num_units == 1 and g.unit_channels == 1 and g.depth_unit is None
+            assert g.num_units == 1 and g.unit_channels == 1
+            if g.depth_unit is not None:  # only a transformer layer nests, in its transformer
+                outer = next(d for d in space.depth_groups if d.start == g.depth_unit)
+                assert g.kind == "layer_depth" and outer.kind == "transformer_depth"
+                assert g.name.startswith(outer.name + ".") and g.depth_units == (g.depth_unit,)
         else:
             assert g.kind in WIDTH_KINDS and not seen_depth, "width units must all come before depth units"
             if g.depth_unit is not None:
                 block = next(d for d in space.depth_groups if d.start == g.depth_unit)
                 assert g.name.startswith(block.name + ".") or g.name == block.name
+                assert g.depth_units[-1] == g.depth_unit and g.depth_units == (*block.depth_units, g.depth_unit)
     assert pos == space.num_units
     # the structure matches the modules: channels per unit x units = the gated dimension
     mods = dict(build_unet(cfg).named_modules())
@@ -291,4 +296,73 @@ def test_gated_per_sample_equals_one_at_a_time_and_is_differentiable(toy):
         for p in unet.parameters():
             p.requires_grad_(True)
     assert soft.grad is not None and soft.grad.abs().sum() > 0
+    assert all(bool(soft.grad[g.start:g.stop].abs().sum() > 0) for g in space.groups)
+
+
+# ------------------------------------------------------------------ SDXL-style UNets (issue 15)
+def test_layer_depth_units_options_and_legacy_descriptions():
+    multi = ArchSpace.from_config(SDXL_LIKE)  # layer_depth="multi": transformers with > 1 layer
+    layers = [g.name for g in multi.depth_groups if g.kind == "layer_depth"]
+    assert layers == [f"down_blocks.1.attentions.{j}.transformer_blocks.{k}" for j in range(2) for k in range(2)] \
+        + [f"down_blocks.2.attentions.{j}.transformer_blocks.{k}" for j in range(2) for k in range(3)] \
+        + [f"mid_block.attentions.0.transformer_blocks.{k}" for k in range(3)] \
+        + [f"up_blocks.0.attentions.{j}.transformer_blocks.{k}" for j in range(3) for k in range(3)] \
+        + [f"up_blocks.1.attentions.{j}.transformer_blocks.{k}" for j in range(3) for k in range(2)]
+    # the layers of a depth-prunable (last) transformer nest in its unit; their widths name both units
+    last_t = multi.group("down_blocks.2.attentions.1", "transformer_depth")
+    layer = multi.group("down_blocks.2.attentions.1.transformer_blocks.2", "layer_depth")
+    heads = multi.group("down_blocks.2.attentions.1.transformer_blocks.2.attn2", "attn_heads")
+    assert layer.depth_unit == last_t.start and heads.depth_units == (last_t.start, layer.start)
+    assert multi.group("down_blocks.2.attentions.0.transformer_blocks.0", "layer_depth").depth_unit is None
+    # effective(): a removed transformer removes its layers and their widths, a removed layer its widths
+    a = multi.ones()
+    a[last_t.start] = 0
+    e = multi.effective(a)
+    assert e[layer.start] == 0 and not e[heads.start:heads.stop].any()
+    assert multi.macs(e.tolist()) == pytest.approx(multi.macs(a.tolist()))
+    # nested MACs: turning the layer off as well removes nothing more
+    b = a.clone()
+    b[layer.start] = 0
+    assert multi.macs(b.tolist()) == pytest.approx(multi.macs(a.tolist()))
+    none = ArchSpace.from_config(SDXL_LIKE, layer_depth="none")
+    assert none.num_units == multi.num_units - len(layers)
+    # SD 1.x: one layer per transformer, so "multi" adds nothing and "all" one unit per transformer (6, mid block included)
+    assert ArchSpace.from_config(SD1_LIKE).num_units == ArchSpace.from_config(SD1_LIKE, layer_depth="none").num_units
+    assert ArchSpace.from_config(SD1_LIKE, layer_depth="all").num_units == ArchSpace.from_config(SD1_LIKE).num_units + 6
+    with pytest.raises(UserError, match="layer_depth"):
+        ArchSpace.from_config(SDXL_LIKE, layer_depth="some")
+    # round trip, and descriptions written before layer_depth existed read as "none" (same D as then)
+    d = json.loads(json.dumps(multi.to_dict()))
+    assert ArchSpace.from_dict(d) == multi and d["layer_depth"] == "multi"
+    legacy = {k: v for k, v in none.to_dict().items() if k != "layer_depth"}
+    assert ArchSpace.from_dict(legacy) == none
+
+
+def test_sdxl_addition_embedding_is_dense_and_counted():
+    space = ArchSpace.from_config(SDXL_ALL, depth_blocks="all")
+    per = space.macs_by_module()
+    assert per["add_embedding.linear_1"] == 40 * 128 and per["add_embedding.linear_2"] == 128 * 128
+    assert not [g for g in space.groups if g.name.startswith("add_")]
+    for other in ("text_image", "image"):
+        with pytest.raises(UserError, match="addition"):
+            ArchSpace.from_config({**SDXL_ALL, "addition_embed_type": other, "encoder_hid_dim": 24})
+
+
+def test_sdxl_gated_per_sample_and_soft_layer_gates():
+    unet = make_unet(SDXL_LIKE, seed=5)
+    space = ArchSpace.from_unet(unet)
+    x, t, ctx = inputs(SDXL_LIKE, 16, 2, 4, seed=1)
+    kw = unet_kwargs(SDXL_LIKE, 2, seed=1)
+    archs = torch.stack([space.sample(torch.Generator().manual_seed(s), keep=k) for s, k in ((1, 0.8), (2, 0.4))])
+    with torch.no_grad():
+        with space.gated(unet, archs):
+            y = unet(x, t, ctx, **kw).sample
+        for i in range(2):
+            kwi = {"added_cond_kwargs": {k: v[i:i + 1] for k, v in kw["added_cond_kwargs"].items()}}
+            with space.gated(unet, archs[i]):
+                yi = unet(x[i:i + 1], t[i:i + 1], ctx[i:i + 1], **kwi).sample
+            assert rel_err(yi[0], y[i]) < 1e-5
+    soft = torch.full((space.num_units,), 0.7, requires_grad=True)
+    with space.gated(unet, soft):
+        unet(x, t, ctx, **kw).sample.square().mean().backward()
     assert all(bool(soft.grad[g.start:g.stop].abs().sum() > 0) for g in space.groups)

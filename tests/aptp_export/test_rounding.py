@@ -25,7 +25,7 @@ def case(request):
 
 
 def _block_alive(g, keep) -> bool:
-    return g.depth_unit is None or bool(keep[g.depth_unit])
+    return not g.removed(keep)
 
 
 def test_round_units_keeps_every_unit_reaches_the_smallest_multiple_and_never_lowers_macs(case):
