@@ -7,7 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from arch_testkit import ALL_CONFIGS, SD1_LIKE, SDXL_ALL, SDXL_LIKE, TOY, inputs, make_unet, rel_err, unet_kwargs
+from arch_testkit import (
+    ALL_CONFIGS,
+    SD1_LIKE,
+    SDXL_ALL,
+    SDXL_LIKE,
+    TOY,
+    inputs,
+    make_unet,
+    rel_err,
+    unet_kwargs,
+)
 
 from aptp_export import ArchSpace, UserError
 from aptp_export.unet_configs import build_unet
