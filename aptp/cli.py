@@ -32,8 +32,9 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 # What each group of verbs needs beyond the runtime, for the message when it is missing.
-_FULL_INSTALL = ('the full toolchain is not installed here (a runtime-only install); install it with '
-                 '`pip install -c constraints/cpu.txt -e .` from the aptp checkout')
+_FULL_INSTALL = ('this is a runtime-only install; for training, export and benchmarks install the full toolchain '
+                 'from the aptp checkout: pip install -c constraints/cpu.txt -e ".[full]" (GPU: -e ".[full-gpu]" '
+                 'with your CUDA torch)')
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,6 +29,7 @@ from training.toy import EVAL_SEED, samples, score
 from training.toy.report import make_grid
 
 from .engines_bench import run_bench
+from .evaluate import demo_quality
 from .report import write_report
 
 DEMO_CONFIG = "demo"  # training/configs/demo.yaml
@@ -150,6 +151,7 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
     grids = out / "images"
     grids.mkdir(parents=True, exist_ok=True)
     quality = []
+    routed_all, dense_all, caps_all = [], [], []
     for e in experts:
         idx = [int(i) for i in np.flatnonzero(ids == e["id"])[:per_expert]]
         if not idx:
@@ -161,6 +163,9 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
                             expert="dense")
         arr = np.stack([np.asarray(im) for im in routed])
         arr_d = np.stack([np.asarray(im) for im in dense])
+        routed_all.append(arr)
+        dense_all.append(arr_d)
+        caps_all += caps
         s_e = [score(a, data[i].description) for a, i in zip(arr, idx, strict=True)]
         s_d = [score(a, data[i].description) for a, i in zip(arr_d, idx, strict=True)]
         psnr = [_psnr(a, b) for a, b in zip(arr, arr_d, strict=True)]
@@ -172,7 +177,8 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
         with atomic_path(grids / f"expert_{e['id']:02d}.png") as tmp:
             grid.save(tmp, format="PNG")
         e["grid"] = f"images/expert_{e['id']:02d}.png"
-    routing = {"prompts": len(prompts), "guidance_scale": guidance, "steps": steps, "experts": experts, "by_difficulty": by_diff, "quality": quality,
+    toy_clip = demo_quality(np.concatenate(routed_all), np.concatenate(dense_all), caps_all) if caps_all else None
+    routing = {"toy_clip": toy_clip, "prompts": len(prompts), "guidance_scale": guidance, "steps": steps, "experts": experts, "by_difficulty": by_diff, "quality": quality,
                "mean_macs_fraction": float(frac[ids].mean()), "budget": m.budget}
     write_json(out / "routing.json", routing)
     for e in experts:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engines.fileio import write_text
 
+from .evaluate import demo_quality_markdown
 from .plots import markdown_table
 
 
@@ -38,6 +39,8 @@ def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Pa
                                                      ("colour_match", "colour match (expert)", ".2f"),
                                                      ("dense_colour_match", "colour match (dense)", ".2f"),
                                                      ("psnr_vs_dense_db", "median PSNR vs dense (dB)", ".1f")]))
+    if routing.get("toy_clip"):
+        lines += ["", demo_quality_markdown(routing["toy_clip"])]
     for e in routing["experts"]:
         if "grid" in e:
             lines += ["", f"Expert {e['id']} (MACs {e['macs_fraction']:.2f} of dense):", "", f"![expert {e['id']}]({e['grid']})"]

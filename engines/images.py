@@ -33,7 +33,7 @@ def to_pil(images: np.ndarray) -> list:
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - a runtime dependency
-        raise BackendError('the runtime needs pillow: pip install "aptp[runtime]"') from e
+        raise BackendError('the runtime needs pillow: pip install "aptp[cpu]"') from e
     arr = to_uint8(images)
     if arr.shape[-1] == 1:
         return [Image.fromarray(a[..., 0]) for a in arr]

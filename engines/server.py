@@ -67,7 +67,7 @@ try:  # the one place the serving extra is imported
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _e:  # pragma: no cover - exercised by the torch-free test's environment
     raise BackendError(f'`aptp serve` needs fastapi, uvicorn and prometheus-client ({_e}): '
-                       'pip install "aptp[serving]"') from None
+                       'pip install "aptp[serve]"') from None
 
 log = logging.getLogger("aptp.serve")
 

@@ -4,7 +4,7 @@ A session has `input_names`, `output_names` and `run(feeds) -> {name: array}`; i
 and outputs returned as float32 / int64 numpy arrays whatever the graph's internal precision, so
 the denoising loop never sees the backend. Providers:
 
-- "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `aptp[runtime]`);
+- "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `aptp[cpu]`);
 - "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `aptp[gpu]`);
 - "tensorrt": TensorRT plans (`engines.tensorrt_session`, extra `aptp[tensorrt]`) for the UNets; the
   graphs without a plan (router, text encoder, VAE decoder) run on onnxruntime's CUDA provider when
@@ -54,7 +54,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendError('onnxruntime is not installed: pip install "aptp[runtime]" '
+        raise BackendError('onnxruntime is not installed: pip install "aptp[cpu]" '
                            '(or "aptp[gpu]" for CUDA)') from e
     return ort
 

@@ -82,7 +82,7 @@ class PromptTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a runtime dependency
-            raise BackendError('the runtime needs `tokenizers`: pip install "aptp[runtime]"') from e
+            raise BackendError('the runtime needs `tokenizers`: pip install "aptp[cpu]"') from e
         self.text_len = int(text_len)
         self.router_max_length = int(router_max_length)
 

@@ -3,7 +3,7 @@ POST /v1/route, GET /v1/models, /healthz, /readyz and Prometheus /metrics, with 
 request- or step-level batching, bounded queues (503 + Retry-After), deadlines (504), client
 disconnects cancelling work, and draining on SIGTERM. Every flag can also be set as an environment
 variable APTP_SERVE_<FLAG> (e.g. APTP_SERVE_MAX_QUEUE_IMAGES=64); a flag wins over the variable.
-Needs the serving extra (pip install "aptp[serving]"); runs without torch. See docs/serving.md."""
+Needs the serving extra (pip install "aptp[serve]"); runs without torch. See docs/serving.md."""
 
 from __future__ import annotations
 
