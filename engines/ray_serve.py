@@ -244,10 +244,10 @@ def build_ingress_app(ing: Ingress) -> FastAPI:
             out = await ing.handles[model_id(expert)].generate.remote(req)
         except BackPressureError as e:
             metrics.rejected("expert_queue_full")
-            retry = e.retry_after_s if getattr(e, "retry_after_s", None) else 1
-            raise ApiError(503, f"the queue of {model_id(expert)} is full ({e.num_queued_requests} requests waiting, "
-                                f"limit {e.max_queued_requests}); retry later", code="expert_queue_full",
-                           retry_after=max(1, int(math.ceil(retry)))) from None
+            waiting, limit = (list(e.args) + [None, None])[:2]
+            retry = getattr(e, "retry_after_s", None) or 1
+            raise ApiError(503, f"the queue of {model_id(expert)} is full ({waiting} requests waiting, limit {limit}); "
+                                "retry later", code="expert_queue_full", retry_after=max(1, math.ceil(retry))) from None
         if "error" in out:
             raise ApiError(**out["error"])
         data = [image_item(d["b64_json"], prompt, d) for d in out["data"]]
