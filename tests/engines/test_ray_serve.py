@@ -24,7 +24,7 @@ from engines.serve_config import ServeConfig
 pytest.importorskip("ray.serve")
 ray_serve = pytest.importorskip("engines.ray_serve")
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 4
 
@@ -83,6 +83,18 @@ def test_options_are_checked():
         ray_serve.split_args({"engines": "x", "bogus": 1})
 
 
+def test_cli_ray_flags(monkeypatch):
+    from aptp.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(ray_serve, "serve_on_ray", lambda config, options: seen.update(c=config, o=options) or 0)
+    args = build_parser("serve").parse_args(["serve", "--export", "x", "--ray", "--ray-max-replicas", "3",
+                                             "--ray-num-gpus", "0.5"])
+    assert args._run(args) == 0
+    assert seen["c"].engines == "x" and seen["o"].max_replicas == 3 and seen["o"].num_gpus == 0.5
+
+
+@pytest.mark.slow  # about 60 s on 2 cores: Ray's start and the deployment take most of it
 def test_ray_serve_images_equal_runtime_and_full_queue_answers_503(ray_app, rt):
     url = ray_app
     models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
