@@ -175,14 +175,23 @@ class Batcher:
         config: ServeConfig (workers, batching, max_batch, max_wait_ms, queue limits, timeout_s,
             max_n, max_steps, default_steps, default_guidance_scale are used here).
         observer: BatchObserver receiving metrics events (called from worker threads).
+        experts: serve only these experts (ids, or "dense"); default all of the export's. A batcher of
+            one expert (a Ray Serve expert replica, engines/ray_serve.py) is given each request's text
+            context by its caller: see `submit(context=, uncond=)` and `warm_up(context=)`.
     """
 
-    def __init__(self, runtime: Runtime, config: ServeConfig | None = None, observer: BatchObserver | None = None):
+    def __init__(self, runtime: Runtime, config: ServeConfig | None = None, observer: BatchObserver | None = None,
+                 experts: list | None = None):
         self.runtime = runtime
         self.config = config or ServeConfig()
         self.observer = observer or BatchObserver()
         m = runtime.manifest
         self.experts: list = [e.id for e in m.experts] + (["dense"] if m.dense is not None else [])
+        if experts is not None:
+            bad = [e for e in experts if e not in self.experts]
+            if bad or not experts:
+                raise EngineError(f"experts: {bad or experts!r} not served by this export (it has {self.experts})")
+            self.experts = list(experts)
         self._shape = (m.in_channels, *m.sample_size)
         self._cond = threading.Condition()
         self._queues: dict = {e: deque() for e in self.experts}
@@ -216,13 +225,17 @@ class Batcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def warm_up(self) -> None:
+    def warm_up(self, context=None) -> None:
         """Run every session once (router, text encoder, each expert's and the dense UNet, VAE decoder),
-        then mark the batcher ready. Files were verified by Runtime.load."""
+        then mark the batcher ready. Files were verified by Runtime.load. Given a text `context`
+        [1, text_len, hidden] (e.g. the unconditional one), the router and text encoder are skipped."""
         rt = self.runtime
-        rt.route([WARM_UP_PROMPT])
-        cond = rt.encode_text([WARM_UP_PROMPT])
-        uncond = rt._uncond_context()
+        if context is None:
+            rt.route([WARM_UP_PROMPT])
+            cond = rt.encode_text([WARM_UP_PROMPT])
+            uncond = rt._uncond_context()
+        else:
+            cond = uncond = np.asarray(context, dtype=np.float32)
         sched = scheduler_name(rt.manifest.scheduler.name)
         last = None
         for e in self.experts:
@@ -286,10 +299,14 @@ class Batcher:
     # -- submission ------------------------------------------------------------------------------
     def submit(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None, expert: int | str | None = None,
-               timeout_s: float | None = None, request_id: str | None = None) -> Ticket:
+               timeout_s: float | None = None, request_id: str | None = None, context=None,
+               uncond=None) -> Ticket:
         """Validate, route (unless `expert` forces one: an id or "dense"), encode the prompt and queue
         `n` images with seeds seed, seed+1, .... Raises EngineError subclasses for bad input (the
-        message names the argument) and UnavailableError when the queue is full or draining."""
+        message names the argument) and UnavailableError when the queue is full or draining.
+        `context` (and `uncond`): the prompt's text context [1, text_len, hidden] (and the unconditional
+        one) computed by the caller with Runtime.encode_text; then `expert` is required and neither the
+        router nor the text encoder runs here."""
         cfg = self.config
         if not self.accepting:
             self.observer.rejected("draining")
@@ -312,9 +329,15 @@ class Batcher:
         with self._cond:
             self._check_room(n, None)  # cheap refusal before routing and encoding
         rt = self.runtime
-        e = expert if expert is not None else rt.route(prompts)[0]
-        cond = rt.encode_text(prompts, _clean=False)
-        uncond = rt._uncond_context()
+        if context is not None:
+            if expert is None:
+                raise EngineError("expert: required when the text context is given")
+            e, cond = expert, np.asarray(context, dtype=np.float32)
+            uncond = rt._uncond_context() if uncond is None else np.asarray(uncond, dtype=np.float32)
+        else:
+            e = expert if expert is not None else rt.route(prompts)[0]
+            cond = rt.encode_text(prompts, _clean=False)
+            uncond = rt._uncond_context()
         now = time.monotonic()
         timeout = cfg.timeout_s if timeout_s is None else float(timeout_s)
         ticket = Ticket(self, request_id or uuid.uuid4().hex, prompts[0], e, seeds, now, now + timeout)

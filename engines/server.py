@@ -238,7 +238,8 @@ class RequestContext:
 
 
 # -- request parsing -------------------------------------------------------------------------------
-async def _read_json(request: Request, limit: int) -> dict:
+async def read_json(request: Request, limit: int) -> dict:
+    """The request's JSON object body (at most `limit` bytes), else ApiError 400 naming `body`."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(400, f"request body is {length} bytes, more than the {limit} accepted", param="body")
@@ -340,6 +341,84 @@ def model_id(expert) -> str:
     return "aptp:dense" if expert == "dense" else f"aptp:expert-{expert}"
 
 
+
+def submit_error(e: EngineError) -> ApiError:
+    """The answer to an error raised at submission: 503 + Retry-After when unavailable, else 400."""
+    if isinstance(e, UnavailableError):
+        return ApiError(503, str(e), code=e.reason, retry_after=int(math.ceil(e.retry_after_s)))
+    return ApiError(400, str(e), param=_param_of(str(e)))
+
+
+def result_error(e: EngineError) -> ApiError:
+    """The answer to an error that ended an admitted request: 504 deadline, 503 cancelled, else 500."""
+    if isinstance(e, DeadlineExceededError):
+        return ApiError(504, str(e), code="deadline_exceeded")
+    if isinstance(e, RequestCancelledError):
+        return ApiError(503, str(e), code="cancelled", retry_after=1)
+    return ApiError(500, str(e), code="generation_failed")
+
+
+def image_item(b64: str, prompt: str, r) -> dict:
+    """One data item of a generation response (r: an ImageResult, or a dict with the same fields)."""
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    return {"b64_json": b64, "revised_prompt": prompt, "expert": get("expert"), "model": model_id(get("expert")),
+            "seed": get("seed"), "queued_s": round(get("queued_s"), 6), "seconds": round(get("seconds"), 6),
+            "unet_calls": get("unet_calls")}
+
+
+def generation_body(data: list[dict], fmt: str, size: str, request_id: str) -> dict:
+    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": size, "request_id": request_id}
+
+
+def parse_route(d: dict, config: ServeConfig) -> list[str]:
+    """Check a /v1/route body; returns its cleaned prompts (ApiError 400 naming the field otherwise)."""
+    unknown = [k for k in d if k != "prompt"]
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0])
+    prompts = d.get("prompt")
+    if isinstance(prompts, list) and len(prompts) > MAX_ROUTE_PROMPTS:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {MAX_ROUTE_PROMPTS}", param="prompt")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, list) and any(isinstance(p, str) and len(p) > config.max_prompt_chars for p in prompts):
+        raise ApiError(400, f"prompt longer than the {config.max_prompt_chars} characters accepted", param="prompt")
+    try:
+        return clean_prompts(prompts)
+    except PromptError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+
+
+def route_body(manifest, prompts: list[str], res) -> dict:
+    data = [{"index": i, "prompt": p, "expert": e, "model": model_id(e),
+             "macs_fraction": manifest.expert(e).macs_fraction, "scores": [float(s) for s in res.scores[i]]}
+            for i, (p, e) in enumerate(zip(prompts, res.expert_ids, strict=True))]
+    return {"object": "list", "data": data}
+
+
+def models_body(manifest) -> dict:
+    data = [{"id": "aptp", "object": "model", "created": 0, "owned_by": "aptp", "routed": True,
+             "base_model": manifest.base_model, "experts": len(manifest.experts)}]
+    for e in manifest.experts:
+        data.append({"id": model_id(e.id), "object": "model", "created": 0, "owned_by": "aptp", "expert": e.id,
+                     "macs_fraction": e.macs_fraction, "share": e.share, "params": e.params})
+    if manifest.dense is not None:
+        data.append({"id": "aptp:dense", "object": "model", "created": 0, "owned_by": "aptp", "expert": "dense",
+                     "macs_fraction": 1.0})
+    return {"object": "list", "data": data}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped answers for ApiError and for Starlette's own 404/405."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True) -> FastAPI:
     """The FastAPI app over a Batcher (started, and warmed up in a thread, by the app's lifespan).
@@ -373,13 +452,7 @@ def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True) -> F
     app.state.metrics = metrics
     app.state.config = config
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return ApiError(exc.status_code, str(exc.detail)).response()
+    install_error_handlers(app)
 
     def _check_ready():
         if not batcher.accepting:
@@ -392,14 +465,12 @@ def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True) -> F
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         _check_ready()
-        args = parse_generation(await _read_json(request, config.max_body_bytes), config, batcher.image_size)
+        args = parse_generation(await read_json(request, config.max_body_bytes), config, batcher.image_size)
         rid = request.scope["state"]["request_id"]
         try:
             ticket = await run_in_threadpool(batcher.submit, **args["submit"], request_id=rid)
-        except UnavailableError as e:
-            raise ApiError(503, str(e), code=e.reason, retry_after=int(math.ceil(e.retry_after_s))) from None
         except EngineError as e:
-            raise ApiError(400, str(e), param=_param_of(str(e))) from None
+            raise submit_error(e) from None
         request.scope["state"]["log"].update(expert=str(ticket.expert), images=ticket.n, seed=ticket.seeds[0])
         future = asyncio.wrap_future(ticket.future)
         watch = asyncio.ensure_future(request.receive())  # completes when the client goes away
@@ -416,56 +487,28 @@ def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True) -> F
             watch.cancel()
         try:
             results = future.result()
-        except DeadlineExceededError as e:
-            raise ApiError(504, str(e), code="deadline_exceeded") from None
-        except RequestCancelledError as e:
-            raise ApiError(503, str(e), code="cancelled", retry_after=1) from None
         except EngineError as e:
-            _log("generation_failed", logging.ERROR, request_id=rid, error=str(e))
-            raise ApiError(500, str(e), code="generation_failed") from None
+            if not isinstance(e, (DeadlineExceededError, RequestCancelledError)):
+                _log("generation_failed", logging.ERROR, request_id=rid, error=str(e))
+            raise result_error(e) from None
         encoded = await run_in_threadpool(lambda: [encode_image(r.image, args["format"], args["quality"])
                                                    for r in results])
-        data = [{"b64_json": b, "revised_prompt": ticket.prompt, "expert": r.expert, "model": model_id(r.expert),
-                 "seed": r.seed, "queued_s": round(r.queued_s, 6), "seconds": round(r.seconds, 6),
-                 "unet_calls": r.unet_calls} for r, b in zip(results, encoded, strict=True)]
-        return {"created": int(time.time()), "data": data, "output_format": args["format"], "size": args["size"],
-                "request_id": rid}
+        data = [image_item(b, ticket.prompt, r) for r, b in zip(results, encoded, strict=True)]
+        return generation_body(data, args["format"], args["size"], rid)
 
     @app.post("/v1/route")
     async def route(request: Request):
         _check_ready()
-        d = await _read_json(request, config.max_body_bytes)
-        unknown = [k for k in d if k != "prompt"]
-        if unknown:
-            raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0])
-        prompts = d.get("prompt")
-        if isinstance(prompts, list) and len(prompts) > MAX_ROUTE_PROMPTS:
-            raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {MAX_ROUTE_PROMPTS}", param="prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if isinstance(prompts, list) and any(isinstance(p, str) and len(p) > config.max_prompt_chars for p in prompts):
-            raise ApiError(400, f"prompt longer than the {config.max_prompt_chars} characters accepted", param="prompt")
+        prompts = parse_route(await read_json(request, config.max_body_bytes), config)
         try:
-            prompts = clean_prompts(prompts)
             res = await run_in_threadpool(rt.route_scores, prompts)
         except PromptError as e:
             raise ApiError(400, str(e), param="prompt") from None
-        data = [{"index": i, "prompt": p, "expert": e, "model": model_id(e),
-                 "macs_fraction": manifest.expert(e).macs_fraction, "scores": [float(s) for s in res.scores[i]]}
-                for i, (p, e) in enumerate(zip(prompts, res.expert_ids, strict=True))]
-        return {"object": "list", "data": data}
+        return route_body(manifest, prompts, res)
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": "aptp", "object": "model", "created": 0, "owned_by": "aptp", "routed": True,
-                 "base_model": manifest.base_model, "experts": len(manifest.experts)}]
-        for e in manifest.experts:
-            data.append({"id": model_id(e.id), "object": "model", "created": 0, "owned_by": "aptp", "expert": e.id,
-                         "macs_fraction": e.macs_fraction, "share": e.share, "params": e.params})
-        if manifest.dense is not None:
-            data.append({"id": "aptp:dense", "object": "model", "created": 0, "owned_by": "aptp", "expert": "dense",
-                         "macs_fraction": 1.0})
-        return {"object": "list", "data": data}
+        return models_body(manifest)
 
     @app.get("/healthz")
     async def healthz():

@@ -1,7 +1,8 @@
 """Serve an exported engines directory over HTTP: OpenAI-compatible POST /v1/images/generations,
 POST /v1/route, GET /v1/models, /healthz, /readyz and Prometheus /metrics, with per-expert queues,
 request- or step-level batching, bounded queues (503 + Retry-After), deadlines (504), client
-disconnects cancelling work, and draining on SIGTERM. Every flag can also be set as an environment
+disconnects cancelling work, and draining on SIGTERM. With --ray: the same API on Ray Serve, one
+deployment per expert (autoscaled with --ray-min/max-replicas), on the cluster at RAY_ADDRESS or a local Ray. Every flag can also be set as an environment
 variable APTP_SERVE_<FLAG> (e.g. APTP_SERVE_MAX_QUEUE_IMAGES=64); a flag wins over the variable.
 Needs the serving extra (pip install "aptp[serve]"); runs without torch. See docs/serving.md."""
 
@@ -53,10 +54,38 @@ def add_arguments(parser) -> None:
         parser.add_argument(*flags, dest=f.name, type=type(default), default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else ("DIR" if f.name == "engines" else f.name.upper()),
                             help=f"{_HELP[f.name]} (default {shown}; env APTP_SERVE_{f.name.upper()})")
+    ray = parser.add_argument_group("Ray Serve (--ray; needs pip install \"aptp[ray]\")")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve: an ingress plus one deployment per expert, on the cluster at "
+                          "RAY_ADDRESS when set, else on a local Ray instance (docs/serving.md)")
+    for name, kind, text in _RAY_FLAGS:
+        ray.add_argument(f"--ray-{name.replace('_', '-')}", dest=f"ray_{name}", type=kind, default=None,
+                         metavar=name.upper(), help=text)
+
+
+# RayOptions field, type, help (defaults are RayOptions')
+_RAY_FLAGS = (
+    ("min_replicas", int, "replicas per expert deployment, at least (default 1)"),
+    ("max_replicas", int, "replicas per expert deployment, at most; above --ray-min-replicas Ray autoscales "
+                          "(default 1)"),
+    ("target_ongoing_requests", float, "autoscaling target of ongoing requests per replica "
+                                       "(default --ray-max-ongoing-requests / 2)"),
+    ("max_ongoing_requests", int, "requests one expert replica holds at once (default workers * max batch)"),
+    ("max_queued_requests", int, "requests waiting in Ray's queue of one expert; more get 503 + Retry-After "
+                                 "(default --max-queue-images-per-expert, else --max-queue-images)"),
+    ("num_cpus", float, "CPUs reserved per expert replica (default 1)"),
+    ("num_gpus", float, "GPUs per expert replica; a fraction (0.5) shares one GPU (default 0)"),
+)
 
 
 def run(args) -> int:
     config = ServeConfig.from_env(**{f.name: getattr(args, f.name, None) for f in fields(ServeConfig)})
     if not config.engines:
         raise UserError("give --export DIR (or APTP_SERVE_ENGINES)")
+    if getattr(args, "ray", False):
+        from engines.ray_serve import RayOptions, serve_on_ray  # names the ray extra when Ray is missing
+
+        options = {name: getattr(args, f"ray_{name}") for name, _, _ in _RAY_FLAGS
+                   if getattr(args, f"ray_{name}", None) is not None}
+        return serve_on_ray(config, RayOptions(**options))
     return serve(config)
