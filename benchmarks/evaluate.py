@@ -46,6 +46,7 @@ from .metrics import (
     frechet_distance,
     inception_fid,
 )
+from .plots import save_figure
 
 TOY_DATA_SEED = EVAL_SEED + 11  # held-out toy captions, disjoint from the demo's routing prompts (EVAL_SEED + 7)
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "one"}
@@ -437,12 +438,7 @@ def plot_quality_vs_macs(result: dict, path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"quality against MACs ({result['data']['source']}, N = {result['n']})", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- the demo's lines -----------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from engines.fileio import atomic_path, write_text
+from engines.fileio import write_text
 
-from .plots import markdown_table
+from .plots import markdown_table, save_figure
 from .sd21_latency import LAT_TOLERANCE, ROBUSTNESS_COLUMNS, TABLE_COLUMNS
 
 ESTIMATORS = ("latency_fraction", "latency_fraction_paired", "latency_fraction_min", "cpu_fraction")
@@ -64,11 +64,7 @@ def plot_summary(summary: list[dict], path: Path, title: str, backends=("onnxrun
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

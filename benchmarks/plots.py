@@ -37,10 +37,15 @@ def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency ag
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Lay out `fig`, write it as PNG atomically (temporary name, then rename) and close it."""
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **savefig_kwargs)
     plt.close(fig)
     return path
 

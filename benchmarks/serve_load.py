@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 import httpx
+import matplotlib.pyplot as plt
 import numpy as np
+
+from .plots import save_figure
 
 PROMPTS = [
     "a red circle", "a blue background", "the letter K in red above a small green square", "two yellow triangles",
@@ -40,13 +43,6 @@ PROMPTS = [
     "three red squares", "the letter A in white on a black background", "an orange triangle above a blue circle",
     "a small cyan circle in the top right", "the digit 3 in green below a red square",
 ]
-LAUNCH = """
-import argparse, sys
-from aptp.commands import serve
-p = argparse.ArgumentParser(prog="aptp serve")
-serve.add_arguments(p)
-sys.exit(serve.run(p.parse_args(sys.argv[1:])))
-"""
 
 
 def _free_port() -> int:
@@ -63,7 +59,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(log_dir / f"{name}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--engines", engines, "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "aptp", "serve", "--export", engines, "--host", "127.0.0.1",
                                       "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 300
         while True:
@@ -363,11 +359,6 @@ def main(argv=None) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     poisson = result.get("poisson")
     if not poisson:
         return
@@ -384,8 +375,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set(xlabel="wait until first UNet call (s)", xscale="symlog", title="queue wait per image")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
