@@ -4,6 +4,7 @@ tests/benchmarks, tests/cli); helpers that build tiny models and exports live be
 because pytest puts this file's directory on sys.path.
 
 Fixtures:
+- `pixel`: the tiny pixel-space export of engines_export_fixture (built once per session).
 - `one_thread`: torch on one intra-op thread for the test (tiny models run faster so, above all on a
   busy 2-core machine). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engines_export_fixture import build_export
 
 
 @pytest.fixture(scope="module")
@@ -22,3 +24,8 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pixel():
+    return build_export("pixel")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export, copy_export
+from engines_export_fixture import ANCHORS, copy_export
 from PIL import Image
 
 from aptp.cli import main
@@ -16,11 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
 
 
 def test_route_prints_expert_macs_and_scores(pixel, capsys):

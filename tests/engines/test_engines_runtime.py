@@ -22,11 +22,6 @@ MIXED = [ANCHORS[0], ANCHORS[1], "a red circle", "the letter K above a square", 
 
 
 @pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
-
-
-@pytest.fixture(scope="module")
 def rt(pixel):
     return Runtime.load(pixel.dir)
 

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from engines_export_fixture import ANCHORS, build_export
+from engines_export_fixture import ANCHORS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,11 +60,6 @@ def _run(script: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
 
 
 def test_engines_run_without_torch(pixel):

@@ -12,7 +12,7 @@ import types
 import numpy as np
 import onnxruntime as ort
 import pytest
-from engines_export_fixture import ANCHORS, build_export, copy_export
+from engines_export_fixture import ANCHORS, copy_export
 
 import engines.runtime as runtime_mod
 import engines.sessions as sessions
@@ -25,11 +25,6 @@ from engines.sessions import CUDA_EP, OrtSession, probe_model_bytes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_CUDA = CUDA_EP in ort.get_available_providers()
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
 
 
 @pytest.fixture

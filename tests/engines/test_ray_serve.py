@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export
+from engines_export_fixture import ANCHORS
 from PIL import Image
 from serve_testkit import free_port
 
@@ -27,11 +27,6 @@ ray_serve = pytest.importorskip("engines.ray_serve")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
 
 
 @pytest.fixture(scope="module")

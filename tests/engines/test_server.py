@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from engines_export_fixture import ANCHORS, build_export
+from engines_export_fixture import ANCHORS
 from PIL import Image
 from serve_testkit import running_server
 from starlette.testclient import TestClient
@@ -25,11 +25,6 @@ from engines.server import create_app
 from engines.stepping import unet_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return build_export("pixel")
 
 
 @pytest.fixture(scope="module")
