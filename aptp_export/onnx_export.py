@@ -61,16 +61,29 @@ class ExportVerificationError(RuntimeError):
 
 # -- graph wrappers: fixed signatures matching the specs -------------------------------------------
 class UNetGraph(nn.Module):
-    """(sample, timestep [N] float, encoder_hidden_states) -> out_sample, for any diffusers-style UNet
-    (dense or physically pruned) whose forward is `unet(sample, timestep, encoder_hidden_states)`."""
+    """(sample, timestep [N] float, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample, for any
+    diffusers-style UNet (dense or physically pruned) whose forward is `unet(sample, timestep,
+    encoder_hidden_states)`. SDXL-class UNets (`addition_embed_type="text_time"`) take two more inputs,
+    the pooled text embedding [N, P] and the size conditioning time_ids [N, 6], passed as diffusers'
+    `added_cond_kwargs` (`has_added_cond` says which kind a graph is)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
+        self.has_added_cond = has_text_time(unet)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        kwargs = {}
+        if self.has_added_cond:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)
         return out[0]
+
+
+def has_text_time(unet) -> bool:
+    """Whether `unet` is conditioned on SDXL's pooled text embedding and size ids (added_cond_kwargs)."""
+    config = getattr(unet, "config", None) or {}
+    return config.get("addition_embed_type") == "text_time"
 
 
 def _last_hidden_state(encoder: nn.Module, input_ids, attention_mask):

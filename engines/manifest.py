@@ -66,6 +66,7 @@ FILE_KINDS = ("onnx", "onnx_data", "tensorrt")
 
 # Graph interface (format version 1)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+UNET_ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL-class UNets (addition_embed_type "text_time"), format 3
 UNET_OUTPUTS = ("out_sample",)
 TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask")
 TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)

@@ -252,8 +252,10 @@ class OrtSession:
         return call
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph; inputs are cast to the graph's types, float outputs returned as float32."""
-        cast = {k: np.ascontiguousarray(v, dtype=self._input_types[k]) for k, v in feeds.items()}
+        """Run the graph; inputs are cast to the graph's types, float outputs returned as float32. Feeds the
+        graph has no input for are left out (an expert without any transformer reads no text context)."""
+        cast = {k: np.ascontiguousarray(v, dtype=self._input_types[k]) for k, v in feeds.items()
+                if k in self._input_types}
         try:
             outs = self._sess.run(None, cast)
         except Exception as e:

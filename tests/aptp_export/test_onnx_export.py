@@ -234,3 +234,36 @@ def test_external_data_for_big_graphs(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(e)).sample.numpy()
     assert _rel(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["sdxl_like", "sdxl_all_depth", "sd15_like"])
+def test_family_unets_export_with_their_inputs(tmp_path, name):
+    """SDXL-class UNets get text_embeds and time_ids inputs (diffusers' added_cond_kwargs), SD 1.5 the plain three;
+    dense and a materialised expert (random arch, keep ~0.6) both match torch to 1e-4 on fresh inputs."""
+    from arch_testkit import FAMILY_CONFIGS, arch_suite, make_unet
+
+    from aptp_export import ArchSpace
+    from aptp_export.unet_configs import added_cond_dims
+
+    config, depth, side = FAMILY_CONFIGS[name]
+    dense = make_unet(config, seed=11)
+    space = ArchSpace.from_unet(dense, depth_blocks=depth)
+    arch = arch_suite(space, 3, seed=3)[2][1]  # random keep (index 4, every depth unit off, reads no context)
+    expert = space.materialize(dense, arch).eval()
+    dims = added_cond_dims(config)
+    spec = unet_spec(4, (side, side), 7, config["cross_attention_dim"], batch=(1, 2, 4),
+                     size_multiple=2 ** (len(config["block_out_channels"]) - 1),
+                     text_embeds_dim=dims[0] if dims else None)
+    assert spec.input_names[3:] == (["text_embeds", "time_ids"] if dims else [])
+    for tag, model in (("dense", dense), ("expert", expert)):
+        graph = UNetGraph(model)
+        assert graph.has_added_cond == (dims is not None)
+        res = export_onnx(graph, spec, tmp_path / f"{tag}.onnx")
+        assert res.verified and res.max_rel_error["out_sample"] <= 1e-4, (tag, res.max_rel_error)
+        sess = _ort(tmp_path / f"{tag}.onnx")
+        assert [i.name for i in sess.get_inputs()] == spec.input_names, tag
+        if dims:  # the graph reads both added inputs: changing time_ids changes the output
+            feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(seed=5), strict=True)}
+            a = sess.run(None, feeds)[0]
+            feeds["time_ids"] = feeds["time_ids"] + 64.0
+            assert _rel(sess.run(None, feeds)[0], a) > 1e-3
