@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .denoise import resolve_seeds
+from .denoise import TextCondition, resolve_seeds
 from .errors import (
     DeadlineExceededError,
     EngineError,
@@ -232,10 +232,10 @@ class Batcher:
         rt = self.runtime
         if context is None:
             rt.route([WARM_UP_PROMPT])
-            cond = rt.encode_text([WARM_UP_PROMPT])
+            cond = rt.condition([WARM_UP_PROMPT])
             uncond = rt._uncond_context()
         else:
-            cond = uncond = np.asarray(context, dtype=np.float32)
+            cond = uncond = TextCondition.of(context)
         sched = scheduler_name(rt.manifest.scheduler.name)
         last = None
         for e in self.experts:
@@ -304,9 +304,9 @@ class Batcher:
         """Validate, route (unless `expert` forces one: an id or "dense"), encode the prompt and queue
         `n` images with seeds seed, seed+1, .... Raises EngineError subclasses for bad input (the
         message names the argument) and UnavailableError when the queue is full or draining.
-        `context` (and `uncond`): the prompt's text context [1, text_len, hidden] (and the unconditional
-        one) computed by the caller with Runtime.encode_text; then `expert` is required and neither the
-        router nor the text encoder runs here."""
+        `context` (and `uncond`): the prompt's condition (a TextCondition, or a text context [1, text_len,
+        hidden]) and the unconditional one, computed by the caller with Runtime.condition; then `expert` is
+        required and neither the router nor the text encoder runs here."""
         cfg = self.config
         if not self.accepting:
             self.observer.rejected("draining")
@@ -332,11 +332,11 @@ class Batcher:
         if context is not None:
             if expert is None:
                 raise EngineError("expert: required when the text context is given")
-            e, cond = expert, np.asarray(context, dtype=np.float32)
-            uncond = rt._uncond_context() if uncond is None else np.asarray(uncond, dtype=np.float32)
+            e, cond = expert, TextCondition.of(context)
+            uncond = rt._uncond_context() if uncond is None else TextCondition.of(uncond)
         else:
             e = expert if expert is not None else rt.route(prompts)[0]
-            cond = rt.encode_text(prompts, _clean=False)
+            cond = rt.condition(prompts, _clean=False)
             uncond = rt._uncond_context()
         now = time.monotonic()
         timeout = cfg.timeout_s if timeout_s is None else float(timeout_s)

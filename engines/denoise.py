@@ -20,6 +20,7 @@ float32 vector [N] (fractional for Euler).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +31,47 @@ from .sessions import Session
 
 SEED_MAX = 2**63 - 1
 DEFAULT_BATCH_SIZE = 8  # prompts per UNet call of Runtime.generate; export profiles are tuned for it
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """What the UNet reads about the prompts, row by row: the text context [B, L, E] and, for SDXL-class
+    UNets, the extra inputs `added` (name -> [B, ...]: text_embeds [B, P], the pooled text embedding, and
+    time_ids [B, 6], the size conditioning). A bare context array is a TextCondition without extras."""
+
+    context: np.ndarray
+    added: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value) -> TextCondition:
+        if isinstance(value, TextCondition):
+            return value
+        return cls(np.asarray(value, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.context.shape[0])
+
+    def take(self, rows) -> TextCondition:
+        """The rows `rows` (indices or a slice) of every array."""
+        return TextCondition(self.context[rows], {k: v[rows] for k, v in self.added.items()})
+
+    def repeat(self, n: int) -> TextCondition:
+        """Each row repeated n times (a [1, ...] unconditional condition for a batch of n)."""
+        return TextCondition(np.repeat(self.context, n, axis=0), {k: np.repeat(v, n, axis=0)
+                                                                  for k, v in self.added.items()})
+
+    @staticmethod
+    def concat(items: Sequence[TextCondition]) -> TextCondition:
+        keys = set(items[0].added)
+        if any(set(c.added) != keys for c in items):
+            raise EngineError("text conditions with different UNet inputs cannot share a batch")
+        return TextCondition(np.concatenate([c.context for c in items]).astype(np.float32, copy=False),
+                             {k: np.concatenate([c.added[k] for c in items]).astype(np.float32, copy=False)
+                              for k in sorted(keys)})
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The UNet inputs besides sample and timestep."""
+        return {UNET_INPUTS[2]: self.context, **self.added}
 
 
 def unet_batch(prompts: int, guidance_scale: float) -> int:
@@ -61,15 +103,16 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarr
     return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
 
 
-def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond: np.ndarray, uncond: np.ndarray,
+def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond, uncond,
             steps: int, guidance_scale: float, progress=None) -> np.ndarray:
     """Run the sampler; returns the final latents [B, C, H, W] float32.
 
     Args:
-        unet: session with inputs (sample, timestep, encoder_hidden_states) -> out_sample.
+        unet: session with inputs (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample.
         scheduler: a fresh scheduler (its state is per batch).
         noise: [B, C, H, W] unscaled initial noise (`initial_noise`).
-        cond: [B, L, E] text context of the prompts; uncond: [1, L, E] context of "".
+        cond: TextCondition (or context array [B, L, E]) of the prompts; uncond: the same for the
+            unconditional prompt, one row.
         steps: number of inference steps; guidance_scale: CFG weight (<= 1 disables CFG).
         progress: optional callable(step_index, total) called after each model call.
     """
@@ -77,15 +120,17 @@ def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond: np.nda
     latents = (noise * scheduler.init_noise_sigma).astype(np.float32)
     b = latents.shape[0]
     cfg = unet_batch(1, guidance_scale) == 2
-    context = np.concatenate([np.repeat(uncond, b, axis=0), cond]) if cfg else cond
-    context = context.astype(np.float32, copy=context is cond)  # our own array, never the caller's
-    context.setflags(write=False)  # the same every step: a GPU session may keep it on the device
+    cond, uncond = TextCondition.of(cond), TextCondition.of(uncond)
+    condition = TextCondition.concat([uncond.repeat(b), cond]) if cfg else TextCondition.concat([cond])
+    feeds = condition.feeds()  # our own arrays (concat copies), never the caller's
+    for v in feeds.values():
+        v.setflags(write=False)  # the same every step: a GPU session may keep them on the device
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         model_in = np.concatenate([latents, latents]) if cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
         timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
-        out = unet.run({UNET_INPUTS[0]: model_in, UNET_INPUTS[1]: timestep, UNET_INPUTS[2]: context})
+        out = unet.run({UNET_INPUTS[0]: model_in, UNET_INPUTS[1]: timestep, **feeds})
         pred = out[UNET_OUTPUTS[0]]
         if cfg:
             pred_uncond, pred_cond = pred[:b], pred[b:]

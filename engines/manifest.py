@@ -16,10 +16,15 @@
       "latent": false,
       "router": {"files": {"onnx": FILE}, "max_length": 256, "num_experts": 2, "embedding_dim": 384,
                  "codes": FILE | null},
-      "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384},
+      "family": "pixel" | "sd" | "sdxl",     # the UNet family: which inputs its graphs take (format 3)
+      "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384,
+                       "pooled_dim": 1280?,   # SDXL: the graph also gives text_embeds [B, pooled_dim]
+                       "uncond": "empty_prompt" | "zeros"},  # how the unconditional condition is made
+      "added_cond": null | {"text_embeds_dim": 1280, "image_size": [1024, 1024]},  # SDXL's extra UNet inputs
       "vae_decoder": null | {"files": {"onnx": FILE}, "scaling_factor": 0.18215},
-      "tokenizer": {"files": {"json": FILE, "router_json": FILE?}},  # router_json: when the router's
-                                              # prompt encoder tokenises differently (CLIP UNet + MiniLM router)
+      "tokenizer": {"files": {"json": FILE, "json_2": FILE?, "router_json": FILE?}},  # json_2: SDXL's second
+                                              # text encoder's; router_json: when the router's prompt encoder
+                                              # tokenises differently (CLIP UNet + MiniLM router)
       "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
                    "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?}}, ...],
       "dense": null | {"macs": ..., "params": ..., "files": {...}},
@@ -30,8 +35,10 @@
 
 Format versions: 2 added `tensorrt` (a plan only deserializes with the TensorRT version that built
 it and only runs on GPUs of the same compute capability, so the runtime checks both before opening
-a plan). This reader also reads version 1 (no `tensorrt` key; plans then go unchecked until their
-first call); a version it does not know is refused.
+a plan). 3 added `family`, `added_cond`, `text_encoder.pooled_dim` / `.uncond` and `tokenizer.json_2`
+(SDXL-class UNets). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
+unchecked until their first call; no `family` before 3: it is "sd" for a latent model, "pixel"
+otherwise, and the unconditional prompt is ""); a version it does not know is refused.
 
 where FILE = {"path": "experts/expert_00.onnx", "sha256": "<64 hex>", "bytes": 123}, paths relative
 to the export directory. Every file the runtime reads is listed with its sha256; `verify_files`
@@ -39,9 +46,11 @@ checks them all before anything runs. Unknown keys are rejected (the format vers
 reader can expect); `info` is the place for anything else.
 
 The graphs' interface is part of the format (names below; token ids and masks int64, the rest
-float32): UNet (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample;
-text encoder and router (input_ids, attention_mask [B,S]) -> last_hidden_state [B,S,E] /
-scores [B,K] + embedding [B,E]; VAE decoder latent_sample [B,C,h,w] (already divided by
+float32): UNet (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample,
+SDXL's UNet also (text_embeds [N,P], time_ids [N,6]); text encoder and router (input_ids,
+attention_mask [B,S]) -> last_hidden_state [B,S,E] / scores [B,K] + embedding [B,E], SDXL's text
+encoder (input_ids, input_ids_2 [B,S], the two tokenizers' ids) -> last_hidden_state [B,S,E1+E2]
+(both encoders' penultimate states) + text_embeds [B,P]; VAE decoder latent_sample [B,C,h,w] (already divided by
 scaling_factor) -> sample [B,3,H,W] in [-1, 1].
 """
 
@@ -57,12 +66,14 @@ from typing import Any
 
 from .errors import IntegrityError, ManifestError
 
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # what this reader accepts; what each added: see the module doc
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # what this reader accepts; what each added: see the module doc
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt")  # what an export can hold per UNet: ONNX graphs, optionally TensorRT plans
 FILE_KINDS = ("onnx", "onnx_data", "tensorrt")
+FAMILIES = ("pixel", "sd", "sdxl")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class (text_time)
+UNCOND_KINDS = ("empty_prompt", "zeros")  # the text condition of "", or zeros (SDXL's force_zeros_for_empty_prompt)
 
 # Graph interface (format version 1)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
@@ -70,6 +81,8 @@ UNET_ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL-class UNets (addition_em
 UNET_OUTPUTS = ("out_sample",)
 TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask")
 TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)
+TEXT_ENCODER_INPUT_2 = "input_ids_2"  # SDXL: the second tokenizer's ids
+TEXT_ENCODER_POOLED = "text_embeds"  # SDXL: the second encoder's pooled, projected embedding
 ROUTER_INPUTS = ("input_ids", "attention_mask")
 ROUTER_OUTPUTS = ("scores", "embedding")
 VAE_DECODER_INPUTS = ("latent_sample",)
@@ -190,6 +203,21 @@ class RouterInfo:
 class TextEncoderInfo:
     files: dict[str, FileRef]
     hidden_size: int
+    pooled_dim: int | None = None  # SDXL: width of the pooled output text_embeds
+    uncond: str = "empty_prompt"  # UNCOND_KINDS
+
+
+@dataclass(frozen=True)
+class AddedCondInfo:
+    """SDXL-class UNets: width of text_embeds, and the image size the runtime's time_ids are built from
+    ((h, w) original size, (0, 0) crop, (h, w) target size)."""
+
+    text_embeds_dim: int
+    image_size: tuple[int, int]
+
+    def time_ids(self) -> list[float]:
+        h, w = self.image_size
+        return [float(h), float(w), 0.0, 0.0, float(h), float(w)]
 
 
 @dataclass(frozen=True)
@@ -200,7 +228,8 @@ class VaeDecoderInfo:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """{"json": the text encoder's tokenizer.json, "router_json": the router's, when it differs}."""
+    """{"json": the text encoder's tokenizer.json, "json_2": the second text encoder's (SDXL),
+    "router_json": the router's, when it differs}."""
 
     files: dict[str, FileRef]
 
@@ -258,6 +287,8 @@ class Manifest:
     vae_decoder: VaeDecoderInfo | None = None
     dense: DenseInfo | None = None
     tensorrt: TensorRTInfo | None = None
+    family: str = "pixel"
+    added_cond: AddedCondInfo | None = None
     created_by: str = "aptp"
     info: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -279,7 +310,8 @@ class Manifest:
         required = ("format_version", "base_model", "precision", "scheduler", "budget", "dense_macs",
                     "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                     "tokenizer", "experts")
-        optional = ("vae_decoder", "dense", "created_by", "info") + (("tensorrt",) if version >= 2 else ())
+        optional = ("vae_decoder", "dense", "created_by", "info") + (("tensorrt",) if version >= 2 else ()) \
+            + (("family", "added_cond") if version >= 3 else ())
         r.obj(d, "top level", required, optional)
 
         sch = r.obj(d["scheduler"], "scheduler", ("name", "config"))
@@ -300,12 +332,17 @@ class Manifest:
             embedding_dim=r.integer(rt["embedding_dim"], "router.embedding_dim", lo=1),
             codes=None if rt.get("codes") is None else FileRef._read(r, rt["codes"], "router.codes"),
         )
-        te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"))
-        text_encoder = TextEncoderInfo(_read_files(r, te["files"], "text_encoder.files"),
-                                       r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1))
+        te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"),
+                   ("pooled_dim", "uncond") if version >= 3 else ())
+        text_encoder = TextEncoderInfo(
+            _read_files(r, te["files"], "text_encoder.files"),
+            r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1),
+            None if te.get("pooled_dim") is None else r.integer(te["pooled_dim"], "text_encoder.pooled_dim", lo=1),
+            r.string(te.get("uncond", "empty_prompt"), "text_encoder.uncond", UNCOND_KINDS))
         tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
         tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",),
-                                              allowed=("json", "router_json")))
+                                              allowed=("json", "json_2", "router_json")
+                                              if version >= 3 else ("json", "router_json")))
 
         latent = r.boolean(d["latent"], "latent")
         vae = None
@@ -317,6 +354,21 @@ class Manifest:
             r.fail("vae_decoder", "a latent model needs a vae_decoder")
         if not latent and vae is not None:
             r.fail("vae_decoder", "a pixel-space model (latent: false) has no vae_decoder")
+        family = r.string(d["family"], "family", FAMILIES) if "family" in d else ("sd" if latent else "pixel")
+        added = None
+        if d.get("added_cond") is not None:
+            a = r.obj(d["added_cond"], "added_cond", ("text_embeds_dim", "image_size"))
+            isz = a["image_size"]
+            if not (isinstance(isz, list) and len(isz) == 2):
+                r.fail("added_cond.image_size", f"expected [height, width], got {isz!r}")
+            added = AddedCondInfo(r.integer(a["text_embeds_dim"], "added_cond.text_embeds_dim", lo=1),
+                                  (r.integer(isz[0], "added_cond.image_size[0]", lo=1),
+                                   r.integer(isz[1], "added_cond.image_size[1]", lo=1)))
+        if (family == "sdxl") != (added is not None):
+            r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
+        if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
+            r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
+                                              f"{added.text_embeds_dim}")
 
         if not isinstance(d["experts"], list) or not d["experts"]:
             r.fail("experts", "expected a non-empty list")
@@ -376,6 +428,8 @@ class Manifest:
             vae_decoder=vae,
             dense=dense,
             tensorrt=tensorrt,
+            family=family,
+            added_cond=added,
             created_by=r.string(d.get("created_by", "aptp"), "created_by"),
             info=info,
             format_version=version,
@@ -391,10 +445,18 @@ class Manifest:
         """JSON-ready dict in the documented key order (read back by `from_dict`)."""
         d = asdict(self)
         d["sample_size"] = list(self.sample_size)
-        order = ["format_version", "base_model", "created_by", "precision", "scheduler", "budget", "dense_macs",
-                 "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder", "vae_decoder",
-                 "tokenizer", "experts", "dense", "tensorrt", "info"]
-        if self.format_version < 2:  # a version 1 manifest (read and written back) has no tensorrt key
+        if d["added_cond"] is not None:
+            d["added_cond"]["image_size"] = list(self.added_cond.image_size)
+        if d["text_encoder"]["pooled_dim"] is None:
+            del d["text_encoder"]["pooled_dim"]
+        order = ["format_version", "base_model", "created_by", "family", "precision", "scheduler", "budget",
+                 "dense_macs", "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
+                 "added_cond", "vae_decoder", "tokenizer", "experts", "dense", "tensorrt", "info"]
+        if self.format_version < 3:  # an older manifest read and written back keeps its keys
+            order = [k for k in order if k not in ("family", "added_cond")]
+            for k in ("pooled_dim", "uncond"):
+                d["text_encoder"].pop(k, None)
+        if self.format_version < 2:
             order.remove("tensorrt")
         return {k: d[k] for k in order}
 

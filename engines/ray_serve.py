@@ -187,7 +187,7 @@ class Ingress:
         self.manifest = rt.manifest
         self.handles = dict(experts)  # model id ("aptp:expert-0", "aptp:dense") -> DeploymentHandle
         rt.route([WARM_UP_PROMPT])
-        rt.encode_text([WARM_UP_PROMPT])
+        rt.condition([WARM_UP_PROMPT])
         self.uncond = rt._uncond_context()
         self.metrics = ServerMetrics()
         self.image_size: tuple[int, int] | None = None
@@ -233,7 +233,7 @@ def build_ingress_app(ing: Ingress) -> FastAPI:
                 expert = (await asyncio.to_thread(rt.route, [prompt]))[0]
             elif model_id(expert) not in ing.handles:
                 raise EngineError(f"model: {model_id(expert)!r} is not served here (see GET /v1/models)")
-            context = await asyncio.to_thread(rt.encode_text, [prompt], 64, False)
+            context = await asyncio.to_thread(rt.condition, [prompt], 64, False)
         except EngineError as e:
             raise submit_error(e) from None
         sub["expert"] = expert

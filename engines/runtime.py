@@ -27,14 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from .cuda_device import plan_environment, plan_mismatch
-from .denoise import DEFAULT_BATCH_SIZE, denoise, initial_noise, resolve_seeds, unet_batch
+from .denoise import DEFAULT_BATCH_SIZE, TextCondition, denoise, initial_noise, resolve_seeds, unet_batch
 from .errors import BackendError, EngineError
 from .images import decode, to_pil
 from .manifest import (
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
+    TEXT_ENCODER_INPUT_2,
     TEXT_ENCODER_INPUTS,
     TEXT_ENCODER_OUTPUTS,
+    TEXT_ENCODER_POOLED,
+    UNET_ADDED_INPUTS,
     UNET_INPUTS,
     UNET_OUTPUTS,
     VAE_DECODER_INPUTS,
@@ -90,7 +93,7 @@ class Runtime:
         self._sessions: dict[str, Session] = {}
         self._verified: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) when hashed
         self._tokenizer: PromptTokenizer | None = None
-        self._uncond: np.ndarray | None = None
+        self._uncond: TextCondition | None = None
         # onnxruntime provider of the graphs without a TensorRT plan (router, text encoder, VAE decoder)
         self.ort_provider = "cpu" if provider == "cpu" else "cuda"
         self._device_memory: DeviceMemoryPool | None = None  # TensorRT activations, shared by the plans
@@ -194,7 +197,9 @@ class Runtime:
                                    "(export with --backend tensorrt --with-dense); it would run on onnxruntime instead")
         else:
             files = self.manifest.expert(int(expert_id)).files
-        return self._session(f"expert:{expert_id}", files, UNET_INPUTS, UNET_OUTPUTS)
+        # sample and timestep are always read; the text context is not by an expert without transformers
+        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ())
+        return self._session(f"expert:{expert_id}", files, inputs, UNET_OUTPUTS)
 
     @property
     def tokenizer(self) -> PromptTokenizer:
@@ -206,9 +211,11 @@ class Runtime:
             info = self.manifest.tokenizer
             for ref in info.files.values():
                 self._recheck(ref)
+            second = info.files.get("json_2")
             self._tokenizer = PromptTokenizer(self.export_dir / info.files["json"].path, self.manifest.text_len,
                                               self.manifest.router.max_length,
-                                              self.export_dir / info.router_file.path)
+                                              self.export_dir / info.router_file.path,
+                                              None if second is None else self.export_dir / second.path)
         return self._tokenizer
 
     @property
@@ -218,23 +225,55 @@ class Runtime:
     # -- text ------------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> np.ndarray:
         """UNet text context [B, text_len, hidden] float32 for prompts (validated unless internal)."""
+        return self._encode(prompts, batch_size, _clean)[0]
+
+    def _encode(self, prompts: Sequence[str], batch_size: int = 64,
+                _clean: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(context [B, L, E], pooled text_embeds [B, P] or None) of the prompts."""
         prompts = clean_prompts(prompts) if _clean else list(prompts)
+        pooled = self.manifest.text_encoder.pooled_dim is not None
         # input_ids is required; attention_mask is optional: a text encoder run without a mask (CLIP in
         # Stable Diffusion pipelines) is exported without that input
-        te = self._session("text_encoder", self.manifest.text_encoder.files, TEXT_ENCODER_INPUTS[:1],
-                           TEXT_ENCODER_OUTPUTS)
-        out = []
+        te = self._session("text_encoder", self.manifest.text_encoder.files,
+                           TEXT_ENCODER_INPUTS[:1] + ((TEXT_ENCODER_INPUT_2,) if pooled else ()),
+                           TEXT_ENCODER_OUTPUTS + ((TEXT_ENCODER_POOLED,) if pooled else ()))
+        contexts, pools = [], []
         for i in range(0, len(prompts), batch_size):
-            ids, mask = self.tokenizer.unet_tokens(prompts[i:i + batch_size])
+            part = prompts[i:i + batch_size]
+            ids, mask = self.tokenizer.unet_tokens(part)
             feeds = {TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask}
+            if pooled:
+                feeds[TEXT_ENCODER_INPUT_2] = self.tokenizer.unet_tokens_2(part)[0]
             feeds = {k: v for k, v in feeds.items() if k in te.input_names}
-            out.append(te.run(feeds)[TEXT_ENCODER_OUTPUTS[0]])
-        return np.concatenate(out).astype(np.float32, copy=False)
+            out = te.run(feeds)
+            contexts.append(out[TEXT_ENCODER_OUTPUTS[0]])
+            if pooled:
+                pools.append(out[TEXT_ENCODER_POOLED])
+        context = np.concatenate(contexts).astype(np.float32, copy=False)
+        return context, (np.concatenate(pools).astype(np.float32, copy=False) if pooled else None)
 
-    def _uncond_context(self) -> np.ndarray:
+    def _condition(self, context: np.ndarray, pooled: np.ndarray | None) -> TextCondition:
+        added = self.manifest.added_cond
+        if added is None:
+            return TextCondition(context)
+        time_ids = np.tile(np.asarray(added.time_ids(), dtype=np.float32), (context.shape[0], 1))
+        return TextCondition(context, {UNET_ADDED_INPUTS[0]: pooled, UNET_ADDED_INPUTS[1]: time_ids})
+
+    def condition(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> TextCondition:
+        """Everything the UNet reads about the prompts: the text context and, for SDXL exports, the pooled
+        text embedding and the size conditioning time_ids (the export's image size, no crop)."""
+        return self._condition(*self._encode(prompts, batch_size, _clean))
+
+    def _uncond_context(self) -> TextCondition:
+        """The unconditional condition, one row: the prompt "" or, when the export says so (SDXL's
+        force_zeros_for_empty_prompt), zeros of the same shapes."""
         with self._lock:
             if self._uncond is None:
-                self._uncond = self.encode_text([""], _clean=False)  # the unconditional prompt is ""
+                context, pooled = self._encode([""], _clean=False)
+                if self.manifest.text_encoder.uncond == "zeros":
+                    context = np.zeros_like(context)
+                    pooled = None if pooled is None else np.zeros_like(pooled)
+                self._uncond = self._condition(context, pooled)
             return self._uncond
 
     # -- routing ---------------------------------------------------------------------------------
@@ -307,7 +346,7 @@ class Runtime:
             ids = [expert if expert == "dense" else int(expert)] * len(prompts)
         timings["route"] = time.perf_counter() - t
         t = time.perf_counter()
-        cond = self.encode_text(prompts, _clean=False)
+        cond = self.condition(prompts, _clean=False)
         uncond = self._uncond_context()
         timings["text"] = time.perf_counter() - t
 
@@ -337,7 +376,7 @@ class Runtime:
             for j in range(0, len(idx), step):
                 chunk = idx[j:j + step]
                 noise = initial_noise([seeds[i] for i in chunk], shape)
-                latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond[chunk],
+                latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond.take(chunk),
                                   uncond, steps, float(guidance_scale), progress=tick)
                 pixels = decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0)
                 for i, img in zip(chunk, to_pil(pixels), strict=True):

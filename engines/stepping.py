@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .denoise import initial_noise
+from .denoise import TextCondition, initial_noise
 from .errors import EngineError
 from .manifest import UNET_INPUTS, UNET_OUTPUTS
 from .schedulers import Scheduler
@@ -30,20 +30,20 @@ class ImageState:
     Args:
         seed: the image's seed (noise from `np.random.default_rng(seed)`).
         shape: (C, H, W) of the UNet sample.
-        cond: [1, L, E] text context of the prompt; uncond: [1, L, E] context of "".
+        cond: TextCondition (or context [1, L, E]) of the prompt; uncond: the unconditional one.
         scheduler: a fresh scheduler owned by this image.
         steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance).
     """
 
-    def __init__(self, seed: int, shape: tuple[int, int, int], cond: np.ndarray, uncond: np.ndarray,
+    def __init__(self, seed: int, shape: tuple[int, int, int], cond, uncond,
                  scheduler: Scheduler, steps: int, guidance_scale: float):
         scheduler.set_timesteps(steps)
         self.scheduler = scheduler
         self.guidance_scale = float(guidance_scale)
         self.cfg = self.guidance_scale > 1.0
         self.latents = (initial_noise([seed], shape) * scheduler.init_noise_sigma).astype(np.float32)
-        context = np.concatenate([uncond, cond]) if self.cfg else cond
-        self.context = context.astype(np.float32, copy=False)
+        cond, uncond = TextCondition.of(cond), TextCondition.of(uncond)
+        self.condition = TextCondition.concat([uncond, cond] if self.cfg else [cond])
         self.index = 0  # steps done
 
     @property
@@ -72,7 +72,7 @@ def unet_step(unet: Session, states: Sequence[ImageState]) -> None:
     is the caller's to refuse (`ImageState.finite`, the check `denoise` makes)."""
     if not states:
         return
-    samples, timesteps, contexts = [], [], []
+    samples, timesteps, conditions = [], [], []
     for s in states:
         if s.done:
             raise EngineError("unet_step: an image that finished its steps was stepped again")
@@ -81,9 +81,9 @@ def unet_step(unet: Session, states: Sequence[ImageState]) -> None:
         x = s.scheduler.scale_model_input(x, t)
         samples.append(x)
         timesteps.append(np.full((x.shape[0],), t, dtype=np.float32))
-        contexts.append(s.context)
+        conditions.append(s.condition)
     out = unet.run({UNET_INPUTS[0]: np.concatenate(samples), UNET_INPUTS[1]: np.concatenate(timesteps),
-                    UNET_INPUTS[2]: np.concatenate(contexts)})[UNET_OUTPUTS[0]]
+                    **TextCondition.concat(conditions).feeds()})[UNET_OUTPUTS[0]]
     row = 0
     for s in states:
         pred = out[row:row + s.rows]

@@ -75,10 +75,13 @@ class PromptTokenizer:
         text_len: UNet context length (pad and truncate to exactly this).
         router_max_length: truncation length of the router's prompt encoder.
         router_tokenizer_json: the router's tokenizer.json if it differs (default: the same file).
+        tokenizer_json_2: the second text encoder's tokenizer.json (SDXL), padded and truncated to
+            `text_len` like the first.
     """
 
     def __init__(self, tokenizer_json: str | os.PathLike, text_len: int, router_max_length: int,
-                 router_tokenizer_json: str | os.PathLike | None = None):
+                 router_tokenizer_json: str | os.PathLike | None = None,
+                 tokenizer_json_2: str | os.PathLike | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a runtime dependency
@@ -93,9 +96,14 @@ class PromptTokenizer:
                 raise BackendError(f"{path}: cannot be read as a tokenizer.json ({e})") from None
             return tok, *self._pad_token(tok, path)
 
-        self._unet, pad_id, pad_token = load(tokenizer_json)
-        self._unet.enable_truncation(max_length=self.text_len)
-        self._unet.enable_padding(length=self.text_len, pad_id=pad_id, pad_token=pad_token)
+        def load_fixed(path):
+            tok, pad_id, pad_token = load(path)
+            tok.enable_truncation(max_length=self.text_len)
+            tok.enable_padding(length=self.text_len, pad_id=pad_id, pad_token=pad_token)
+            return tok
+
+        self._unet = load_fixed(tokenizer_json)
+        self._unet_2 = load_fixed(tokenizer_json_2) if tokenizer_json_2 is not None else None
 
         self._router, pad_id, pad_token = load(router_tokenizer_json or tokenizer_json)
         self._router.enable_truncation(max_length=self.router_max_length)
@@ -122,6 +130,12 @@ class PromptTokenizer:
     def unet_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), each int64 [B, text_len], for already-cleaned prompts."""
         return self._encode(self._unet, prompts)
+
+    def unet_tokens_2(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The second tokenizer's (input_ids, attention_mask) [B, text_len] (SDXL's text_encoder_2)."""
+        if self._unet_2 is None:
+            raise BackendError("this export has one text tokenizer")
+        return self._encode(self._unet_2, prompts)
 
     def router_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), each int64 [B, S] with S <= router_max_length."""

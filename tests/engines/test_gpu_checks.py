@@ -98,9 +98,21 @@ def test_both_onnxruntime_flavours_installed_is_named(monkeypatch):
 ENV = {"version": "10.8.0.43", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
 
 
-def _with_plans(pixel, tensorrt=ENV, version=FORMAT_VERSION) -> dict:
-    d = json.loads((pixel.dir / "manifest.json").read_text())
+def as_version(d: dict, version: int) -> dict:
+    """A manifest dict as an older aptp wrote it: without the keys later format versions added."""
     d["format_version"] = version
+    if version < 3:
+        for k in ("family", "added_cond"):
+            d.pop(k, None)
+        for k in ("pooled_dim", "uncond"):
+            d["text_encoder"].pop(k, None)
+    if version < 2:
+        d.pop("tensorrt", None)
+    return d
+
+
+def _with_plans(pixel, tensorrt=ENV, version=FORMAT_VERSION) -> dict:
+    d = as_version(json.loads((pixel.dir / "manifest.json").read_text()), version)
     d.pop("tensorrt", None)
     d["experts"][0]["files"]["tensorrt"] = dict(d["experts"][0]["files"]["onnx"], path="experts/expert_00.plan")
     if tensorrt is not None:
@@ -121,9 +133,8 @@ def test_manifest_records_plan_environment(pixel):
 def test_version_1_manifests_still_load(pixel, tmp_path):
     d = copy_export(pixel, tmp_path / "v1")
     m = json.loads((d / "manifest.json").read_text())
-    m["format_version"] = 1
-    del m["tensorrt"]  # what aptp 0.1 wrote: no such key
-    (d / "manifest.json").write_text(json.dumps(m))
+    assert "tensorrt" in m and "family" in m
+    (d / "manifest.json").write_text(json.dumps(as_version(m, 1)))  # what aptp 0.1 wrote: no such keys
     rt = Runtime.load(d)
     assert rt.manifest.format_version == 1 and rt.manifest.tensorrt is None
     assert "tensorrt" not in rt.manifest.to_dict()  # written back as version 1
