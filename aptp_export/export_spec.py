@@ -22,8 +22,10 @@ from engines.errors import UserError
 from engines.manifest import (
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
+    TEXT_ENCODER_INPUT_2,
     TEXT_ENCODER_INPUTS,
     TEXT_ENCODER_OUTPUTS,
+    TEXT_ENCODER_POOLED,
     UNET_ADDED_INPUTS,
     UNET_INPUTS,
     UNET_OUTPUTS,
@@ -220,15 +222,22 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
 
 
 def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,
-                      batch: tuple[int, int, int] = (1, 2, 64)) -> ExportSpec:
-    """Text encoder: (input_ids, attention_mask [B, text_len]) -> last_hidden_state [B, text_len, E]."""
+                      batch: tuple[int, int, int] = (1, 2, 64), pooled_dim: int | None = None,
+                      vocab_size_2: int | None = None) -> ExportSpec:
+    """Text encoder: (input_ids, attention_mask [B, text_len]) -> last_hidden_state [B, text_len, E]. With
+    `pooled_dim` (SDXL's two encoders, `DualTextEncoderGraph`) also input_ids_2 [B, text_len] (ids of the
+    second tokenizer, vocabulary `vocab_size_2`) and output text_embeds [B, pooled_dim]."""
+    dual = pooled_dim is not None
     return ExportSpec(
         name="text_encoder",
         inputs=(
             TensorSpec(TEXT_ENCODER_INPUTS[0], ("batch", text_len), "int64", "tokens", vocab_size),
             TensorSpec(TEXT_ENCODER_INPUTS[1], ("batch", text_len), "int64", "mask"),
+            *((TensorSpec(TEXT_ENCODER_INPUT_2, ("batch", text_len), "int64", "tokens", vocab_size_2 or vocab_size),)
+              if dual else ()),
         ),
-        outputs=(TensorSpec(TEXT_ENCODER_OUTPUTS[0], ("batch", text_len, hidden_size)),),
+        outputs=(TensorSpec(TEXT_ENCODER_OUTPUTS[0], ("batch", text_len, hidden_size)),
+                 *((TensorSpec(TEXT_ENCODER_POOLED, ("batch", pooled_dim)),) if dual else ())),
         axes={"batch": _batch("batch", batch)},
     )
 

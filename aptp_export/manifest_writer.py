@@ -6,7 +6,7 @@ router's encoder and head, optionally the dense UNet and a VAE) and does the who
     out/
       manifest.json                       # written last: a directory without it is not an export
       router.onnx  text_encoder.onnx  [vae_decoder.onnx]  [router_codes.json]
-      tokenizer/tokenizer.json
+      tokenizer/tokenizer.json  [tokenizer_2/tokenizer.json]   # the second: SDXL's second text encoder
       experts/expert_00.onnx [.plan]  ...  [dense.onnx]
       specs.json                          # the ExportSpec of every graph (for engine rebuilds)
 
@@ -37,6 +37,8 @@ from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.manifest import (
     MANIFEST_NAME,
+    UNCOND_KINDS,
+    AddedCondInfo,
     DenseInfo,
     ExpertInfo,
     FileRef,
@@ -59,8 +61,16 @@ from .export_spec import (
     unet_spec,
     vae_decoder_spec,
 )
-from .onnx_export import RouterGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, export_onnx
+from .onnx_export import (
+    DualTextEncoderGraph,
+    RouterGraph,
+    TextEncoderGraph,
+    UNetGraph,
+    VaeDecoderGraph,
+    export_onnx,
+)
 from .tensorrt_build import build_engine, import_tensorrt
+from .unet_configs import added_cond_dims
 
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|endoftext|>")
 
@@ -137,11 +147,20 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
-def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Path, files, specs, report) -> None:
+def vae_precision(vae, precision: str) -> str:
+    """The VAE decoder's graph precision: fp32 when its config asks to be upcast (`force_upcast`, true for the
+    SD and SDXL VAEs, whose fp16 decoders overflow to inf/NaN on real latents, as diffusers' pipelines
+    handle it), else the export's precision (e.g. the fp16-fix SDXL VAE)."""
+    config = getattr(vae, "config", None) or {}
+    return "fp32" if precision == "fp16" and config.get("force_upcast", True) else precision
+
+
+def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Path, files, specs, report,
+                   vae_prec: str = "fp32") -> None:
     """Export (and with the TensorRT backend, build) every graph of `jobs`, filling files/specs/report."""
     for key, module, spec, path in tqdm(jobs, desc="export", disable=not options.progress):
         # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
-        prec = precision if key.startswith(("expert", "dense", "vae")) else "fp32"
+        prec = precision if key.startswith(("expert", "dense")) else vae_prec if key == "vae_decoder" else "fp32"
         res = export_onnx(module, spec, path, precision=prec, exporter=exporter)
         files[key] = dict(res.files)
         specs[key] = spec.to_dict()
@@ -182,6 +201,11 @@ def write_export_dir(
     router_tokenizer: str | os.PathLike | None = None,
     router_pad_token: str | None = None,
     text_encoder_uses_mask: bool = True,
+    text_encoder_2=None,
+    tokenizer_2: str | os.PathLike | None = None,
+    pad_token_2: str | None = None,
+    uncond: str = "empty_prompt",
+    image_size: tuple[int, int] | None = None,
     info: dict | None = None,
     options: ExportOptions = ExportOptions(),
 ) -> tuple[Manifest, dict]:
@@ -194,7 +218,11 @@ def write_export_dir(
     directory (pad_token overrides its padding token); router_tokenizer / router_pad_token: the
     router encoder's, when it is another model (default: the same file); text_encoder_uses_mask:
     False for encoders their pipeline calls without an attention mask (SD's CLIP);
-    scheduler_config: diffusers scheduler config dict; sample_size / in_channels: UNet input (latent
+    text_encoder_2 / tokenizer_2 / pad_token_2: SDXL's second text encoder (CLIPTextModelWithProjection) and
+    its tokenizer; with them the text encoder graph is `DualTextEncoderGraph` and `context_dim` is the
+    concatenated width; uncond: "empty_prompt" or "zeros" (SDXL's force_zeros_for_empty_prompt);
+    image_size: pixels (h, w) of the images, from which the runtime builds SDXL's time_ids (default:
+    sample_size times the VAE factor); scheduler_config: diffusers scheduler config dict; sample_size / in_channels: UNet input (latent
     if `vae` is given); size_range: (min, max) UNet height/width for the dynamic axes (default:
     sample_size only); options: backend, precision, default sampler, profile batch (ExportOptions;
     with_dense and round_to are the caller's: pass `dense` and rounded experts).
@@ -207,6 +235,14 @@ def write_export_dir(
         raise UserError("no experts to export")
     if (vae is None) != (vae_scaling_factor is None):
         raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
+    if (text_encoder_2 is None) != (tokenizer_2 is None):
+        raise UserError("a second text encoder needs its tokenizer (and a second tokenizer its encoder)")
+    if uncond not in UNCOND_KINDS:
+        raise UserError(f"uncond must be one of {', '.join(UNCOND_KINDS)}, got {uncond!r}")
+    added_dims = added_cond_dims(getattr(experts[0].unet, "config", {}) if experts else {})
+    if added_dims is not None and text_encoder_2 is None:
+        raise UserError("an SDXL-class UNet (addition_embed_type text_time) needs the second text encoder "
+                        "that gives its pooled text embedding")
     name = scheduler_name(options.scheduler)
     make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
     plan_env = None
@@ -225,7 +261,10 @@ def write_export_dir(
     if router_tokenizer is not None:
         tok_files["router_json"] = copy_tokenizer(router_tokenizer, out_dir, router_pad_token,
                                                   rel="tokenizer/router/tokenizer.json")
+    if tokenizer_2 is not None:
+        tok_files["json_2"] = copy_tokenizer(tokenizer_2, out_dir, pad_token_2, rel="tokenizer_2/tokenizer.json")
     vocab = Tokenizer.from_file(str(out_dir / tok_rel)).get_vocab_size()
+    vocab_2 = Tokenizer.from_file(str(out_dir / tok_files["json_2"])).get_vocab_size() if tokenizer_2 else None
     router_vocab = Tokenizer.from_file(str(out_dir / tok_files.get("router_json", tok_rel))).get_vocab_size()
     unet0 = experts[0].unet
     n_down = len(getattr(unet0, "config", {}).get("block_out_channels", (0, 0, 0))) - 1
@@ -235,17 +274,30 @@ def write_export_dir(
         out_ch = getattr(u, "config", {}).get("out_channels", in_channels)
         return unet_spec(in_channels, sample_size, text_len, context_dim, batch=unet_batch, out_channels=out_ch,
                          size_range=size_range, size_multiple=2 ** max(n_down, 0),
-                         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000))
+                         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
+                         text_embeds_dim=added_dims[0] if added_dims else None)
+
+    if text_encoder_2 is not None:
+        pooled_dim = int(text_encoder_2.config.projection_dim)
+        te_job = (DualTextEncoderGraph(text_encoder, text_encoder_2),
+                  text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64), pooled_dim=pooled_dim,
+                                    vocab_size_2=vocab_2))
+    else:
+        pooled_dim = None
+        te_job = (TextEncoderGraph(text_encoder, use_attention_mask=text_encoder_uses_mask),
+                  text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64)))
+    if added_dims is not None and pooled_dim != added_dims[0]:
+        raise UserError(f"the UNet reads text_embeds of width {added_dims[0]}, the second text encoder gives "
+                        f"{pooled_dim}")
 
     jobs: list[tuple[str, Any, ExportSpec, Path]] = [
         ("router", RouterGraph(router_encoder, router_head),
          router_spec(router_max_length, router_vocab, len(experts), embedding_dim, batch=(1, 2, 64)),
          out_dir / "router.onnx"),
-        ("text_encoder", TextEncoderGraph(text_encoder, use_attention_mask=text_encoder_uses_mask),
-         text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64)), out_dir / "text_encoder.onnx"),
+        ("text_encoder", *te_job, out_dir / "text_encoder.onnx"),
     ]
+    up = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     if vae is not None:
-        up = 2 ** (len(vae.config.block_out_channels) - 1)
         jobs.append(("vae_decoder", VaeDecoderGraph(vae),
                      vae_decoder_spec(in_channels, sample_size, upscale=up, batch=(1, 1, max_batch),
                                       out_channels=vae.config.out_channels),
@@ -260,7 +312,7 @@ def write_export_dir(
     specs = {}
     with tempfile.TemporaryDirectory(prefix="aptp_trt_cache_") as cache_dir:
         _export_graphs(jobs, precision, exporter, backend, options, Path(cache_dir) / "timing.cache",
-                       files, specs, report)
+                       files, specs, report, vae_prec=vae_precision(vae, precision))
     write_json(out_dir / "specs.json", specs)
 
     codes_ref = None
@@ -292,13 +344,17 @@ def write_export_dir(
         latent=vae is not None,
         router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(router_max_length),
                           num_experts=len(experts), embedding_dim=int(embedding_dim), codes=codes_ref),
-        text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(context_dim)),
+        text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(context_dim),
+                                     pooled_dim=pooled_dim, uncond=uncond),
         tokenizer=TokenizerInfo(files={k: FileRef.of(out_dir, v) for k, v in tok_files.items()}),
         experts=expert_infos,
         vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
                                                             float(vae_scaling_factor)),
         dense=dense_info,
         tensorrt=None if plan_env is None else TensorRTInfo(**plan_env, tf32=False),
+        family="sdxl" if added_dims else ("sd" if vae is not None else "pixel"),
+        added_cond=None if added_dims is None else AddedCondInfo(
+            int(added_dims[0]), tuple(int(v) for v in (image_size or (sample_size[0] * up, sample_size[1] * up)))),
         info={**(info or {}), "export": report},
     )
     _publish_modes(out_dir)

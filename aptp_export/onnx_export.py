@@ -107,6 +107,27 @@ class TextEncoderGraph(nn.Module):
         return _last_hidden_state(self.encoder, input_ids, attention_mask if self.use_attention_mask else None)
 
 
+class DualTextEncoderGraph(nn.Module):
+    """SDXL's text conditioning: (input_ids, attention_mask, input_ids_2) -> (last_hidden_state [B, L, E1 + E2],
+    text_embeds [B, P]).
+
+    last_hidden_state concatenates both encoders' penultimate hidden states (what StableDiffusionXLPipeline
+    feeds the UNet without clip_skip); text_embeds is the second encoder's projected pooled output
+    (`CLIPTextModelWithProjection`). input_ids are the first tokenizer's, input_ids_2 the second's; both
+    encoders run without an attention mask, as the pipeline calls them, so the graph has no attention_mask
+    input."""
+
+    def __init__(self, encoder: nn.Module, encoder_2: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_2 = encoder_2
+
+    def forward(self, input_ids, attention_mask, input_ids_2):
+        h1 = self.encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+        out2 = self.encoder_2(input_ids_2, output_hidden_states=True)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2[0]
+
+
 def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """sentence-transformers' mean pooling then L2 normalisation: [B,S,E], [B,S] -> [B,E]."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

@@ -129,3 +129,61 @@ def tiny_config(model_dir: Path, runs_dir: Path, **sections) -> dict:
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
+
+
+# A tiny SDXL-class UNet: text_time addition embedding (text_embeds of the second encoder's projection width),
+# 2 transformer layers at the attention level, heads per level, linear projections (as SDXL).
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+    cross_attention_dim=32 + 24,  # penultimate states of both text encoders, concatenated
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+)
+
+
+def write_sdxl_model(path: Path, seed: int = 0, force_zeros: bool = True) -> Path:
+    """A latent model dir in Stable Diffusion XL's layout with tiny random parts: two CLIP tokenizers (the second
+    pads with "!", as SDXL's), CLIPTextModel + CLIPTextModelWithProjection, a VAE with SDXL's scaling factor,
+    an SDXL-class UNet, SDXL's Euler scheduler config and model_index.json."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    write_tiny_clip_tokenizer(path / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    tok2 = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), pad_token="!")
+    tok2.save_pretrained(str(path / "tokenizer_2"))
+
+    def clip_config(hidden, heads, **kw):
+        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden + 5,
+                              num_attention_heads=heads, num_hidden_layers=3, max_position_embeddings=12,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **kw)
+
+    CLIPTextModel(clip_config(32, 4)).save_pretrained(str(path / "text_encoder"))
+    CLIPTextModelWithProjection(clip_config(24, 4, projection_dim=16)).save_pretrained(str(path / "text_encoder_2"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
+    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    _perturb_(unet, seed)
+    unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+    EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                           beta_end=0.012, prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                           interpolation_type="linear", use_karras_sigmas=False).save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": force_zeros,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+    return path

@@ -1,14 +1,20 @@
 """The dense base model a run prunes: UNet, noise scheduler, text conditioning and (for latent models) VAE.
 
-Two on-disk layouts:
+Three on-disk layouts:
 - toy / pixel space: unet/, scheduler/, text_encoder.json (token states of the packaged MiniLM);
-- Stable Diffusion: unet/, vae/, text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer), scheduler/.
+- Stable Diffusion 1.x / 2.x: unet/, vae/, text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer), scheduler/.
   Training then runs on VAE latents and the pipeline's own CLIP text states; the router always uses the
-  sentence encoder (training/embeddings.py), never this text encoder.
+  sentence encoder (training/embeddings.py), never this text encoder;
+- Stable Diffusion XL: the same plus text_encoder_2/ (CLIPTextModelWithProjection) and tokenizer_2/. The UNet
+  context is both encoders' penultimate hidden states concatenated, and the UNet also reads
+  `added_cond_kwargs`: the second encoder's pooled embedding (text_embeds) and time_ids = (original height,
+  width, crop top, left, target height, width) per image (from the data when it records them, else the
+  training resolution with no crop), as diffusers' SDXL pipeline and training script build them.
 
     base = load_base_model(cfg.model)
     x0 = base.encode_images(pixels, eps)          # pixels [B,3,H,W] in [-1,1] -> UNet-space x0
-    ctx = base.encode_text(captions)              # [B, L, C] cross-attention context
+    cond = base.conditioning(captions, sizes)     # UNetCond: unet(x, t, **cond.kwargs())
+    ctx = base.encode_text(captions)              # [B, L, C] cross-attention context only
 """
 
 from __future__ import annotations
@@ -20,14 +26,40 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from aptp_export.unet_configs import added_cond_dims
 from engines.errors import UserError
 
 from .text import TextEncoder
 from .toy import teacher_dir
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
+@dataclass
+class UNetCond:
+    """Everything a UNet call reads about its batch besides sample and timestep: the cross-attention context
+    [B, L, C] and, for SDXL-class UNets, text_embeds [B, P] and time_ids [B, 6] (`added_cond_kwargs`)."""
+
+    context: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.context.shape[0])
+
+    def __getitem__(self, rows) -> UNetCond:
+        pick = (lambda t: None if t is None else t[rows])  # noqa: E731
+        return UNetCond(self.context[rows], pick(self.text_embeds), pick(self.time_ids))
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `unet(sample, timestep, **kwargs)`."""
+        out = {"encoder_hidden_states": self.context}
+        if self.text_embeds is not None:
+            out["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return out
 
 
 @dataclass
@@ -44,6 +76,8 @@ class BaseModel:
     vae: torch.nn.Module | None = None
     latent_channels: int = 0
     scaling_factor: float = 1.0
+    family: str = "pixel"     # engines.manifest.FAMILIES: "pixel" | "sd" | "sdxl"
+    force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
 
     @property
     def sample_channels(self) -> int:
@@ -52,6 +86,24 @@ class BaseModel:
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(list(captions))
+
+    @torch.no_grad()
+    def conditioning(self, captions: list[str], sizes: torch.Tensor | None = None) -> UNetCond:
+        """The UNet's condition for a batch. sizes: int [B, 4] (original height, width, crop top, left) per
+        image (training.data.collate(..., sizes=True)); None = the training resolution, no crop. Only
+        SDXL-class UNets read it."""
+        if self.family != "sdxl":
+            return UNetCond(self.encode_text(captions))
+        context, pooled = self.text_encoder.encode_pooled(list(captions))
+        return UNetCond(context, pooled, self.time_ids(len(captions), sizes).to(context.device))
+
+    def time_ids(self, batch: int, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """SDXL's time_ids [B, 6] float: original (h, w), crop (top, left), target (h, w) = the training size."""
+        s = self.image_size
+        if sizes is None:
+            sizes = torch.tensor([[s, s, 0, 0]] * batch)
+        target = torch.tensor([[s, s]] * batch)
+        return torch.cat([sizes.reshape(batch, 4).long(), target], dim=1).float()
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,6 +146,45 @@ class _ClipTokens:
         return self.model(ids)[0].float()
 
 
+class _SdxlClipTokens:
+    """SDXL conditioning, as StableDiffusionXLPipeline.encode_prompt without clip_skip: both CLIP encoders'
+    penultimate hidden states concatenated ([B, L, E1 + E2]) and the second's projected pooled output."""
+
+    def __init__(self, path: Path, max_length: int | None, device):
+        load_tok = lambda sub: CLIPTokenizer.from_pretrained(str(path / sub), local_files_only=True)  # noqa: E731
+        self.tokenizer, self.tokenizer_2 = load_tok("tokenizer"), load_tok("tokenizer_2")
+        self.model = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        self.model_2 = CLIPTextModelWithProjection.from_pretrained(str(path / "text_encoder_2"), local_files_only=True)
+        for m in (self.model, self.model_2):
+            m.to(device).eval().requires_grad_(False)
+        self.max_length = int(max_length or self.tokenizer.model_max_length)
+        self.device = device
+
+    def _ids(self, tok, captions):
+        return tok(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
+                   return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_pooled(self, captions):
+        h1 = self.model(self._ids(self.tokenizer, captions), output_hidden_states=True).hidden_states[-2]
+        out2 = self.model_2(self._ids(self.tokenizer_2, captions), output_hidden_states=True)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1).float(), out2.text_embeds.float()
+
+    def encode(self, captions):
+        return self.encode_pooled(captions)[0]
+
+
+def _force_zeros(path: Path) -> bool:
+    """SDXL pipelines' `force_zeros_for_empty_prompt` from model_index.json (diffusers' default: true)."""
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+        except json.JSONDecodeError:
+            raise UserError(f"{index}: not valid JSON") from None
+    return True
+
+
 def detect_layout(path: Path) -> str:
     """'latent' (Stable Diffusion layout), 'pixel' (toy layout) or raise UserError naming what is missing."""
     if not path.is_dir():
@@ -102,6 +193,10 @@ def detect_layout(path: Path) -> str:
         missing = [p for p in SD_PARTS if not (path / p).is_dir()]
         if missing:
             raise UserError(f"{path}: Stable Diffusion layout is missing {', '.join(missing)}/")
+        if any((path / p).is_dir() for p in SDXL_PARTS):
+            missing = [p for p in SDXL_PARTS if not (path / p).is_dir()]
+            if missing:
+                raise UserError(f"{path}: Stable Diffusion XL layout is missing {', '.join(missing)}/")
         return "latent"
     missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
     if missing:
@@ -142,13 +237,19 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
         vae.eval().requires_grad_(False)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        text = _ClipTokens(path, mcfg.text_max_length, device)
+        xl = (path / "text_encoder_2").is_dir()
+        if xl != (added_cond_dims(unet.config) is not None):
+            raise UserError(f"{path}: " + ("text_encoder_2/ is there but the UNet does not read text_embeds/time_ids"
+                                           if xl else "the UNet reads SDXL's text_embeds/time_ids but there is no "
+                                           "text_encoder_2/"))
+        text = (_SdxlClipTokens if xl else _ClipTokens)(path, mcfg.text_max_length, device)
         image_size = int(mcfg.resolution or unet.config.sample_size * factor)
         if image_size % factor:
             raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
         return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size // factor,
                          text.max_length, text, vae, int(vae.config.latent_channels),
-                         float(vae.config.scaling_factor))
+                         float(vae.config.scaling_factor), family="sdxl" if xl else "sd",
+                         force_zeros_for_empty_prompt=xl and _force_zeros(path))
     te = json.loads((path / "text_encoder.json").read_text())
     if te.get("type") != "token_states":
         raise UserError(f"{path}/text_encoder.json: unsupported type {te.get('type')!r} (token_states)")

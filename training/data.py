@@ -7,7 +7,9 @@ Datasets (all map-style, index -> (pixels float32 [3, S, S] in [-1, 1], caption)
   undecodable image is skipped and counted (one warning with the count); nothing left is an error;
 - `HFDataset`: any `datasets` dataset with an image and a text column (a hub name, readable offline
   from the local cache, or a directory written by `save_to_disk`). Needs the `data` extra.
-Images are resized (shorter side to S, bicubic) and centre-cropped to S x S.
+Images are resized (shorter side to S, bicubic) and centre-cropped to S x S. `collate(..., sizes=True)` also
+gives each image's original (height, width) and the crop's (top, left) in the resized image: SDXL's size
+conditioning (time_ids), as diffusers' SDXL training script records it.
 
 `GlobalBatches` yields, for every step, the global batch's dataset indices (a fresh permutation per
 epoch, a pure function of seed and epoch, so resuming needs no data-loader state); each process takes
@@ -33,13 +35,31 @@ from . import toy
 log = logging.getLogger("aptp.data")
 
 
-def to_tensor(image, size: int) -> torch.Tensor:
-    """PIL image or uint8 array [H, W, 3] -> float32 [3, size, size] in [-1, 1] (resize shorter side, centre crop)."""
+def resized(h: int, w: int, size: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to `size` (to_tensor's rule)."""
+    s = size / min(w, h)
+    return max(size, round(h * s)), max(size, round(w * s))
+
+
+def flip_sizes(sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """sizes [B, 4] (h, w, top, left) of images flipped left-right after cropping: the crop's left edge
+    measured from the other side."""
+    out = sizes.clone()
+    for row in out:
+        h, w, _, left = (int(v) for v in row)
+        row[3] = resized(h, w, size)[1] - size - left
+    return out
+
+
+def to_tensor(image, size: int, with_size: bool = False):
+    """PIL image or uint8 array [H, W, 3] -> float32 [3, size, size] in [-1, 1] (resize shorter side, centre
+    crop); with `with_size` also (original height, width, crop top, crop left)."""
 
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     image = image.convert("RGB")
     w, h = image.size
+    geometry = (h, w, 0, 0)
     if (w, h) != (size, size):
         s = size / min(w, h)
         nw, nh = max(size, round(w * s)), max(size, round(h * s))
@@ -47,8 +67,10 @@ def to_tensor(image, size: int) -> torch.Tensor:
             image = image.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
         image = image.crop((left, top, left + size, top + size))
+        geometry = (h, w, top, left)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return (t, geometry) if with_size else t
 
 
 class ToyDataset:
@@ -66,12 +88,16 @@ class ToyDataset:
         return len(self.captions)
 
     def __getitem__(self, i: int):
+        return self.get(i)[:2]
+
+    def get(self, i: int):
+        """(pixels, caption, (original h, w, crop top, left))."""
         img = self.images[i]
-        if self.size == img.shape[0]:
+        if self.size == img.shape[0] == img.shape[1]:
             t = torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-        else:
-            t = to_tensor(img, self.size)
-        return t, self.captions[i]
+            return t, self.captions[i], (self.size, self.size, 0, 0)
+        t, geometry = to_tensor(img, self.size, with_size=True)
+        return t, self.captions[i], geometry
 
 
 class ImageFolderDataset:
@@ -126,9 +152,14 @@ class ImageFolderDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
+        return self.get(i)[:2]
+
+    def get(self, i: int):
+        """(pixels, caption, (original h, w, crop top, left))."""
         try:
             with Image.open(self.files[i]) as im:
-                return to_tensor(im, self.size), self.captions[i]
+                t, geometry = to_tensor(im, self.size, with_size=True)
+                return t, self.captions[i], geometry
         except OSError as e:
             raise UserError(f"image {self.files[i]} failed to decode: {e}") from None
 
@@ -175,6 +206,10 @@ class HFDataset:
         return len(self.captions)
 
     def __getitem__(self, i: int):
+        return self.get(i)[:2]
+
+    def get(self, i: int):
+        """(pixels, caption, (original h, w, crop top, left))."""
         img = self.ds[int(i)][self.image_column]
         if isinstance(img, dict):  # undecoded Image feature
 
@@ -183,7 +218,8 @@ class HFDataset:
             img = Image.open(img)
         elif isinstance(img, np.ndarray):
             img = Image.fromarray(img)
-        return to_tensor(img, self.size), self.captions[i]
+        t, geometry = to_tensor(img, self.size, with_size=True)
+        return t, self.captions[i], geometry
 
 
 def check_data_source(dcfg) -> None:
@@ -210,9 +246,20 @@ def build_dataset(dcfg, size: int):
     raise UserError(f"data.type {dcfg.type!r} is not one of toy, imagefolder, hf")
 
 
-def collate(dataset, indices) -> tuple[torch.Tensor, list[str]]:
-    items = [dataset[int(i)] for i in indices]
-    return torch.stack([x for x, _ in items]), [c for _, c in items]
+def collate(dataset, indices, sizes: bool = False):
+    """(pixels [B, 3, S, S], captions) of `indices`; with `sizes` also int64 [B, 4] (original h, w, crop
+    top, left) per image (a dataset without `get` gives S, S, 0, 0)."""
+    if not sizes:
+        items = [dataset[int(i)] for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+    if hasattr(dataset, "get"):
+        items = [dataset.get(int(i)) for i in indices]
+    else:
+        items = [(*dataset[int(i)], None) for i in indices]
+    pixels = torch.stack([x for x, _, _ in items])
+    s = pixels.shape[-1]
+    geometry = torch.tensor([g if g is not None else (s, s, 0, 0) for _, _, g in items], dtype=torch.long)
+    return pixels, [c for _, c, _ in items], geometry
 
 
 class GlobalBatches:

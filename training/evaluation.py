@@ -41,19 +41,19 @@ def distill_error(experts: dict[int, torch.nn.Module], assignment: torch.Tensor,
     sums = torch.zeros(n, len(timesteps), dtype=torch.float64)
     for start in tqdm(range(0, n, batch_size), desc="held-out distillation error", disable=not progress):
         idx = torch.arange(start, min(n, start + batch_size))
-        pixels, captions = collate(dataset, idx)
+        pixels, captions, sizes = collate(dataset, idx, sizes=True)
         eps = torch.randn((len(idx), base.latent_channels, h, w), generator=gen) if base.vae is not None else None
         x0 = base.encode_images(pixels, eps)
-        ctx = base.encode_text(captions)
+        cond = base.conditioning(captions, sizes)
         for j, tv in enumerate(timesteps):
             noise = torch.randn((len(idx), c, h, w), generator=gen)
             t = torch.full((len(idx),), int(tv), dtype=torch.long)
             noisy = base.scheduler.add_noise(x0, noise, t)
-            ref = teacher(noisy, t, ctx).sample
+            ref = teacher(noisy, t, **cond.kwargs()).sample
             a = assignment[idx]
             for k in a.unique().tolist():
                 m = a == k
-                out = experts[k](noisy[m], t[m], ctx[m]).sample
+                out = experts[k](noisy[m], t[m], **cond[m].kwargs()).sample
                 sums[idx[m], j] = ((out - ref[m]) ** 2).flatten(1).mean(1).double()
     per_expert = {int(k): float(sums[assignment == k].mean()) for k in assignment.unique().tolist()}
     return {"mse": float(sums.mean()), "per_expert": per_expert,

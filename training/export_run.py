@@ -83,9 +83,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         shared = {"text_encoder": base.text_encoder.model, "tokenizer": _fast_tokenizer_json(base.path / "tokenizer"),
                   "pad_token": clip_tok.pad_token, "router_tokenizer": sentence.model_dir,
                   "text_encoder_uses_mask": False, "vae": base.vae, "vae_scaling_factor": base.scaling_factor}
+        if base.family == "sdxl":  # the second encoder and tokenizer; zeros as the unconditional condition
+            shared.update(text_encoder_2=base.text_encoder.model_2,
+                          tokenizer_2=_fast_tokenizer_json(base.path / "tokenizer_2"),
+                          pad_token_2=base.text_encoder.tokenizer_2.pad_token,
+                          uncond="zeros" if base.force_zeros_for_empty_prompt else "empty_prompt",
+                          image_size=(base.image_size, base.image_size))
     with tempfile.TemporaryDirectory() as scratch:
-        if isinstance(shared["tokenizer"], _Deferred):
-            shared["tokenizer"] = shared["tokenizer"].write(Path(scratch))
+        for key in ("tokenizer", "tokenizer_2"):
+            if isinstance(shared.get(key), _Deferred):
+                shared[key] = shared[key].write(Path(scratch) / key)
         return write_export_dir(
             out_dir, experts=experts, router_encoder=sentence.model, router_head=router.scorer(),
             scheduler_config=dict(base.scheduler.config), sample_size=(h, w),
@@ -103,8 +110,8 @@ class _Deferred:
 
     def write(self, scratch: Path) -> Path:
         tok = CLIPTokenizerFast.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
-        tok.save_pretrained(str(scratch / "clip_tokenizer"))
-        return scratch / "clip_tokenizer" / "tokenizer.json"
+        tok.save_pretrained(str(scratch))
+        return scratch / "tokenizer.json"
 
 
 def _fast_tokenizer_json(tokenizer_dir: Path):

@@ -80,19 +80,19 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             if e != epoch:
                 perm, epoch = indices[torch.randperm(n, generator=gen)], e
             idx = perm[j * bs:(j + 1) * bs]
-            pixels, captions = collate(dataset, idx)
+            pixels, captions, sizes = collate(dataset, idx, sizes=True)
             drop = torch.rand(bs, generator=gen) < fcfg.caption_dropout
             captions = ["" if d else cap for d, cap in zip(drop.tolist(), captions, strict=True)]
             t = torch.randint(0, base.scheduler.config.num_train_timesteps, (bs,), generator=gen).to(dev)
             noise = torch.randn((bs, c, h, w), generator=gen).to(dev)
             eps = torch.randn((bs, base.latent_channels, h, w), generator=gen).to(dev) if base.vae is not None else None
             x0 = base.encode_images(pixels.to(dev), eps)
-            ctx = base.encode_text(captions)
+            cond = base.conditioning(captions, sizes)
             noisy = base.scheduler.add_noise(x0, noise, t)
             rec_s.clear(), rec_t.clear()
             with torch.no_grad():
-                t_out = teacher(noisy, t, ctx).sample
-            out = expert(noisy, t, ctx).sample
+                t_out = teacher(noisy, t, **cond.kwargs()).sample
+            out = expert(noisy, t, **cond.kwargs()).sample
             l_ddpm = diffusion_loss(out, diffusion_target(base.scheduler, x0, noise, t, base.prediction_type), t,
                                     base.scheduler, lw.snr_gamma, base.prediction_type).mean()
             l_out = per_sample_mse(out, t_out).mean()

@@ -43,7 +43,7 @@ from .checkpoint import (
     set_generator_state,
 )
 from .config import RunConfig, diff_configs, save_config
-from .data import GlobalBatches, build_dataset, check_data_source, collate, local_slice
+from .data import GlobalBatches, build_dataset, check_data_source, collate, flip_sizes, local_slice
 from .distributed import Dist
 from .embeddings import prompt_embeddings
 from .gumbel import gumbel_noise
@@ -237,12 +237,13 @@ class PruneTrainer:
         rnd = self._draw(B)
         mine = lambda t: local_slice(t, dist.rank, dist.world_size).to(dev)  # noqa: E731
         idx = mine(idx_all).cpu()
-        pixels, captions = collate(self.s.dataset, idx)
+        pixels, captions, sizes = collate(self.s.dataset, idx, sizes=True)
         if "flip" in rnd:
             f = mine(rnd["flip"]).cpu()
             pixels[f] = pixels[f].flip(-1)
+            sizes[f] = flip_sizes(sizes[f], pixels.shape[-1])
         x0 = base.encode_images(pixels.to(dev), mine(rnd["vae_eps"]) if "vae_eps" in rnd else None)
-        ctx = base.encode_text(captions)
+        cond = base.conditioning(captions, sizes)
         t, noise = mine(rnd["t"]), mine(rnd["noise"])
         z = self.s.embeddings[idx.to(dev)]
 
@@ -271,10 +272,10 @@ class PruneTrainer:
         target = diffusion_target(base.scheduler, x0, noise, t, base.prediction_type)
         self.recorder.clear()
         with torch.no_grad():
-            teacher_out = self.unet(noisy, t, ctx).sample
+            teacher_out = self.unet(noisy, t, **cond.kwargs()).sample
         teacher_blocks = self.recorder.take()
         with self.s.space.gated(self.unet, gates):
-            out = self.unet(noisy, t, ctx).sample
+            out = self.unet(noisy, t, **cond.kwargs()).sample
         student_blocks = self.recorder.take()
 
         l_ddpm = diffusion_loss(out, target, t, base.scheduler, lw.snr_gamma, base.prediction_type)

@@ -1,0 +1,125 @@
+"""Stable Diffusion XL end to end on a tiny random SDXL pipeline (issue 15): two text encoders, the pooled text
+embedding and size ids as `added_cond_kwargs`, zeros as the unconditional condition; `aptp prune` -> `finetune` ->
+`export` -> `Runtime.generate`, whose images match diffusers' StableDiffusionXLPipeline with the same expert,
+scheduler and noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from engines_export_fixture import psnr
+from prune_fixtures import tiny_config, write_sdxl_model
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
+
+PROMPTS = ["a red circle", "the blue circle on red"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    from training.config import config_from_dict
+    from training.export_run import export_run
+    from training.finetune import run_finetune
+    from training.prune import run_prune
+
+    root = tmp_path_factory.mktemp("sdxl")
+    model = write_sdxl_model(root / "sdxl", seed=2)
+    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
+                                       prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
+                                       finetune={"steps": 2, "batch_size": 2}))
+    run = root / "run"
+    summary = run_prune(cfg, run, progress=False)
+    run_finetune(run, progress=False)
+    out = root / "export"
+    manifest, report = export_run(run, out, scheduler="euler", progress=False)
+    return cfg, run, out, manifest, report, summary
+
+
+def test_sdxl_conditioning_from_data_and_defaults(tmp_path):
+    from training.base_model import load_base_model
+    from training.config import config_from_dict
+    from training.data import ToyDataset, collate, flip_sizes
+
+    model = write_sdxl_model(tmp_path / "sdxl")
+    base = load_base_model(config_from_dict(tiny_config(model, tmp_path / "runs")).model)
+    assert base.family == "sdxl" and base.force_zeros_for_empty_prompt and base.scaling_factor == 0.13025
+    cond = base.conditioning(PROMPTS)
+    assert cond.context.shape == (2, 12, 56) and cond.text_embeds.shape == (2, 16)  # 32 + 24 concatenated
+    assert cond.time_ids.tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # default: training size, no crop
+    # the toy images are 32x32, resized to 16: recorded as original size 32x32
+    _, _, sizes = collate(ToyDataset(4, size=16), [0, 1], sizes=True)
+    assert sizes.tolist() == [[32, 32, 0, 0]] * 2
+    c2 = base.conditioning(PROMPTS, torch.tensor([[40, 60, 0, 9], [32, 32, 0, 0]]))
+    assert c2.time_ids[0].tolist() == [40, 60, 0, 9, 16, 16]
+    assert flip_sizes(torch.tensor([[40, 60, 0, 9]]), 16).tolist() == [[40, 60, 0, 24 - 16 - 9]]
+    # the UNet reads text_embeds and time_ids: changing either changes its output
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    ref = base.unet(x, t, **cond.kwargs()).sample
+    assert not torch.allclose(ref, base.unet(x, t, **c2.kwargs()).sample)
+    # the pipeline's own encode_prompt gives the same condition
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model), local_files_only=True, add_watermarker=False)
+    pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True)
+    torch.testing.assert_close(pe, cond.context, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pp, cond.text_embeds, rtol=1e-5, atol=1e-6)
+    assert not ne.any() and not npp.any()  # force_zeros_for_empty_prompt
+
+
+def test_sdxl_export_manifest(sdxl_run):
+    from engines.manifest import read_manifest
+
+    _, _, out, manifest, report, _ = sdxl_run
+    m = read_manifest(out)
+    assert m.family == "sdxl" and m.format_version == 3
+    assert m.added_cond.text_embeds_dim == 16 and m.added_cond.image_size == (16, 16)
+    assert m.text_encoder.pooled_dim == 16 and m.text_encoder.uncond == "zeros"
+    assert m.text_encoder.hidden_size == 56 and "json_2" in m.tokenizer.files
+    tok2 = json.loads((out / m.tokenizer.files["json_2"].path).read_text())
+    assert tok2["padding"]["pad_token"] == "!"  # SDXL's second tokenizer pads with "!"
+    for key, g in report["graphs"].items():
+        assert g["verified"] and max(g["max_rel_error"].values()) <= 1e-4, key
+
+
+def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
+    """Acceptance: Runtime.generate (onnxruntime, numpy Euler) vs StableDiffusionXLPipeline with the same expert,
+    diffusers' EulerDiscreteScheduler and the same initial noise: >= 40 dB for every expert."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from aptp_export.expert_io import load_expert
+    from engines import Runtime
+    from engines.denoise import initial_noise
+    from training.base_model import load_base_model
+    from training.rundir import RunDir
+
+    cfg, run, out, manifest, _, _ = sdxl_run
+    rt = Runtime.load(out)
+    base = load_base_model(cfg.model)
+    cond, ref = rt.condition(PROMPTS), base.conditioning(PROMPTS)
+    np.testing.assert_allclose(cond.context, ref.context.numpy(), atol=1e-4)
+    np.testing.assert_allclose(cond.added["text_embeds"], ref.text_embeds.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(cond.added["time_ids"], ref.time_ids.numpy())
+    uncond = rt._uncond_context()
+    assert not uncond.context.any() and not uncond.added["text_embeds"].any()
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(cfg.model.path), local_files_only=True,
+                                                     add_watermarker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(manifest.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seeds, steps, g = [7, 8], 4, 5.0
+    shape = (manifest.in_channels, *manifest.sample_size)
+    for k in range(len(manifest.experts)):
+        res = rt.generate_with_info(PROMPTS, steps=steps, guidance_scale=g, seed=seeds, scheduler="euler", expert=k)
+        pipe.unet = load_expert(RunDir(run).expert(k))
+        with torch.no_grad():
+            images = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, height=16, width=16,
+                          latents=torch.from_numpy(initial_noise(seeds, shape)), output_type="np").images
+        for i, (img, want) in enumerate(zip(res.images, images, strict=True)):
+            value = psnr(np.asarray(img, np.float64) / 255.0, want)
+            print(f"expert {k}, prompt {i}: PSNR {value:.1f} dB")
+            assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
+        other = rt.generate(PROMPTS[:1], steps=steps, guidance_scale=g, seed=99, scheduler="euler", expert=k)[0]
+        assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
