@@ -85,8 +85,39 @@ def write_tiny_clip_tokenizer(path: Path) -> None:
     tok.save_pretrained(str(path))
 
 
-def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_prediction") -> Path:
-    """A latent model dir in Stable Diffusion's layout with tiny random parts (VAE factor 2, 4 latent channels)."""
+# SD 1.5's UNet shape in miniature: 8 attention heads at every level (diffusers' `attention_head_dim` is the
+# head count, an int in SD 1.5's config), 1x1-conv proj_in/proj_out (no linear projection), attention at the
+# outer levels and none at the innermost, as CrossAttn x3 + Down in the real one. Channels are multiples of 8
+# (heads) and of the 8 GroupNorm groups.
+TINY_SD15_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (16, 24, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "use_linear_projection": False,
+}
+
+# runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json, key for key: PNDM, PLMS only, epsilon
+# (diffusers' default: the file names no prediction_type); clip_sample is not a PNDM key, it is there for the
+# DDIM/DDPM schedulers built from the same file
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+
+
+def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_prediction", family: str = "sd21") -> Path:
+    """A latent model dir in Stable Diffusion's layout with tiny random parts (VAE factor 2, 4 latent channels).
+
+    family "sd21" (default): the tiny SD-2-style UNet (linear projection) and a DDPM scheduler config of
+    `prediction_type`. family "sd15": TINY_SD15_UNET and SD 1.5's PNDMScheduler config (epsilon;
+    `prediction_type` is ignored)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -104,12 +135,21 @@ def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_predicti
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         latent_channels=4, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(str(path / "vae"), safe_serialization=True)
-    cfg = dict(TINY_UNET, sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32)
+    if family == "sd15":
+        cfg = TINY_SD15_UNET
+    elif family == "sd21":
+        cfg = dict(TINY_UNET, sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32)
+    else:
+        raise ValueError(f"family must be sd21 or sd15, got {family!r}")
     unet = UNet2DConditionModel(**cfg)
     _perturb_(unet, seed)
     unet.save_pretrained(str(path / "unet"), safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type).save_pretrained(str(path / "scheduler"))
+    if family == "sd15":
+        (path / "scheduler").mkdir(parents=True, exist_ok=True)
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+    else:
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type=prediction_type).save_pretrained(str(path / "scheduler"))
     return path
 
 

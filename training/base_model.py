@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,6 +78,10 @@ class BaseModel:
     scaling_factor: float = 1.0
     family: str = "pixel"     # engines.manifest.FAMILIES: "pixel" | "sd" | "sdxl"
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
+    # the model's own scheduler config (scheduler/scheduler_config.json as written, prediction_type resolved):
+    # what sampling uses (an export's manifest), as opposed to `scheduler`, the DDPM rebuilt for training,
+    # which drops keys DDPM has no use for (set_alpha_to_one) and fills others with DDPM's defaults
+    scheduler_config: dict = field(default_factory=dict)
 
     @property
     def sample_channels(self) -> int:
@@ -226,12 +230,12 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     device = torch.device(device)
     unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True).to(device)
     unet.eval().requires_grad_(False)
-    sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True)
-    sched_cfg = {k: v for k, v in sched_cfg.items() if k != "set_alpha_to_one"}
-    scheduler = DDPMScheduler.from_config(sched_cfg)
+    file_cfg = dict(DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True))
+    scheduler = DDPMScheduler.from_config({k: v for k, v in file_cfg.items() if k != "set_alpha_to_one"})
     prediction_type = mcfg.prediction_type or scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"{path}/scheduler: unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+    sampling_cfg = {**file_cfg, "prediction_type": prediction_type}
     if kind == "latent":
 
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
@@ -249,11 +253,12 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
         return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size // factor,
                          text.max_length, text, vae, int(vae.config.latent_channels),
                          float(vae.config.scaling_factor), family="sdxl" if xl else "sd",
-                         force_zeros_for_empty_prompt=xl and _force_zeros(path))
+                         force_zeros_for_empty_prompt=xl and _force_zeros(path), scheduler_config=sampling_cfg)
     te = json.loads((path / "text_encoder.json").read_text())
     if te.get("type") != "token_states":
         raise UserError(f"{path}/text_encoder.json: unsupported type {te.get('type')!r} (token_states)")
     max_len = int(mcfg.text_max_length or te.get("max_length", 16))
     text = _MiniLMTokens(max_len, device)
     image_size = int(mcfg.resolution or unet.config.sample_size)
-    return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size, max_len, text)
+    return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size, max_len, text,
+                     scheduler_config=sampling_cfg)

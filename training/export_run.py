@@ -95,7 +95,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
                 shared[key] = shared[key].write(Path(scratch) / key)
         return write_export_dir(
             out_dir, experts=experts, router_encoder=sentence.model, router_head=router.scorer(),
-            scheduler_config=dict(base.scheduler.config), sample_size=(h, w),
+            scheduler_config=dict(base.scheduler_config), sample_size=(h, w),
             in_channels=base.sample_channels, text_len=text_len, context_dim=int(base.unet.config.cross_attention_dim),
             router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim, dense_macs=dense_macs,
             budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None,

@@ -8,7 +8,10 @@ in float32 like diffusers' so that rounding follows the same path.
 Config keys are read the way diffusers' `from_config` reads them: keys this scheduler knows are
 used (missing ones take diffusers' defaults for that class), keys meant for other schedulers
 (`skip_prk_steps` for DDIM, `variance_type`, `_class_name`, ...) are ignored and listed in
-`ignored_keys`. A known key with a bad value, or a value that asks for a feature not ported here,
+`ignored_keys`. Keys named in `_use_default_values` (diffusers' in-memory record of the keys its
+source class filled with its own defaults, e.g. `dict(DDPMScheduler.from_config(...).config)`) are
+dropped first, as diffusers' `from_config` drops them, so they take this class's defaults: a DDPM
+config's `timestep_spacing="leading"` default does not override Euler's "linspace". A known key with a bad value, or a value that asks for a feature not ported here,
 raises `SchedulerConfigError` naming the key.
 """
 
@@ -157,6 +160,10 @@ class Scheduler:
     @classmethod
     def _resolve(cls, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         resolved, ignored = {}, []
+        used_defaults = config.get("_use_default_values") or ()
+        if not isinstance(used_defaults, (list, tuple)):
+            raise SchedulerConfigError(f"scheduler config: _use_default_values={used_defaults!r} is not a list")
+        config = {k: v for k, v in config.items() if k not in used_defaults}
         for key, value in config.items():
             if key in cls.SCHEMA:
                 _, kind, choices = cls.SCHEMA[key]

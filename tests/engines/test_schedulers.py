@@ -153,6 +153,22 @@ def test_ddim_variants(extra):
     assert worst <= TOL and final <= TOL
 
 
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler"])
+def test_in_memory_diffusers_config_takes_this_classs_defaults(name):
+    """`dict(DDPMScheduler.from_config(SD1).config)` (what a training run holds, and what went into
+    manifests) lists the keys DDPM filled with its own defaults in `_use_default_values`; diffusers'
+    from_config drops them, so Euler built from it uses its own timestep_spacing="linspace", not
+    DDPM's "leading". The numpy port reads such a dict the same way."""
+    from diffusers import DDPMScheduler
+
+    config = dict(DDPMScheduler.from_config(SD1).config)
+    assert config["timestep_spacing"] == "leading" and "timestep_spacing" in config["_use_default_values"]
+    worst, final, _ = _run_both(name, config, 12)
+    assert worst <= TOL and final <= TOL, f"{name}: {worst:.2e} {final:.2e}"
+    assert make_scheduler(name, config).config["timestep_spacing"] == DIFFUSERS[name].from_config(
+        config).config.timestep_spacing
+
+
 def test_betas_bit_identical():
     for config in CONFIGS.values():
         for name in ("ddim", "pndm"):

@@ -13,7 +13,8 @@ from training.config import (
     resolve_config_arg,
 )
 
-PACKAGED = ["toy", "demo", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small"]
+PACKAGED = ["toy", "demo", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small",
+            "sd15_cc3m_base", "sd15_cc3m_small", "sd15_coco_base", "sd15_coco_small"]
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -28,9 +29,21 @@ def test_packaged_configs_load_and_list_every_key(name):
 def test_paper_settings():
     got = {n: (load_config(resolve_config_arg(n)).prune.budget, load_config(resolve_config_arg(n)).router.num_experts)
            for n in PACKAGED[2:]}
-    assert got == {"sd21_cc3m_base": (0.85, 16), "sd21_cc3m_small": (0.66, 8), "sd21_coco_base": (0.78, 8),
-                   "sd21_coco_small": (0.64, 8)}
+    paper = {"cc3m_base": (0.85, 16), "cc3m_small": (0.66, 8), "coco_base": (0.78, 8), "coco_small": (0.64, 8)}
+    assert got == {f"{m}_{k}": v for m in ("sd21", "sd15") for k, v in paper.items()}
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(PACKAGED)
+
+
+@pytest.mark.parametrize("dataset", ["cc3m", "coco"])
+@pytest.mark.parametrize("size", ["base", "small"])
+def test_sd15_configs_are_the_sd21_recipe_on_sd15(dataset, size):
+    """SD 1.5 configs differ from their SD 2.1 twins only in name and model path (prediction type, text
+    length and everything else come from the model directory or stay the paper's)."""
+    sd15 = load_config(resolve_config_arg(f"sd15_{dataset}_{size}"))
+    sd21 = load_config(resolve_config_arg(f"sd21_{dataset}_{size}"))
+    assert diff_configs(sd15, sd21) == ["name", "model.path"]
+    assert sd15.model.resolution == 256 and sd15.model.prediction_type is None
+    assert sd15.model.text_max_length is None and "v1-5" in sd15.model.path
 
 
 @pytest.mark.parametrize("override,message", [
