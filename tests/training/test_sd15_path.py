@@ -136,7 +136,7 @@ def test_sd15_runtime_matches_stable_diffusion_pipeline(sd15_export):
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
         np.testing.assert_allclose(rt.encode_text(PROMPTS), cond.numpy(), atol=1e-4)
-        np.testing.assert_allclose(rt._uncond_context()[0], uncond[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(rt._uncond_context().context[0], uncond[0].numpy(), atol=1e-4)
         # every sampler on expert 0; on expert 1 SD 1.5's own (PNDM), with and without guidance
         runs = [(n, 7.5) for n in classes] if k == 0 else [("pndm", 7.5), ("pndm", 1.0)]
         for name, guidance in runs:
