@@ -14,7 +14,8 @@ from training.config import (
 )
 
 PACKAGED = ["toy", "demo", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small",
-            "sd15_cc3m_base", "sd15_cc3m_small", "sd15_coco_base", "sd15_coco_small"]
+            "sd15_cc3m_base", "sd15_cc3m_small", "sd15_coco_base", "sd15_coco_small",
+            "sdxl_cc3m_base", "sdxl_cc3m_small", "sdxl_coco_base", "sdxl_coco_small"]
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -30,7 +31,7 @@ def test_paper_settings():
     got = {n: (load_config(resolve_config_arg(n)).prune.budget, load_config(resolve_config_arg(n)).router.num_experts)
            for n in PACKAGED[2:]}
     paper = {"cc3m_base": (0.85, 16), "cc3m_small": (0.66, 8), "coco_base": (0.78, 8), "coco_small": (0.64, 8)}
-    assert got == {f"{m}_{k}": v for m in ("sd21", "sd15") for k, v in paper.items()}
+    assert got == {f"{m}_{k}": v for m in ("sd21", "sd15", "sdxl") for k, v in paper.items()}
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(PACKAGED)
 
 
@@ -44,6 +45,15 @@ def test_sd15_configs_are_the_sd21_recipe_on_sd15(dataset, size):
     assert diff_configs(sd15, sd21) == ["name", "model.path"]
     assert sd15.model.resolution == 256 and sd15.model.prediction_type is None
     assert sd15.model.text_max_length is None and "v1-5" in sd15.model.path
+
+
+@pytest.mark.parametrize("dataset", ["cc3m", "coco"])
+@pytest.mark.parametrize("size", ["base", "small"])
+def test_sdxl_configs_are_the_sd21_recipe_on_sdxl_at_512(dataset, size):
+    sdxl = load_config(resolve_config_arg(f"sdxl_{dataset}_{size}"))
+    sd21 = load_config(resolve_config_arg(f"sd21_{dataset}_{size}"))
+    assert diff_configs(sdxl, sd21) == ["name", "model.path", "model.resolution"]
+    assert sdxl.model.resolution == 512 and "stable-diffusion-xl-base" in sdxl.model.path
 
 
 @pytest.mark.parametrize("override,message", [

@@ -123,3 +123,48 @@ def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
             assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
         other = rt.generate(PROMPTS[:1], steps=steps, guidance_scale=g, seed=99, scheduler="euler", expert=k)[0]
         assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
+
+
+def test_sdxl_export_serves_bitwise_through_the_step_batcher(sdxl_run):
+    """The server's step-level batching carries text_embeds and time_ids too: its images are Runtime.generate's."""
+    from engines import Runtime
+    from engines.batching import Batcher
+    from engines.serve_config import ServeConfig
+
+    out = sdxl_run[2]
+    rt = Runtime.load(out, threads=1)
+    ref = rt.generate([PROMPTS[1]] * 2, steps=3, seed=4, scheduler="euler")
+    with Batcher(rt, ServeConfig(batching="step", workers=1, max_batch=4)) as b:
+        b.warm_up()
+        first = b.submit(PROMPTS[0], n=1, steps=2, seed=1, scheduler="euler")  # shares UNet calls with the next
+        got = [r.image for r in b.submit(PROMPTS[1], n=2, steps=3, seed=4, scheduler="euler").result(60)]
+        first.result(60)
+    for a, c in zip(ref, got, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from aptp_export.manifest_writer import vae_precision
+    from engines.errors import ManifestError
+    from engines.manifest import Manifest
+
+    d = json.loads((sdxl_run[2] / "manifest.json").read_text())
+    with pytest.raises(ManifestError, match="sdxl export needs added_cond"):
+        Manifest.from_dict({k: v for k, v in d.items() if k != "added_cond"})
+    with pytest.raises(ManifestError, match="pooled_dim"):
+        Manifest.from_dict(dict(d, text_encoder=dict(d["text_encoder"], pooled_dim=7)))
+    v2 = {k: v for k, v in d.items() if k not in ("family", "added_cond")}
+    v2["format_version"], v2["text_encoder"] = 2, {"files": d["text_encoder"]["files"],
+                                                   "hidden_size": d["text_encoder"]["hidden_size"]}
+    v2["tokenizer"] = {"files": {"json": d["tokenizer"]["files"]["json"]}}
+    m = Manifest.from_dict(v2)
+    assert m.family == "sd" and m.added_cond is None and m.text_encoder.uncond == "empty_prompt"
+    assert Manifest.from_dict(dict(v2, latent=False, vae_decoder=None)).family == "pixel"
+    assert set(m.to_dict()) == set(v2)  # written back as version 2
+    # fp16 exports keep a VAE decoder that asks for upcasting (SD/SDXL VAEs overflow in fp16) in fp32
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
+    assert vae.config.force_upcast and vae_precision(vae, "fp16") == "fp32" and vae_precision(vae, "fp32") == "fp32"
+    vae.register_to_config(force_upcast=False)  # e.g. madebyollin/sdxl-vae-fp16-fix
+    assert vae_precision(vae, "fp16") == "fp16"
