@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from aptp_export.arch_space import ArchSpace
-from aptp_export.unet_configs import SD21_UNET_CONFIG
+from aptp_export.unet_configs import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG
 from engines.errors import UserError
 from training.toy.model import TEXT_LEN, UNET_CONFIG
 
@@ -19,6 +19,8 @@ def add_arguments(parser) -> None:
                      help="a diffusers UNet directory (config.json) or a pipeline directory containing unet/")
     src.add_argument("--toy", action="store_true", help="the built-in toy teacher UNet (default)")
     src.add_argument("--sd21", action="store_true", help="the Stable Diffusion 2.1 UNet architecture")
+    src.add_argument("--sd15", action="store_true", help="the Stable Diffusion 1.5 UNet architecture")
+    src.add_argument("--sdxl", action="store_true", help="the Stable Diffusion XL base 1.0 UNet architecture")
     parser.add_argument("--depth-blocks", choices=("last", "all", "none"), default="last",
                         help="which blocks get a depth unit (default: last = last ResBlock and transformer of "
                              "each down/up block)")
@@ -51,8 +53,8 @@ def run(args) -> int:
     text_len = args.text_len
     if args.unet:
         cfg = _read_config(args.unet)
-    elif args.sd21:
-        cfg = SD21_UNET_CONFIG
+    elif args.sd21 or args.sd15 or args.sdxl:
+        cfg = SD21_UNET_CONFIG if args.sd21 else SD15_UNET_CONFIG if args.sd15 else SDXL_UNET_CONFIG
     else:
         cfg = UNET_CONFIG
         text_len = TEXT_LEN if text_len is None else text_len

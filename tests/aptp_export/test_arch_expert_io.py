@@ -120,6 +120,11 @@ def test_inspect_cli(capsys, tmp_path):
     assert cli.main(["inspect", "--sd21"]) == 0
     out = capsys.readouterr().out
     assert "D = 1620 units" in out and "1074.553 GMACs" in out and "up_blocks.3.attentions.2" in out
+    assert cli.main(["inspect", "--sdxl", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["num_units"] == 5464 and any(r["kind"] == "layer_depth" for r in rows["groups"])
+    assert cli.main(["inspect", "--sd15"]) == 0
+    assert "D = 1486 units" in capsys.readouterr().out
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD1_LIKE}))
     assert cli.main(["inspect", "--unet", str(tmp_path), "--depth-blocks", "all", "--json"]) == 0
