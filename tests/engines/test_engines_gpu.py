@@ -63,3 +63,31 @@ def test_tensorrt_provider_end_to_end(precision):
              "encoder_hidden_states": np.zeros((2, 16, 32), np.float32)}
     times = sessions[0].time_device(feeds, warmup=1, repeats=3)
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+@pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs tensorrt, cuda-python and onnxruntime-gpu on a GPU")
+def test_tensorrt_plan_of_an_sdxl_class_unet(tmp_path):
+    """An SDXL-class UNet (text_embeds and time_ids inputs) as an fp32 TensorRT plan: the profile covers the two
+    added inputs and the plan matches onnxruntime on CPU."""
+    from arch_testkit import SDXL_LIKE, make_unet
+
+    from aptp_export.export_spec import unet_spec
+    from aptp_export.onnx_export import UNetGraph, export_onnx
+    from aptp_export.tensorrt_build import build_engine
+    from aptp_export.unet_configs import added_cond_dims
+    from engines.manifest import UNET_ADDED_INPUTS, UNET_INPUTS
+    from engines.sessions import open_session
+    from engines.tensorrt_session import TensorRTSession
+
+    unet = make_unet(SDXL_LIKE, seed=4)
+    spec = unet_spec(4, (16, 16), 7, SDXL_LIKE["cross_attention_dim"], batch=(1, 2, 4), size_multiple=4,
+                     text_embeds_dim=added_cond_dims(SDXL_LIKE)[0])
+    export_onnx(UNetGraph(unet), spec, tmp_path / "xl.onnx")
+    build_engine(tmp_path / "xl.onnx", spec, tmp_path / "xl.plan", allow_tf32=False)
+    plan = TensorRTSession(tmp_path / "xl.plan", UNET_INPUTS + UNET_ADDED_INPUTS)
+    cpu = open_session(tmp_path / "xl.onnx", "cpu")
+    for n in (1, 4):
+        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.sample_inputs(spec.sizes(batch=n), seed=n),
+                                                    strict=True)}
+        a, b = plan.run(feeds)["out_sample"], cpu.run(feeds)["out_sample"]
+        assert float(np.abs(a - b).max() / np.abs(b).max()) <= 1e-3, n
