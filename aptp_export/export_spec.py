@@ -190,10 +190,11 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
               batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE), out_channels: int | None = None,
               size_range: tuple[int, int] | None = None, size_multiple: int = 8,
               num_train_timesteps: int = 1000, text_embeds_dim: int | None = None,
-              time_ids_dim: int = 6) -> ExportSpec:
+              time_ids_dim: int = 6, time_ids_high: int = 2048) -> ExportSpec:
     """UNet: (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample; with
     `text_embeds_dim` (SDXL-class UNets) two more inputs, text_embeds [N, text_embeds_dim] (pooled text
-    embedding) and time_ids [N, time_ids_dim] (original size, crop top-left, target size).
+    embedding) and time_ids [N, time_ids_dim] (original size, crop top-left, target size; sample values are
+    drawn in [0, time_ids_high) pixels, so the export check sees the magnitudes SDXL feeds).
 
     `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG; `unet_batch_range`); the
     graph is traced at batch 2. Height and width are
@@ -214,7 +215,8 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
             TensorSpec(UNET_INPUTS[1], ("batch",), fill="timestep", high=num_train_timesteps),
             TensorSpec(UNET_INPUTS[2], ("batch", text_len, context_dim)),
             *((TensorSpec(UNET_ADDED_INPUTS[0], ("batch", text_embeds_dim)),
-               TensorSpec(UNET_ADDED_INPUTS[1], ("batch", time_ids_dim))) if text_embeds_dim else ()),
+               TensorSpec(UNET_ADDED_INPUTS[1], ("batch", time_ids_dim), fill="timestep", high=time_ids_high))
+              if text_embeds_dim else ()),
         ),
         outputs=(TensorSpec(UNET_OUTPUTS[0], ("batch", out_channels or in_channels, "height", "width")),),
         axes=axes,

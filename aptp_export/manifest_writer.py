@@ -147,12 +147,13 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
-def vae_precision(vae, precision: str) -> str:
-    """The VAE decoder's graph precision: fp32 when its config asks to be upcast (`force_upcast`, true for the
-    SD and SDXL VAEs, whose fp16 decoders overflow to inf/NaN on real latents, as diffusers' pipelines
-    handle it), else the export's precision (e.g. the fp16-fix SDXL VAE)."""
+def vae_precision(vae, precision: str, sdxl: bool) -> str:
+    """The VAE decoder's graph precision. For SDXL exports fp32 when the VAE's config asks to be upcast
+    (`force_upcast`, true for SDXL's VAE, whose fp16 decoder overflows to inf/NaN on real latents), as
+    diffusers' SDXL pipelines do; otherwise (the fp16-fix SDXL VAE, SD 1.x / 2.x, whose pipeline decodes in
+    fp16) the export's precision."""
     config = getattr(vae, "config", None) or {}
-    return "fp32" if precision == "fp16" and config.get("force_upcast", True) else precision
+    return "fp32" if sdxl and precision == "fp16" and config.get("force_upcast", True) else precision
 
 
 def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Path, files, specs, report,
@@ -312,7 +313,7 @@ def write_export_dir(
     specs = {}
     with tempfile.TemporaryDirectory(prefix="aptp_trt_cache_") as cache_dir:
         _export_graphs(jobs, precision, exporter, backend, options, Path(cache_dir) / "timing.cache",
-                       files, specs, report, vae_prec=vae_precision(vae, precision))
+                       files, specs, report, vae_prec=vae_precision(vae, precision, added_dims is not None))
     write_json(out_dir / "specs.json", specs)
 
     codes_ref = None

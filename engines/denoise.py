@@ -64,7 +64,8 @@ class TextCondition:
     def concat(items: Sequence[TextCondition]) -> TextCondition:
         keys = set(items[0].added)
         if any(set(c.added) != keys for c in items):
-            raise EngineError("text conditions with different UNet inputs cannot share a batch")
+            raise EngineError("text conditions with different UNet inputs cannot share a batch (an SDXL export "
+                              "needs Runtime.condition's TextCondition, not a bare text context)")
         return TextCondition(np.concatenate([c.context for c in items]).astype(np.float32, copy=False),
                              {k: np.concatenate([c.added[k] for c in items]).astype(np.float32, copy=False)
                               for k in sorted(keys)})

@@ -366,6 +366,11 @@ class Manifest:
                                    r.integer(isz[1], "added_cond.image_size[1]", lo=1)))
         if (family == "sdxl") != (added is not None):
             r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
+        if (family == "pixel") == latent:
+            r.fail("family", f"{family!r} but latent is {str(latent).lower()} (pixel-space models are not latent, "
+                             "sd and sdxl ones are)")
+        if family == "sdxl" and "json_2" not in tokenizer.files:
+            r.fail("tokenizer.files", "an sdxl export needs json_2, the second text encoder's tokenizer")
         if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
             r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
                                               f"{added.text_embeds_dim}")

@@ -95,10 +95,14 @@ class BaseModel:
     def conditioning(self, captions: list[str], sizes: torch.Tensor | None = None) -> UNetCond:
         """The UNet's condition for a batch. sizes: int [B, 4] (original height, width, crop top, left) per
         image (training.data.collate(..., sizes=True)); None = the training resolution, no crop. Only
-        SDXL-class UNets read it."""
+        SDXL-class UNets read it. With force_zeros_for_empty_prompt (SDXL) an empty caption gets zeros, the
+        unconditional condition the pipeline and the runtime sample with."""
         if self.family != "sdxl":
             return UNetCond(self.encode_text(captions))
         context, pooled = self.text_encoder.encode_pooled(list(captions))
+        if self.force_zeros_for_empty_prompt:  # "" (a dropped caption) is what sampling's zeros stand for
+            empty = torch.tensor([c == "" for c in captions], device=context.device)
+            context, pooled = context.masked_fill(empty[:, None, None], 0.0), pooled.masked_fill(empty[:, None], 0.0)
         return UNetCond(context, pooled, self.time_ids(len(captions), sizes).to(context.device))
 
     def time_ids(self, batch: int, sizes: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,7 +43,8 @@ def resized(h: int, w: int, size: int) -> tuple[int, int]:
 
 def flip_sizes(sizes: torch.Tensor, size: int) -> torch.Tensor:
     """sizes [B, 4] (h, w, top, left) of images flipped left-right after cropping: the crop's left edge
-    measured from the other side."""
+    measured from the other side (the crop's offset in the mirrored image; diffusers' SDXL training script
+    records `resolution - left` instead, which is not an offset of the flipped crop)."""
     out = sizes.clone()
     for row in out:
         h, w, _, left = (int(v) for v in row)

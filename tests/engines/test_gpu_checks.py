@@ -139,6 +139,10 @@ def test_version_1_manifests_still_load(pixel, tmp_path):
     assert rt.manifest.format_version == 1 and rt.manifest.tensorrt is None
     assert "tensorrt" not in rt.manifest.to_dict()  # written back as version 1
     assert rt.route(list(ANCHORS)) == [0, 1]
+    assert rt.manifest.family == "pixel" and rt.manifest.text_encoder.uncond == "empty_prompt"
+    now = Runtime.load(pixel.dir).generate(list(ANCHORS), steps=2, seed=3)
+    assert [np.asarray(a).tobytes() for a in rt.generate(list(ANCHORS), steps=2, seed=3)] == \
+        [np.asarray(a).tobytes() for a in now]  # an old manifest generates what a current one does
     v1_plans = _with_plans(pixel, tensorrt=None, version=1)
     assert Manifest.from_dict(v1_plans).tensorrt is None  # v1 could not record it: unchecked, accepted
     with pytest.raises(ManifestError, match="unknown key.*'tensorrt'"):

@@ -67,6 +67,10 @@ def test_sdxl_conditioning_from_data_and_defaults(tmp_path):
     torch.testing.assert_close(pe, cond.context, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pp, cond.text_embeds, rtol=1e-5, atol=1e-6)
     assert not ne.any() and not npp.any()  # force_zeros_for_empty_prompt
+    # a dropped caption ("") is trained on the zeros sampling uses for the unconditional half
+    c3 = base.conditioning(["", PROMPTS[0]])
+    assert not c3.context[0].any() and not c3.text_embeds[0].any()
+    torch.testing.assert_close(c3.context[1], cond.context[0])
 
 
 def test_sdxl_export_manifest(sdxl_run):
@@ -148,7 +152,7 @@ def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run,
 
     from aptp_export.manifest_writer import vae_precision
     from engines.errors import ManifestError
-    from engines.manifest import Manifest
+    from engines.manifest import AddedCondInfo, Manifest
 
     d = json.loads((sdxl_run[2] / "manifest.json").read_text())
     with pytest.raises(ManifestError, match="sdxl export needs added_cond"):
@@ -162,9 +166,17 @@ def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run,
     m = Manifest.from_dict(v2)
     assert m.family == "sd" and m.added_cond is None and m.text_encoder.uncond == "empty_prompt"
     assert Manifest.from_dict(dict(v2, latent=False, vae_decoder=None)).family == "pixel"
-    assert set(m.to_dict()) == set(v2)  # written back as version 2
-    # fp16 exports keep a VAE decoder that asks for upcasting (SD/SDXL VAEs overflow in fp16) in fp32
+    assert m.to_dict() == v2  # written back as version 2, key for key
+    with pytest.raises(ManifestError, match="needs json_2"):
+        Manifest.from_dict(dict(d, tokenizer={"files": {"json": d["tokenizer"]["files"]["json"]}}))
+    with pytest.raises(ManifestError, match="'pixel' but latent is true"):
+        Manifest.from_dict(dict(v2, format_version=3, family="pixel"))
+    # time_ids come from the export's image size, height first (SDXL's (h, w) order)
+    assert AddedCondInfo(16, (768, 1024)).time_ids() == [768, 1024, 0, 0, 768, 1024]
+    # fp16 SDXL exports keep a VAE decoder that asks for upcasting (SDXL's VAE overflows in fp16) in fp32
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
-    assert vae.config.force_upcast and vae_precision(vae, "fp16") == "fp32" and vae_precision(vae, "fp32") == "fp32"
+    assert vae.config.force_upcast and vae_precision(vae, "fp16", sdxl=True) == "fp32"
+    assert vae_precision(vae, "fp32", sdxl=True) == "fp32"
+    assert vae_precision(vae, "fp16", sdxl=False) == "fp16"  # SD 1.x / 2.x pipelines decode in fp16
     vae.register_to_config(force_upcast=False)  # e.g. madebyollin/sdxl-vae-fp16-fix
-    assert vae_precision(vae, "fp16") == "fp16"
+    assert vae_precision(vae, "fp16", sdxl=True) == "fp16"
