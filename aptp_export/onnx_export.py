@@ -222,7 +222,10 @@ def _save_streaming(model, src_dir: Path, path: Path) -> dict[str, Path]:
                 f.seek(info.offset or 0)
                 blob = f.read(info.length) if info.length else f.read()
             out.write(blob)
-            external_data_helper.set_external_data(tensor, data.name, offset, len(blob))
+            del tensor.external_data[:]  # (onnx's set_external_data wants the bytes in the tensor)
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
             offset += len(blob)
             del blob
     onnx.save_model(model, str(path))
