@@ -61,7 +61,7 @@ from engines.fileio import write_json, write_text
 from engines.sessions import OrtSession
 
 from .materialize_sd21 import random_unet
-from .memwatch import Phases, read_progress, run_watched
+from .memwatch import Phases, read_progress, rss_gb, run_watched
 from .plots import latency_vs_macs, markdown_table
 from .sd21_latency import ROBUSTNESS_COLUMNS, _onnx_params, _tag
 from .timing import _summary
@@ -157,7 +157,7 @@ def export_one(config: dict, name: str, arch, path: Path, size: int, seed: int, 
         rec["bytes"] = {k: p.stat().st_size for k, p in res.files.items()}
     del graph, unet
     gc.collect()
-    phases.note(params=params, rss_torch_freed_gb=phases.records[-1]["rss_end_gb"])
+    phases.note(params=params, rss_torch_freed_gb=rss_gb())
     with phases("ort_session"):
         sess = OrtSession(path, "cpu", threads=threads)
     with phases("ort_check"):
