@@ -23,7 +23,9 @@ Relative error = max |onnx - torch| / max |torch| per output, on inputs drawn fr
 and other batch/size values than the traced ones where the spec allows). Files are written to a
 temporary directory next to the target and renamed into place (external data first, graph last), so
 an interrupted export never leaves a half graph under the final name. Graphs over 1.8 GB are saved
-with their weights in one external-data file `<name>.onnx.data`.
+with their weights in one external-data file `<name>.onnx.data`; an fp32 graph that torch's exporter already
+wrote with external data (> 2 GB, e.g. SDXL) is copied into it tensor by tensor, never loaded whole, so the
+export's peak memory stays near the torch module's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import external_data_helper
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
@@ -223,6 +226,37 @@ def _save(model, path: Path) -> dict[str, Path]:
     return {"onnx": path}
 
 
+def _save_streaming(model, src_dir: Path, path: Path) -> dict[str, Path]:
+    """Save `model` (loaded without its external data, which lies under `src_dir`, one file per tensor as
+    torch's exporter writes it) with every external tensor copied, one at a time, into one data file
+    `<name>.onnx.data`: the weights are never all in memory (what `_save` needs), so a multi-GB UNet exports
+    next to its torch module. Inline tensors stay inline."""
+
+    data = path.with_name(path.name + ".data")
+    offset = 0
+    with open(data, "wb") as out:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if not external_data_helper.uses_external_data(tensor):
+                continue
+            info = external_data_helper.ExternalDataInfo(tensor)
+            with open(src_dir / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                blob = f.read(info.length) if info.length else f.read()
+            out.write(blob)
+            del tensor.external_data[:]  # (onnx's set_external_data wants the bytes in the tensor)
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(blob)
+            del blob
+    onnx.save_model(model, str(path))
+    return {"onnx": path, "onnx_data": data}
+
+
+def _has_external_data(model) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
+
+
 def to_fp16(model):
     """fp16 ONNX model with float32 inputs/outputs (see module doc)."""
 
@@ -232,18 +266,23 @@ def to_fp16(model):
     return wrapped.model
 
 
-def _compare(path: Path, module: nn.Module, spec: ExportSpec, seed: int) -> dict[str, float]:
-    sizes = _fresh_sizes(spec)
-    inputs = spec.sample_inputs(sizes, seed=seed)
+def check_inputs(spec: ExportSpec, seed: int) -> list[torch.Tensor]:
+    """The inputs `export_onnx` checks a graph on: drawn with `seed`, at other axis sizes than the traced ones
+    where the spec allows (`_fresh_sizes`)."""
+    return spec.sample_inputs(_fresh_sizes(spec), seed=seed)
+
+
+def torch_reference(module: nn.Module, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """`module`'s outputs on `inputs` as a tuple (computed once, before a big module is freed)."""
     with torch.no_grad():
         ref = module(*inputs)
-    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph_inputs = {i.name for i in sess.get_inputs()}  # an input torch never reads is not in the graph
-    feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True) if t.name in graph_inputs}
-    outs = sess.run(spec.output_names, feeds)
+    return tuple(ref) if isinstance(ref, (tuple, list)) else (ref,)
+
+
+def relative_errors(path: Path, spec: ExportSpec, inputs: list[torch.Tensor], ref, run) -> dict[str, float]:
+    """max |onnx - torch| / max |torch| per output; `run(feeds)` returns the graph's outputs in the spec's order
+    and gets only the inputs in `feeds` (the caller leaves out those its graph lacks)."""
+    outs = run({t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)})
     errors = {}
     for name, o, r in zip(spec.output_names, outs, ref, strict=True):
         r = r.detach().float().numpy()
@@ -251,6 +290,20 @@ def _compare(path: Path, module: nn.Module, spec: ExportSpec, seed: int) -> dict
             raise ExportVerificationError(f"{path}: output {name} has shape {o.shape}, torch gives {r.shape}")
         errors[name] = float(np.abs(o.astype(np.float32) - r).max() / max(float(np.abs(r).max()), 1e-12))
     return errors
+
+
+def _compare(path: Path, module: nn.Module, spec: ExportSpec, seed: int) -> dict[str, float]:
+    inputs = check_inputs(spec, seed)
+    ref = torch_reference(module, inputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in sess.get_inputs()}  # an input torch never reads is not in the graph
+
+    def run(feeds):
+        return sess.run(spec.output_names, {k: v for k, v in feeds.items() if k in graph_inputs})
+
+    return relative_errors(path, spec, inputs, ref, run)
 
 
 def export_onnx(module: nn.Module, spec: ExportSpec, path: str | os.PathLike, *, precision: str = "fp32",
@@ -288,10 +341,14 @@ def export_onnx(module: nn.Module, spec: ExportSpec, path: str | os.PathLike, *,
         raw.parent.mkdir()
         with torch.no_grad():
             _torch_export(module, spec, raw, opset, exporter)
-        model = onnx.load(str(raw), load_external_data=True)
-        if precision == "fp16":
-            model = to_fp16(model)
-        staged = _save(model, tmp / path.name)
+        model = onnx.load(str(raw), load_external_data=False)
+        if precision == "fp32" and _has_external_data(model):  # > 2 GB: weights copied file to file
+            staged = _save_streaming(model, raw.parent, tmp / path.name)
+        else:
+            external_data_helper.load_external_data_for_model(model, str(raw.parent))
+            if precision == "fp16":
+                model = to_fp16(model)
+            staged = _save(model, tmp / path.name)
         del model
         onnx.checker.check_model(str(staged["onnx"]), full_check=True)
 

@@ -35,6 +35,7 @@ from .timing import interleaved
 PAIRED_KEYS = ("latency_fraction_paired", "latency_fraction_min", "cpu_ms_median", "cpu_fraction")
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+UNET_ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL-class UNets (engines.manifest)
 
 
 @dataclass
@@ -56,17 +57,27 @@ class InputShape:
     width: int
     text_len: int
     context_dim: int
+    text_embeds_dim: int = 0   # SDXL-class UNets: pooled text embedding width (0: no added inputs)
+    time_ids_dim: int = 6
 
 
 def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of a CFG-doubled UNet call for `prompts` prompts."""
+    """Random inputs of a CFG-doubled UNet call for `prompts` prompts; with `shape.text_embeds_dim` also SDXL's
+    text_embeds (N(0, 1)) and time_ids (the default micro-conditioning of a square image of 8 x the latent:
+    original size, crop (0, 0), target size)."""
     rng = np.random.default_rng(seed)
     n = 2 * prompts
-    return {
+    feeds = {
         UNET_INPUTS[0]: rng.standard_normal((n, shape.in_channels, shape.height, shape.width), dtype=np.float32),
         UNET_INPUTS[1]: np.full((n,), 500.0, dtype=np.float32),
         UNET_INPUTS[2]: rng.standard_normal((n, shape.text_len, shape.context_dim), dtype=np.float32),
     }
+    if shape.text_embeds_dim:
+        h, w = 8 * shape.height, 8 * shape.width
+        ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)[:shape.time_ids_dim]
+        feeds[UNET_ADDED_INPUTS[0]] = rng.standard_normal((n, shape.text_embeds_dim), dtype=np.float32)
+        feeds[UNET_ADDED_INPUTS[1]] = np.tile(ids, (n, 1))
+    return feeds
 
 
 def _ort_callable(path: Path, feeds: dict, threads: int = 0):
@@ -80,10 +91,13 @@ def _ort_cuda_callable(path: Path, feeds: dict):
 
 def _torch_callable(module, feeds: dict):
     args = [torch.from_numpy(feeds[k]) for k in UNET_INPUTS]
+    kwargs = {}
+    if UNET_ADDED_INPUTS[0] in feeds:
+        kwargs["added_cond_kwargs"] = {k: torch.from_numpy(feeds[k]) for k in UNET_ADDED_INPUTS}
 
     def call():
         with torch.inference_mode():
-            return module(*args, return_dict=False)[0]
+            return module(*args, return_dict=False, **kwargs)[0]
 
     return call
 
@@ -232,13 +246,13 @@ def _recorded(fn, out: list):
     return call
 
 
-def _paired(calls: dict[str, list], warmup: int) -> dict[str, dict]:
+def _paired(calls: dict[str, list], warmup: int, ref: str = "dense") -> dict[str, dict]:
     """Estimators of the latency fraction that a busy shared machine disturbs less than the ratio of medians:
-    the median over rounds of (model / dense in the same round), the ratio of the fastest calls, and the
+    the median over rounds of (model / `ref` in the same round), the ratio of the fastest calls, and the
     process CPU time per call (all threads; time spent descheduled does not count)."""
     wall = {k: np.array([w for w, _ in v[warmup:]]) for k, v in calls.items()}
     cpu = {k: np.array([c for _, c in v[warmup:]]) for k, v in calls.items()}
-    wd, cd = wall["dense"], cpu["dense"]
+    wd, cd = wall[ref], cpu[ref]
     return {k: {"latency_fraction_paired": float(np.median(wall[k] / wd)),
                 "latency_fraction_min": float(wall[k].min() / wd.min()),
                 "cpu_ms_median": float(np.median(cpu[k]) * 1e3),

@@ -267,3 +267,39 @@ def test_family_unets_export_with_their_inputs(tmp_path, name):
             a = sess.run(None, feeds)[0]
             feeds["time_ids"] = feeds["time_ids"] + 64.0
             assert _rel(sess.run(None, feeds)[0], a) > 1e-3
+
+
+def test_save_streaming_copies_external_tensors_into_one_data_file(tmp_path):
+    """A > 2 GB graph comes out of torch's exporter with one external file per tensor; `_save_streaming` copies
+    them one at a time into `<name>.onnx.data` (offsets/lengths rewritten) and the graph computes the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aptp_export.onnx_export import _has_external_data, _save_streaming
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    b = np.float32([0.5])  # small: stays inline
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["g"]),
+             helper.make_node("Add", ["g", "B"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+                               numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(model, str(raw / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=64)
+    assert sorted(p.name for p in raw.iterdir()) == ["W1", "W2", "m.onnx"]
+    loaded = onnx.load(str(raw / "m.onnx"), load_external_data=False)
+    assert _has_external_data(loaded)
+    out = tmp_path / "out"
+    out.mkdir()
+    files = _save_streaming(loaded, raw, out / "m.onnx")
+    assert files == {"onnx": out / "m.onnx", "onnx_data": out / "m.onnx.data"}
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (out / "m.onnx.data").stat().st_size == w1.nbytes + w2.nbytes
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    y = ort.InferenceSession(str(out / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w1 @ w2 + b, rtol=1e-5, atol=1e-5)
