@@ -90,7 +90,7 @@ def test_validation_names_the_key(export, edit, match):
 
 def test_vae_section(export):
     d, m = export
-    data = _broken(m, lambda x: x.update(latent=True, vae_decoder={
+    data = _broken(m, lambda x: x.update(latent=True, family="sd", vae_decoder={
         "files": {"onnx": FileRef.of(d, "router.onnx").__dict__ | {"path": "router.onnx"}}, "scaling_factor": 0.18}))
     with pytest.raises(ManifestError, match="listed twice"):  # a path may not serve two roles
         Manifest.from_dict(data)
