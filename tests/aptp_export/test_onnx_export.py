@@ -236,7 +236,8 @@ def test_external_data_for_big_graphs(tmp_path, monkeypatch):
     assert _rel(out, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["sdxl_like", "sdxl_all_depth", "sd15_like"])
+@pytest.mark.parametrize("name", ["sdxl_like", "sdxl_all_depth",
+                                  pytest.param("sd15_like", marks=pytest.mark.slow)])  # SD 1.5: test_sd15_path
 def test_family_unets_export_with_their_inputs(tmp_path, name):
     """SDXL-class UNets get text_embeds and time_ids inputs (diffusers' added_cond_kwargs), SD 1.5 the plain three;
     dense and a materialised expert (random arch, keep ~0.6) both match torch to 1e-4 on fresh inputs."""
