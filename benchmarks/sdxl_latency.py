@@ -315,7 +315,8 @@ def main(argv=None) -> int:
     write_text(out / f"sdxl_table_{args.size}.md", report(result, args.size, table, robust))
     if rows:
         latency_vs_macs(rows, out / f"sdxl_latency_vs_macs_{args.size}.png",
-                        title=f"SDXL UNet architecture, {args.size}x{args.size} latent, batch 2")
+                        title=f"SDXL UNet architecture, {args.size}x{args.size} latent, batch 2"
+                        + ("" if result["reference"] == "dense" else f"\n(latency against {result['reference']})"))
     print((out / f"sdxl_table_{args.size}.md").read_text(), flush=True)
     return 0
 
