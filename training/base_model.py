@@ -147,30 +147,24 @@ class _ClipTokens:
         self.max_length = int(max_length or self.tokenizer.model_max_length)
         self.device = device
 
+    def _ids(self, tok, captions):
+        return tok(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
+                   return_tensors="pt").input_ids.to(self.device)
+
     @torch.no_grad()
     def encode(self, captions):
-        ids = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").input_ids.to(self.device)
-        return self.model(ids)[0].float()
+        return self.model(self._ids(self.tokenizer, captions))[0].float()
 
 
-class _SdxlClipTokens:
+class _SdxlClipTokens(_ClipTokens):
     """SDXL conditioning, as StableDiffusionXLPipeline.encode_prompt without clip_skip: both CLIP encoders'
     penultimate hidden states concatenated ([B, L, E1 + E2]) and the second's projected pooled output."""
 
     def __init__(self, path: Path, max_length: int | None, device):
-        load_tok = lambda sub: CLIPTokenizer.from_pretrained(str(path / sub), local_files_only=True)  # noqa: E731
-        self.tokenizer, self.tokenizer_2 = load_tok("tokenizer"), load_tok("tokenizer_2")
-        self.model = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        super().__init__(path, max_length, device)
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
         self.model_2 = CLIPTextModelWithProjection.from_pretrained(str(path / "text_encoder_2"), local_files_only=True)
-        for m in (self.model, self.model_2):
-            m.to(device).eval().requires_grad_(False)
-        self.max_length = int(max_length or self.tokenizer.model_max_length)
-        self.device = device
-
-    def _ids(self, tok, captions):
-        return tok(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-                   return_tensors="pt").input_ids.to(self.device)
+        self.model_2.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode_pooled(self, captions):
