@@ -31,7 +31,7 @@ from training.rundir import RunDir
 from training.toy import captions
 
 from .plots import latency_vs_macs
-from .timing import measure
+from .timing import machine, measure
 from .unet_latency import InputShape, ModelUnderTest, available_backends, bench_unets, speedups
 
 
@@ -173,8 +173,8 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
 
 
 def _machine() -> dict:
-    info = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    info = {**machine(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     return info

@@ -47,6 +47,7 @@ from .metrics import (
     inception_fid,
 )
 from .plots import save_figure
+from .timing import machine
 
 TOY_DATA_SEED = EVAL_SEED + 11  # held-out toy captions, disjoint from the demo's routing prompts (EVAL_SEED + 7)
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "one"}
@@ -359,7 +360,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         "pairs": [{"index": i, "caption": c, "seed": s, "source": src,
                    **{mod: gens[mod]["experts"][i] for mod in gens}}
                   for i, (c, s, src) in enumerate(zip(data.captions, seeds, data.source, strict=True))],
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "machine": machine(),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)

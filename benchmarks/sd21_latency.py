@@ -55,7 +55,7 @@ from .engines_bench import rows_to_csv
 from .materialize_sd21 import peak_rss_gb, random_sd21, rss_gb
 from .ort_profile import compare_profiles, profile_graph
 from .plots import latency_vs_macs, markdown_table
-from .timing import interleaved
+from .timing import interleaved, machine
 from .unet_latency import (
     InputShape,
     ModelUnderTest,
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                 archs[rname] = round_units(space, archs[name], n)
                 rounding[rname] = rounding_summary(space, archs[name], archs[rname], n)
                 sets[-1].append(rname)
-    result = {"config": vars(args), "threads": torch.get_num_threads(), "rounding": rounding,
+    result = {"config": vars(args), "machine": machine(), "threads": torch.get_num_threads(), "rounding": rounding,
               "loadavg_start": os.getloadavg(), "sizes": {}}
     all_rows = []
     for size in args.sizes:

@@ -64,7 +64,7 @@ from .materialize_sd21 import random_unet
 from .memwatch import Phases, read_progress, rss_gb, run_watched
 from .plots import latency_vs_macs, markdown_table
 from .sd21_latency import ROBUSTNESS_COLUMNS, _onnx_params, _tag
-from .timing import _summary
+from .timing import _summary, machine
 from .unet_latency import InputShape, _paired, unet_feeds
 
 TEXT_LEN = 77
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     dense_macs = space.dense_macs(args.size, args.size, TEXT_LEN)
     macs = {n: dense_macs if a is None else space.macs(a.tolist(), args.size, args.size, TEXT_LEN)
             for n, a in models.items()}
-    result = {"config": vars(args), "threads": args.threads, "loadavg_start": os.getloadavg(),
+    result = {"config": vars(args), "machine": machine(), "threads": args.threads, "loadavg_start": os.getloadavg(),
               "dense_gmacs": dense_macs / 1e9, "dense_gmacs_1024px": space.dense_macs(128, 128, TEXT_LEN) / 1e9,
               "exports": {}}
     for name in models:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -36,6 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .plots import save_figure
+from .timing import machine
 
 PROMPTS = [
     "a red circle", "a blue background", "the letter K in red above a small green square", "two yellow triangles",
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     only = set(args.only.split(","))
     base = ["--workers", str(args.workers), "--threads", str(args.threads), "--max-batch", str(args.max_batch),
             "--default-steps", str(args.steps)]
-    result = {"settings": vars(args), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+    result = {"settings": vars(args), "machine": {**machine(), "cpus": os.cpu_count(),
                                                   "loadavg_start": os.getloadavg()}}
     path = out / "serve_load.json"
 

@@ -13,11 +13,32 @@ runs one expert for a whole denoising loop.
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 import numpy as np
+
+from engines.machine import cpu_info
+
+
+def machine() -> dict:
+    """The machine a figure was measured on, for every benchmark JSON: CPU model and ISA flags (float32
+    rounding and speed depend on the kernels they pick), cores, load, versions of what does the math."""
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for dist in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if "torch" in sys.modules:
+        versions["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return {"cpu": cpu_info(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "loadavg": list(os.getloadavg()), "versions": versions}
 
 
 @dataclass(frozen=True)

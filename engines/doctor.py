@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .cuda_device import device_info, distribution_version, plan_environment, plan_mismatch, tensorrt_version
 from .errors import EngineError
+from .machine import cpu_info
 from .manifest import read_manifest
 from .sessions import CUDA_EP, _import_ort, cuda_unavailable_reason, ort_flavour, probe_provider
 
@@ -47,6 +48,14 @@ def _versions() -> dict:
         "cuda-python": distribution_version("cuda-python"),
         "cuda-bindings": distribution_version("cuda-bindings"),
     }
+
+
+def _cpu() -> dict:
+    """Model and the ISA flags that decide kernels (float32 rounding and speed differ with them);
+    the full flag string is in `aptp doctor --json`."""
+    info = cpu_info()
+    return {"model": info["model"], "vendor": info["vendor"], "cores": info["cores"], "isa": info["isa"],
+            "flags": info["flags"]}
 
 
 def _onnxruntime() -> dict:
@@ -148,7 +157,8 @@ def collect(export_dir: str | os.PathLike | None = None) -> dict:
     """Everything `aptp doctor` prints, as a JSON-ready dict (sections: versions, onnxruntime, gpu,
     tensorrt, and export when `export_dir` is given). Never raises for a missing package or GPU: the
     section says so."""
-    report = {"versions": _versions(), "onnxruntime": _onnxruntime(), "gpu": _gpu(), "tensorrt": _tensorrt()}
+    report = {"versions": _versions(), "cpu": _cpu(), "onnxruntime": _onnxruntime(), "gpu": _gpu(),
+              "tensorrt": _tensorrt()}
     if export_dir is not None:
         report["export"] = _export(export_dir)
     report["providers"] = usable_providers(report)
@@ -173,6 +183,8 @@ def format_report(report: dict) -> str:
             continue
         lines.append(f"{section}:")
         for k, v in body.items():
+            if section == "cpu" and k == "flags":
+                continue  # hundreds of words; `--json` has them, `isa` names those that pick kernels
             if isinstance(v, dict):
                 v = "; ".join(f"{a}: {b}" for a, b in v.items())
             elif isinstance(v, list):

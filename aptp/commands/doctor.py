@@ -1,4 +1,5 @@
-"""Print what this machine can run, for bug reports: versions of aptp, torch (if installed),
+"""Print what this machine can run, for bug reports: versions of aptp, torch (if installed), the CPU
+model and the ISA flags that pick numpy/torch/onnxruntime kernels (all flags with --json),
 onnxruntime (which flavour, its available and its *working* providers: a one-node graph is run on
 each), TensorRT, cuda-python, the NVIDIA driver, the GPU and its compute capability; with --export,
 whether that export's TensorRT plans match this machine. Torch-free (uses only engines).
