@@ -1,0 +1,115 @@
+"""Diagnostics (capacity probe, oracle bound, router health) and the matched static baseline, on a tiny
+random UNet: the bookkeeping a broken implementation would get wrong (pairing, MACs and compute matching,
+the oracle's constrained choice)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from prune_fixtures import tiny_config, write_toy_model
+
+from training.config import config_from_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_oracle_choice_is_the_constrained_optimum():
+    """Against brute force over every assignment of 6 rows to 3 experts: the Lagrangian choice is optimal
+    among assignments with no more mean MACs than it uses, and it respects the budget."""
+    from benchmarks.diagnostics import oracle_choice
+
+    rng = np.random.default_rng(0)
+    macs = np.array([0.3, 0.5, 0.9])
+    for trial in range(20):
+        err = rng.random((6, 3)) * np.array([1.0, 0.6, 0.2])  # bigger experts tend to be better
+        budget = float(rng.uniform(0.35, 0.85))
+        choice, lam = oracle_choice(err, macs, budget)
+        used = macs[choice].mean()
+        assert used <= budget + 1e-9
+        got = err[np.arange(6), choice].mean()
+        best = min(err[np.arange(6), list(c)].mean() for c in itertools.product(range(3), repeat=6)
+                   if macs[list(c)].mean() <= used + 1e-12)
+        assert got <= best + 1e-12, (trial, got, best)
+    # no constraint binding: the unconstrained best per row
+    err = rng.random((5, 3))
+    choice, lam = oracle_choice(err, macs, 1.0)
+    assert lam == 0.0 and (choice == err.argmin(1)).all()
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory):
+    from training.finetune import run_finetune
+    from training.prune import run_prune
+
+    root = tmp_path_factory.mktemp("diag")
+    model = write_toy_model(root / "model")
+    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
+                                       prune={"steps": 8, "warmup_steps": 2, "lr": 0.3, "codes_lr": 1.0},
+                                       finetune={"steps": 3, "batch_size": 4}))
+    run = root / "run"
+    run_prune(cfg, run, progress=False)
+    run_finetune(run, progress=False)
+    return run
+
+
+def test_per_sample_errors_are_paired_with_distill_error(finetuned_run):
+    """The routed per-sample MSE to the teacher averages to training.evaluation.distill_error's figure
+    (same samples, noise and timesteps), and a model equal to the teacher has error 0."""
+    from benchmarks.diagnostics import heldout, per_sample_errors
+    from training.evaluation import RunEvaluator, distill_error
+
+    ev = RunEvaluator(finetuned_run)
+    data = heldout(12, ev.base.image_size)
+    experts = ev.finetuned_experts()
+    a = ev.router.route(ev.embeddings(data.captions)).cpu()
+    models = {f"routed/{k}": m for k, m in experts.items()}
+    models["teacher"] = ev.base.unet
+    errs = per_sample_errors(models, ev.base, data, timesteps=(200, 800), batch_size=5,
+                             assignment={"routed": a}, progress=False)
+    ref = distill_error(experts, a, ev.base.unet, ev.base, data, timesteps=(200, 800), batch_size=5)
+    assert errs["routed"]["to_teacher"].mean() == pytest.approx(ref["mse"], rel=1e-6)
+    assert errs["teacher"]["to_teacher"].max() == 0.0
+    assert np.allclose(errs["teacher"]["to_target"], errs["dense"]["to_target"])
+    assert errs["routed"]["to_teacher"].min() > 0
+
+
+def test_matched_static_and_compare(finetuned_run, tmp_path):
+    from benchmarks.diagnostics import heldout, oracle_bound, router_health
+    from benchmarks.static_baseline import compare, finetune_compute, matched_static, mixture_macs
+    from training.rundir import RunDir
+
+    caps = heldout(32, 16).captions
+    res = matched_static(finetuned_run, tmp_path / "static", caps, export=False, progress=False)
+    target = mixture_macs(finetuned_run, caps)
+    assert res["target_macs"] == pytest.approx(target)
+    assert abs(res["static_macs"] / target - 1) <= 0.01 and abs(res["pruned_macs"] / target - 1) > 0.005
+    routed = finetune_compute(finetuned_run)
+    assert res["routed"]["total"] == pytest.approx(routed["total"])
+    # the static model's fine-tuning compute equals the mixture's up to one step's rounding
+    one_step = res["static"]["macs_fraction"] * res["static"]["batch"]
+    assert abs(res["static"]["compute"] - routed["total"]) <= one_step / 2 + 1e-9
+    assert RunDir(res["run"]).config().router.num_experts == 1
+    # reused when complete
+    assert matched_static(finetuned_run, tmp_path / "static", caps, export=False) == json.loads(
+        (tmp_path / "static" / "compute.json").read_text())
+
+    cmp = compare(finetuned_run, res["run"], n=10, progress=False)
+    assert set(cmp["models"]) == {"dense", "routed", "static"}
+    assert cmp["models"]["routed"]["to_teacher"] > 0 and cmp["models"]["static"]["to_teacher"] > 0
+    by = cmp["by_category"]["difficulty"]
+    labels = np.asarray(cmp["labels"]["difficulty"])
+    per = np.asarray(cmp["per_sample"]["routed"])
+    for c, v in by["routed"].items():
+        assert v == pytest.approx(per[labels == c].mean())
+
+    orc = oracle_bound(finetuned_run, tmp_path / "oracle", static=res["run"], n=10, progress=False)
+    assert orc["oracle"]["macs"] <= orc["router"]["macs"] + 1e-9
+    assert orc["oracle"]["to_teacher"] <= orc["router"]["to_teacher"] + 1e-12  # the router's choice is feasible
+    assert (tmp_path / "oracle" / "oracle.png").is_file() and (tmp_path / "oracle" / "oracle.md").is_file()
+    health = router_health(finetuned_run, tmp_path / "health", n=10)
+    assert abs(sum(health["shares"]) - 1) < 1e-9 and health["margin_median"] >= 0
+    assert 0 <= health["entropy_median"] <= 1 + 1e-9
