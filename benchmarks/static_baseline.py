@@ -35,7 +35,8 @@ from .diagnostics import CATEGORY_KEYS, by_category, categories, heldout, per_sa
 
 
 def finetune_compute(run_dir: str | Path) -> dict:
-    """Fine-tuning compute of a finished run: per expert steps x MACs fraction x batch, and the total."""
+    """Fine-tuning compute of a finished run: per expert steps x MACs fraction x batch (shared weights:
+    the samples its mask ran x MACs fraction), and the total."""
     run = RunDir(run_dir)
     if not run.experts_summary.is_file():
         raise UserError(f"{run.root}: not fine-tuned (no {run.experts_summary.name})")
@@ -44,6 +45,11 @@ def finetune_compute(run_dir: str | Path) -> dict:
     rows = []
     for e in summary["experts"]:
         steps = int(e.get("steps") or 0)
+        if "sample_steps" in e:  # shared weights: the samples each expert's mask actually ran
+            rows.append({"id": e["id"], "sample_steps": int(e["sample_steps"]), "macs_fraction": e["macs_fraction"],
+                         "compute": int(e["sample_steps"]) * e["macs_fraction"], "weights": "shared",
+                         "shared_steps": steps})
+            continue
         batch = min(bs, int(e["train_samples"])) if e["train_samples"] else 0
         rows.append({"id": e["id"], "steps": steps, "batch": batch, "macs_fraction": e["macs_fraction"],
                      "compute": steps * e["macs_fraction"] * batch})

@@ -105,9 +105,19 @@ class RouterConfig:
     # after pruning, per-expert score offsets make inference's argmax reproduce the balanced optimal
     # transport of the training prompts (false = plain cosine argmax, the reference)
     inference_balance: bool = False
+    # after pruning, "need" measures every code's error on `refit_prompts` training prompts, labels them
+    # by equipartitioned optimal transport and fits the predictor to those labels (training/need_routing.py);
+    # "none" = the reference
+    refit: str = "none"
+    refit_prompts: int = 1024
+    refit_steps: int = 300
 
     def validate(self, p: str) -> None:
         _check(self.num_experts >= 1, f"{p}.num_experts", "must be >= 1", self.num_experts)
+        _check(self.refit in ("none", "need"), f"{p}.refit", "must be none|need", self.refit)
+        _check(self.refit_prompts >= self.num_experts, f"{p}.refit_prompts", "must be >= num_experts",
+               self.refit_prompts)
+        _check(self.refit_steps >= 1, f"{p}.refit_steps", "must be >= 1", self.refit_steps)
         _check(self.codes_init in ("orthogonal", "predictor"), f"{p}.codes_init", "must be orthogonal|predictor",
                self.codes_init)
         _check(0 <= self.noise_final_scale <= 1, f"{p}.noise_final_scale", "must be in [0, 1]", self.noise_final_scale)
@@ -206,6 +216,10 @@ class FinetuneConfig:
 
     steps: int = 200
     allocation: str = "per_expert"
+    # "separate": each expert is cut from the dense weights and fine-tuned alone on its routed prompts (the
+    # paper); "shared": one set of weights, every sample gated by its routed expert, `steps` in total, then
+    # every expert is cut from it (beyond the paper; training/finetune.py)
+    weights: str = "separate"
     batch_size: int = 32
     lr: float = 1e-4
     scale_lr: bool = False               # multiply lr by sqrt(batch_size), as the reference
@@ -218,6 +232,7 @@ class FinetuneConfig:
         _check(self.steps >= 0, f"{p}.steps", "must be >= 0", self.steps)
         _check(self.allocation in ("per_expert", "split"), f"{p}.allocation", "must be per_expert|split",
                self.allocation)
+        _check(self.weights in ("separate", "shared"), f"{p}.weights", "must be separate|shared", self.weights)
         _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1", self.batch_size)
         _check(self.lr > 0, f"{p}.lr", "must be > 0", self.lr)
         _check(self.lr_warmup_steps >= 0, f"{p}.lr_warmup_steps", "must be >= 0", self.lr_warmup_steps)

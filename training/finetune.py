@@ -13,6 +13,7 @@ With several processes (`accelerate launch`), process r fine-tunes experts r, r+
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -52,11 +53,15 @@ def steps_per_expert(counts: list[int], steps: int, allocation: str) -> list[int
 
 
 def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dataset, indices: torch.Tensor,
-                    steps: int, fcfg, seed: int, progress: bool = True, desc: str = "expert") -> dict:
+                    steps: int, fcfg, seed: int, progress: bool = True, desc: str = "expert",
+                    row_gates=None, count_by: torch.Tensor | None = None) -> dict:
     """Fine-tune `expert` in place on dataset rows `indices` for `steps` steps against `teacher`.
 
     Batches are drawn from a permutation of `indices` per epoch (seeded), batch size
-    min(fcfg.batch_size, len(indices)). Returns {"steps", "loss_first", "loss_last"}.
+    min(fcfg.batch_size, len(indices)). `row_gates` = (space, gates [len(dataset), D]): `expert` is the
+    dense UNet and each sample runs gated by its row's gates (shared-weight fine-tuning). `count_by`:
+    int64 label per dataset row; the result then has "samples_by_label" (how many samples of each label
+    the steps drew). Returns {"steps", "loss_first", "loss_last"}.
     """
 
     lw = fcfg.losses
@@ -74,12 +79,15 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
     perm, epoch = None, -1
     c, h, w = base.latent_shape()
     hist = []
+    drawn = torch.zeros(int(count_by.max()) + 1 if count_by is not None else 0, dtype=torch.long)
     try:
         for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             e, j = divmod(step, per_epoch)
             if e != epoch:
                 perm, epoch = indices[torch.randperm(n, generator=gen)], e
             idx = perm[j * bs:(j + 1) * bs]
+            if count_by is not None:
+                drawn += torch.bincount(count_by[idx], minlength=len(drawn))
             pixels, captions, sizes = collate(dataset, idx, sizes=True)
             drop = torch.rand(bs, generator=gen) < fcfg.caption_dropout
             captions = ["" if d else cap for d, cap in zip(drop.tolist(), captions, strict=True)]
@@ -92,7 +100,11 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             rec_s.clear(), rec_t.clear()
             with torch.no_grad():
                 t_out = teacher(noisy, t, **cond.kwargs()).sample
-            out = expert(noisy, t, **cond.kwargs()).sample
+            if row_gates is None:
+                out = expert(noisy, t, **cond.kwargs()).sample
+            else:
+                with row_gates[0].gated(expert, row_gates[1][idx].to(dev)):
+                    out = expert(noisy, t, **cond.kwargs()).sample
             l_ddpm = diffusion_loss(out, diffusion_target(base.scheduler, x0, noise, t, base.prediction_type), t,
                                     base.scheduler, lw.snr_gamma, base.prediction_type).mean()
             l_out = per_sample_mse(out, t_out).mean()
@@ -108,8 +120,26 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
         rec_s.remove(), rec_t.remove()
     expert.eval().requires_grad_(False)
     k = max(1, min(10, len(hist)))
-    return {"steps": steps, "loss_first": sum(hist[:k]) / k if hist else None,
-            "loss_last": sum(hist[-k:]) / k if hist else None}
+    res = {"steps": steps, "loss_first": sum(hist[:k]) / k if hist else None,
+           "loss_last": sum(hist[-k:]) / k if hist else None}
+    if count_by is not None:
+        res["samples_by_label"] = drawn.tolist()
+    return res
+
+
+def _finetune_shared(setup, gates: torch.Tensor, assignment: torch.Tensor, fc, seed: int, progress: bool) -> dict:
+    """Shared-weight fine-tuning (beyond the paper): one copy of the dense UNet, each training sample run
+    gated by its routed expert's gates, `fc.steps` steps over all samples; every shared weight learns from
+    every prompt. The experts are then cut from these weights. Returns {"unet", "result"}."""
+    t0 = time.time()
+    student = copy.deepcopy(setup.base.unet)
+    rows = torch.arange(len(setup.dataset))
+    res = finetune_expert(student, setup.base.unet, setup.base, setup.dataset, rows, fc.steps, fc, seed=seed * 1000,
+                          progress=progress, desc="shared-weight fine-tuning",
+                          row_gates=(setup.space, gates[assignment]), count_by=assignment)
+    res["samples_by_label"] += [0] * (gates.shape[0] - len(res["samples_by_label"]))
+    res["seconds"] = round(time.time() - t0, 1)
+    return {"unet": student.eval().requires_grad_(False), "result": res}
 
 
 def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -137,6 +167,13 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
     todo = list(range(k_all)) if experts is None else list(experts)
     mine = [k for k in todo if k % dist.world_size == dist.rank]
     results = {}
+    shared = None
+    if fc.weights == "shared":
+        mine = [] if not dist.is_main else todo
+        if dist.world_size > 1:
+            log.warning("finetune.weights = shared trains on the main process only")
+        if any(not (run.expert(k) / "model.safetensors").is_file() for k in mine) or not resume:
+            shared = _finetune_shared(setup, gates, assignment, fc, cfg.seed, progress and dist.is_main)
     for k in mine:
         out = run.expert(k)
         if (out / "arch.json").is_file() and (out / "model.safetensors").is_file():
@@ -145,6 +182,14 @@ def run_finetune(run_dir: str | Path, resume: bool = False, progress: bool = Tru
                 continue
             raise UserError(f"{out} already exists; pass --resume to keep finished experts")
         t0 = time.time()
+        if shared is not None:  # cut from the jointly fine-tuned weights
+            expert = setup.space.materialize(shared["unet"], gates[k])
+            res = {**shared["result"], "weights": "shared", "sample_steps": shared["result"]["samples_by_label"][k]}
+            res.pop("samples_by_label")
+            save_expert(out, setup.space, gates[k], expert)
+            results[k] = res
+            write_json(out / "finetune.json", res)
+            continue
         expert = setup.space.materialize(setup.base.unet, gates[k])
         idx = (assignment == k).nonzero().flatten()
         if steps[k] > 0:

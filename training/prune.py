@@ -58,6 +58,7 @@ from .losses import (
     routing_loss,
     spread_loss,
 )
+from .need_routing import refit_to_need_
 from .router import ArchLayout, Router
 from .rundir import RunDir
 from .sinkhorn import assign
@@ -461,9 +462,15 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
     trainer.run(stop_after=stop_after)
     if trainer.step < cfg.prune.steps:
         return {"stopped_at": trainer.step}
+    need = None
+    if cfg.router.refit == "need" and cfg.router.num_experts > 1:
+        need = refit_to_need_(setup, trainer.router, cfg.router.refit_prompts, cfg.router.refit_steps,
+                              seed=cfg.seed, progress=progress and dist.is_main)
     if cfg.router.inference_balance and cfg.router.optimal_transport and cfg.router.num_experts > 1:
         trainer.router.calibrate_(setup.embeddings, cfg.router.sinkhorn_epsilon)
     summary = routing_summary(trainer.router, setup, setup.embeddings)
+    if need is not None:
+        summary["need"] = need
     summary.pop("assignment")
     summary.update({"budget": cfg.prune.budget, "dense_macs": setup.dense_macs, "steps": trainer.step})
     if dist.is_main:

@@ -113,3 +113,38 @@ def test_matched_static_and_compare(finetuned_run, tmp_path):
     health = router_health(finetuned_run, tmp_path / "health", n=10)
     assert abs(sum(health["shares"]) - 1) < 1e-9 and health["margin_median"] >= 0
     assert 0 <= health["entropy_median"] <= 1 + 1e-9
+
+
+def test_shared_weight_finetuning_and_need_routing(tmp_path):
+    """finetune.weights = shared: every expert is cut from one jointly trained copy (so two experts agree
+    on the units both keep wherever the masks make them see the same inputs: here simply that the experts
+    are the gated student, exactly), the compute counts each expert's drawn samples; router.refit = need
+    labels prompts by OT over measured code errors and fits the predictor to them."""
+    from aptp_export.expert_io import load_expert
+    from benchmarks.static_baseline import finetune_compute
+    from training.evaluation import RunEvaluator
+    from training.finetune import run_finetune
+    from training.need_routing import need_labels
+    from training.prune import run_prune
+
+    model = write_toy_model(tmp_path / "model")
+    cfg = config_from_dict(tiny_config(model, tmp_path / "runs", router={"num_experts": 2, "refit": "need",
+                                                                         "refit_prompts": 16, "refit_steps": 20},
+                                       prune={"steps": 8, "warmup_steps": 2, "lr": 0.3, "codes_lr": 1.0},
+                                       finetune={"steps": 4, "batch_size": 4, "weights": "shared"}))
+    summary = run_prune(cfg, tmp_path / "run", progress=False)
+    assert summary["need"]["prompts"] == 16 and abs(sum(summary["need"]["label_shares"]) - 1) < 1e-9
+    assert summary["need"]["label_shares"] == [0.5, 0.5]  # equipartition
+    run_finetune(tmp_path / "run", progress=False)
+    comp = finetune_compute(tmp_path / "run")
+    assert sum(r["sample_steps"] for r in comp["experts"]) == 4 * 4  # steps x batch samples, split by mask
+    ev = RunEvaluator(tmp_path / "run")
+    experts = {k: load_expert(ev.run.expert(k)) for k in range(2)}
+    base_w = dict(ev.base.unet.named_parameters())["conv_in.weight"]
+    # the experts moved away from the dense weights, and both share the same conv_in (never pruned)
+    w0, w1 = (dict(e.named_parameters())["conv_in.weight"] for e in experts.values())
+    assert torch.equal(w0, w1) and not torch.equal(w0, base_w)
+
+    # need_labels: equipartitioned and optimal for a 4 x 2 example
+    err = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.3, 0.1], [0.5, 0.45]], dtype=torch.float64)
+    assert need_labels(err).tolist() == [1, 0, 1, 0]  # total 0.1 + 1.0 + 0.1 + 0.5 is the minimum
