@@ -1,7 +1,9 @@
 """The demo: the whole path on the built-in toy teacher and toy world, on CPU, in minutes.
 
-pruning phase -> expert fine-tuning -> export (with the dense reference) -> routing and generation with
-the torch-free runtime -> benchmarks -> OUT/report.md. The training settings are the packaged config
+pruning phase -> expert fine-tuning -> export (with the dense reference) -> the static baseline (one K = 1
+model at the mixture's mean MACs and total fine-tuning compute, OUT/static/export) and routed vs static vs
+dense on held-out prompts -> routing and generation with the torch-free runtime -> benchmarks ->
+OUT/report.md. The training settings are the packaged config
 training/configs/demo.yaml. Each stage's output is reused when present, so an interrupted demo continues
 where it stopped.
 """
@@ -31,6 +33,7 @@ from training.toy.report import make_grid
 from .engines_bench import run_bench
 from .evaluate import demo_quality
 from .report import write_report
+from .static_baseline import compare, matched_static, paired_summary
 
 DEMO_CONFIG = "demo"  # training/configs/demo.yaml
 STOPWORDS = {"a", "an", "the", "in", "of", "on", "with", "and", "at", "is", "to", "two", "three", "four", "one"}
@@ -50,15 +53,16 @@ def top_words(captions: list[str], n: int = 5) -> list[tuple[str, int]]:
 
 def run_demo(out: str | Path = "aptp-demo", overrides: list[str] | None = None, prompts: int = 256,
              per_expert: int = 6, steps: int = 25, guidance: float | None = None, repeats: int = 9,
-             bench_threads: int = 1, fresh: bool = False) -> Path:
+             bench_threads: int = 1, fresh: bool = False, compare_n: int = 1000) -> Path:
     """The whole path on the toy teacher (training/configs/demo.yaml + `overrides`); returns report.md's path.
 
     prompts: held-out prompts routed; per_expert: images generated per expert (and with the dense model);
     steps / guidance: sampler settings (guidance None = the teacher's sampling.json); repeats / bench_threads:
-    latency benchmark settings. Finished stages in `out` are reused unless `fresh`.
+    latency benchmark settings; compare_n: held-out prompts of the routed-vs-static error table. Finished
+    stages in `out` are reused unless `fresh`.
     """
-    if prompts < 8 or per_expert < 1 or steps < 1 or repeats < 1:
-        raise UserError("--prompts must be >= 8 and --per-expert, --steps, --repeats >= 1")
+    if prompts < 8 or per_expert < 1 or steps < 1 or repeats < 1 or compare_n < 8:
+        raise UserError("--prompts and --compare-n must be >= 8 and --per-expert, --steps, --repeats >= 1")
     if bench_threads < 0:
         raise UserError("--bench-threads must be >= 0")
     out = Path(out)
@@ -73,7 +77,7 @@ def run_demo(out: str | Path = "aptp-demo", overrides: list[str] | None = None, 
 
     # 1. pruning phase -----------------------------------------------------------------------------
 
-    t = _stage("1/6 pruning phase: router + architecture codes")
+    t = _stage("1/7 pruning phase: router + architecture codes")
     if not run.prune_summary.is_file():
         cfg = load_config(packaged_config(DEMO_CONFIG), overrides=overrides)
         run_prune(cfg, run_dir, resume=run.has_config())
@@ -83,7 +87,7 @@ def run_demo(out: str | Path = "aptp-demo", overrides: list[str] | None = None, 
 
     # 2. fine-tuning --------------------------------------------------------------------------------
 
-    t = _stage("2/6 materialise and fine-tune the experts")
+    t = _stage("2/7 materialise and fine-tune the experts")
     if not run.is_finetuned():
         run_finetune(run_dir, resume=True)
     else:
@@ -92,21 +96,37 @@ def run_demo(out: str | Path = "aptp-demo", overrides: list[str] | None = None, 
 
     # 3. export -------------------------------------------------------------------------------------
 
-    t = _stage("3/6 export experts, router, text encoder and the dense reference to ONNX")
+    t = _stage("3/7 export experts, router, text encoder and the dense reference to ONNX")
     if not (export_dir / "manifest.json").is_file():
         export_run(run_dir, export_dir, with_dense=True)
     else:
         print(f"reusing {export_dir}")
     times["export"] = time.perf_counter() - t
 
-    # 4-5. routing and generation with the torch-free runtime ----------------------------------------
-    t = _stage("4/6 route held-out prompts; 5/6 generate images per expert (engines runtime)")
+    # 4. the fair baseline: static K = 1 at equal MACs and fine-tuning compute ------------------------
+    t = _stage("4/7 static baseline: one pruned model at the mixture's MACs and fine-tuning compute")
+    held = [s.caption for s in samples(prompts, EVAL_SEED + 7)]
+    static = matched_static(run_dir, out / "static", held)
+    cmp_path = out / "static" / "compare.json"
+    if not cmp_path.is_file():
+        cmp = compare(run_dir, static["run"], n=compare_n)
+        cmp["paired"] = paired_summary(cmp)
+        cmp.pop("per_sample"), cmp.pop("labels")
+        write_json(cmp_path, cmp)
+    cmp = json.loads(cmp_path.read_text())
+    cmp["compute"] = static
+    times["static"] = time.perf_counter() - t
+
+    # 5-6. routing and generation with the torch-free runtime ----------------------------------------
+    t = _stage("5/7 route held-out prompts; 6/7 generate images per expert (engines runtime)")
     routing = route_and_generate(export_dir, out, prompts, per_expert, steps, _guidance(guidance, run))
+    cmp["images"] = static_rows(export_dir, Path(static["export"]), out, steps, _guidance(guidance, run))
+    routing["static"] = cmp
     times["route_generate"] = time.perf_counter() - t
 
     # 6. benchmarks ----------------------------------------------------------------------------------
 
-    t = _stage("6/6 benchmarks: latency against MACs, router cost, batching throughput")
+    t = _stage("7/7 benchmarks: latency against MACs, router cost, batching throughput")
     bench = run_bench(export_dir, bench_dir, run_dir=run_dir, prompts_per_batch=[1, 4], repeats=repeats,
                       threads=bench_threads)
     times["bench"] = time.perf_counter() - t
@@ -186,6 +206,31 @@ def route_and_generate(export_dir, out, n_prompts: int, per_expert: int, steps: 
               f"{', '.join(w for w, _ in e['top_words'][:4])}")
     print("mean MACs fraction per difficulty: " + ", ".join(f"{d} {v['mean_macs_fraction']:.2f}" for d, v in by_diff.items()))
     return routing
+
+
+def static_rows(export_dir, static_export, out, steps: int, guidance: float, per_category: int = 2) -> str:
+    """One picture row each for the routed mixture, the static model and the dense teacher on the same
+    held-out prompts (`per_category` per difficulty) and seeds; returns the PNG's path relative to `out`."""
+    rt, st = Runtime.load(export_dir), Runtime.load(static_export)
+    data = samples(400, EVAL_SEED + 11)
+    picked = [s for d in ("easy", "medium", "hard") for s in [x for x in data if x.difficulty == d][:per_category]]
+    caps = [s.caption for s in picked]
+    seeds = list(range(len(caps)))
+    kw = {"steps": steps, "guidance_scale": guidance, "seed": seeds, "batch_size": len(caps)}
+    ids = rt.route(caps)
+    routed = np.stack([np.asarray(im) for im in rt.generate(caps, **kw)])
+    static = np.stack([np.asarray(im) for im in st.generate(caps, **kw)])
+    dense = np.stack([np.asarray(im) for im in rt.generate(caps, expert="dense", **kw)])
+    frac = {e.id: e.macs_fraction for e in rt.manifest.experts}
+    s_frac = st.manifest.experts[0].macs_fraction
+    labels = ([f"[routed e{i} {frac[i]:.2f}] {c}" for i, c in zip(ids, caps, strict=True)]
+              + [f"[static {s_frac:.2f}] {c}" for c in caps] + [f"[dense] {c}" for c in caps])
+    grid = make_grid(np.concatenate([routed, static, dense]), labels, cols=len(caps))
+    path = Path(out) / "images" / "routed_vs_static.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return "images/routed_vs_static.png"
 
 
 def _psnr(a, b) -> float:

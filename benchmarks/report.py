@@ -8,6 +8,25 @@ from engines.fileio import write_text
 
 from .evaluate import demo_quality_markdown
 from .plots import markdown_table
+from .static_baseline import compare_markdown
+
+
+def static_section(cmp: dict) -> list[str]:
+    """Routed vs static vs dense at equal mean MACs and equal fine-tuning compute (static_baseline)."""
+    c = cmp["compute"]
+    lines = ["", "## Routed experts against one static pruned model", "",
+             f"The static model (K = 1, `static/export`) is pruned with this run's config, its code moved onto the "
+             f"mixture's mean MACs on the held-out prompts ({c['target_macs']:.4f}; static {c['static_macs']:.4f}) "
+             f"and fine-tuned with the same total compute (steps x MACs fraction x batch: routed "
+             f"{c['routed']['total']:.0f}, static {c['static']['compute']:.0f}, ratio {c['compute_ratio']:.3f}).", "",
+             compare_markdown(cmp, c)]
+    if cmp.get("paired"):
+        lines.append(f"The routed mixture is closer to the teacher than the static model on "
+                     f"{cmp['paired']['routed_better_share']:.0%} of the held-out prompts.")
+    if cmp.get("images"):
+        lines += ["", "Rows: routed expert, static model, dense teacher; two prompts per difficulty (easy, medium, "
+                  "hard), same seeds.", "", f"![routed vs static vs dense]({cmp['images']})"]
+    return lines
 
 
 def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Path:
@@ -32,6 +51,8 @@ def write_report(out: str | Path, routing: dict, bench: dict, times: dict) -> Pa
                                 [("difficulty", "difficulty", ""), ("count", "prompts", "d"),
                                  ("mean_macs_fraction", "mean MACs fraction", ".3f")]))
 
+    if routing.get("static"):
+        lines += static_section(routing["static"])
     lines += ["", "## Images per expert", "",
               "Top row of each grid: the routed expert; bottom row: the dense teacher, same prompt and seed. "
               "Colour match = the toy scorer's check that the main object has the caption's colour.", ""]

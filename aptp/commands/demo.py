@@ -24,10 +24,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bench-threads", type=int, default=1,
                         help="intra-op threads per backend in the latency benchmark (default 1: steadier ratios on "
                              "a shared machine; 0 = each library's default)")
+    parser.add_argument("--compare-n", type=int, default=1000,
+                        help="held-out prompts of the routed-vs-static error table (default 1000)")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
 
 def run(args) -> int:
     run_demo(args.out, overrides=args.set, prompts=args.prompts, per_expert=args.per_expert, steps=args.steps,
-             guidance=args.guidance, repeats=args.repeats, bench_threads=args.bench_threads, fresh=args.fresh)
+             guidance=args.guidance, repeats=args.repeats, bench_threads=args.bench_threads, fresh=args.fresh,
+             compare_n=args.compare_n)
     return 0
