@@ -52,6 +52,16 @@ def steps_per_expert(counts: list[int], steps: int, allocation: str) -> list[int
     return out
 
 
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "constant") -> float:
+    """Linear warm-up over `warmup` steps, then 1 (constant) or a cosine to 0 at the last step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        span = max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup + 1) / span)))
+    return 1.0
+
+
 def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dataset, indices: torch.Tensor,
                     steps: int, fcfg, seed: int, progress: bool = True, desc: str = "expert",
                     row_gates=None, count_by: torch.Tensor | None = None) -> dict:
@@ -113,7 +123,7 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g in opt.param_groups:
-                g["lr"] = lr * (1.0 if fcfg.lr_warmup_steps <= 0 else min(1.0, (step + 1) / fcfg.lr_warmup_steps))
+                g["lr"] = lr * lr_factor(step, steps, fcfg.lr_warmup_steps, fcfg.lr_schedule)
             opt.step()
             hist.append(float(loss.detach()))
     finally:

@@ -9,7 +9,7 @@ routing starts; nothing tells it that a prompt suffers more from a small expert.
 (docs/results/toy_promise.md): the router grouped prompts by colour words, hard and easy prompts got
 the same mean MACs (0.492 / 0.492), and the mixture lost to one static model at equal MACs.
 
-1. `need_errors`: every code gates the frozen UNet (binary, noise-free) on `rows` of the training set at
+1. `need_errors`: every code's expert (binary, noise-free, materialised) on `rows` of the training set at
    fixed timesteps and noise; E[n, k] = MSE of code k's output to the dense teacher's.
 2. `need_labels`: the equipartitioned optimal assignment of E (each expert gets ~N/K prompts, so the mean
    MACs stay the mean of the codes' MACs and no expert takes more than its share): it minimises the total
@@ -43,6 +43,9 @@ def need_errors(setup, router, rows: torch.Tensor, timesteps=TIMESTEPS, seed: in
     base, space, unet = setup.base, setup.space, setup.base.unet
     gates = router.expert_gates().to(setup.dist.device)
     k = gates.shape[0]
+    # the physically pruned experts compute what the gated UNet computes (exact to float32 rounding), at
+    # their own MACs instead of the dense network's
+    experts = [space.materialize(unet, gates[j]).eval() for j in range(k)]
     gen = torch.Generator().manual_seed(seed)
     c, h, w = base.latent_shape()
     err = torch.zeros(len(rows), k, dtype=torch.float64)
@@ -58,8 +61,7 @@ def need_errors(setup, router, rows: torch.Tensor, timesteps=TIMESTEPS, seed: in
             noisy = base.scheduler.add_noise(x0, noise, t)
             ref = unet(noisy, t, **cond.kwargs()).sample
             for j in range(k):
-                with space.gated(unet, gates[j].expand(len(idx), -1)):
-                    out = unet(noisy, t, **cond.kwargs()).sample
+                out = experts[j](noisy, t, **cond.kwargs()).sample
                 err[start:start + len(idx), j] += ((out - ref) ** 2).flatten(1).mean(1).double().cpu() / len(timesteps)
     return err
 

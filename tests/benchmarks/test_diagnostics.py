@@ -148,3 +148,21 @@ def test_shared_weight_finetuning_and_need_routing(tmp_path):
     # need_labels: equipartitioned and optimal for a 4 x 2 example
     err = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.3, 0.1], [0.5, 0.45]], dtype=torch.float64)
     assert need_labels(err).tolist() == [1, 0, 1, 0]  # total 0.1 + 1.0 + 0.1 + 0.5 is the minimum
+
+
+def test_report_shows_the_routed_vs_static_table():
+    from benchmarks.report import static_section
+
+    per = {"routed": {"easy": 0.01, "hard": 0.03}, "static": {"easy": 0.012, "hard": 0.02},
+           "routed_macs": {"easy": 0.4, "hard": 0.6}}
+    cmp = {"n": 100, "models": {"dense": {"macs": 1.0, "to_teacher": 0.0, "to_target": 0.05},
+                                "routed": {"macs": 0.5, "to_teacher": 0.02, "to_target": 0.06},
+                                "static": {"macs": 0.502, "to_teacher": 0.018, "to_target": 0.059}},
+           "by_category": {"difficulty": per, "template": per}, "paired": {"routed_better_share": 0.42},
+           "images": "images/routed_vs_static.png",
+           "compute": {"target_macs": 0.5, "static_macs": 0.502, "routed": {"total": 4000.0},
+                       "static": {"compute": 4016.0, "steps": 500}, "compute_ratio": 1.004}}
+    text = "\n".join(static_section(cmp))
+    assert "| routed | 0.5000 | 0.02000 |" in text and "| static | 0.5020 | 0.01800 |" in text
+    assert "| hard | 0.600 | 0.03000 | 0.02000 | 1.500 |" in text and "42%" in text
+    assert "ratio 1.004" in text and "routed_vs_static.png" in text
