@@ -2,7 +2,12 @@
 (caption i with seed SEED + i, images and captions paired by index), then CLIP score, CMMD, FD-CLIP (and
 FID with --inception) per model and per expert, the experts' top caption words by lift, and a
 quality-vs-MACs plot. Writes OUT/eval.json, OUT/eval.md, OUT/quality_vs_macs.png. On the toy data the
-shipped toy CLIP is used by default; nothing is downloaded."""
+shipped toy CLIP is used by default; nothing is downloaded.
+
+With --diagnose probe,oracle,health (toy world) the diagnostics of benchmarks.diagnostics are written to
+OUT/diagnostics/: the capacity-need probe (static sub-networks at --fractions of dense MACs, error per prompt
+category), the oracle bound of --run's experts (against --static-run), the router health of --run. Without
+--export only the diagnostics run."""
 
 from __future__ import annotations
 
@@ -12,6 +17,16 @@ from benchmarks.evaluate import EvalConfig, evaluate
 
 def add_arguments(parser) -> None:
     add_export_argument(parser)
+    parser.set_defaults(export=None)
+    for a in parser._actions:  # --export is optional when only --diagnose runs
+        if a.dest == "export":
+            a.required = False
+    parser.add_argument("--diagnose", metavar="LIST", default=None,
+                        help="comma-separated diagnostics on the toy world: probe, oracle, health (see above)")
+    parser.add_argument("--run", metavar="DIR", help="a finished training run (--diagnose oracle, health)")
+    parser.add_argument("--static-run", metavar="DIR", help="a finished K = 1 run to compare (--diagnose oracle)")
+    parser.add_argument("--fractions", default="0.3,0.4,0.5,0.7",
+                        help="MACs fractions of the probe's static sub-networks (default 0.3,0.4,0.5,0.7)")
     parser.add_argument("--data", default="toy", metavar="DIR_OR_toy",
                         help="'toy' (held-out toy world captions) or an imagefolder directory with metadata.jsonl")
     parser.add_argument("-n", type=int, default=1000, help="captions to evaluate (the first N rows; default 1000)")
@@ -34,7 +49,43 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session (0 = one per core)")
 
 
+def _diagnose(args) -> None:
+    from pathlib import Path
+
+    from benchmarks.diagnostics import capacity_probe, oracle_bound, router_health
+    from engines.errors import UserError
+
+    what = [w.strip() for w in args.diagnose.split(",") if w.strip()]
+    bad = sorted(set(what) - {"probe", "oracle", "health"})
+    if bad or not what:
+        raise UserError(f"--diagnose: unknown {', '.join(bad) or '(empty)'}; choose from probe, oracle, health")
+    if {"oracle", "health"} & set(what) and not args.run:
+        raise UserError("--diagnose oracle/health needs --run DIR (a finished training run)")
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        raise UserError(f"--fractions: not a list of numbers: {args.fractions!r}") from None
+    if not all(0 < f < 1 for f in fractions):
+        raise UserError("--fractions must lie in (0, 1)")
+    out = Path(args.out) / "diagnostics"
+    if "probe" in what:
+        capacity_probe(out / "probe", fractions, args.n)
+    if "oracle" in what:
+        oracle_bound(args.run, out / "oracle", static=args.static_run, n=args.n)
+    if "health" in what:
+        router_health(args.run, out / "health", n=args.n)
+    print(f"wrote {out}/ ({', '.join(what)}: JSON, markdown and a PNG each)")
+
+
 def run(args) -> int:
+    if args.diagnose:
+        _diagnose(args)
+        if args.export is None:
+            return 0
+    elif args.export is None:
+        from engines.errors import UserError
+
+        raise UserError("--export DIR is required (or --diagnose for the diagnostics alone)")
     cfg = EvalConfig(engines=args.export, data=args.data, n=args.n, models=args.models, static=args.static,
                      clip=args.clip, cmmd_clip=args.cmmd_clip, inception=args.inception, out=args.out,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,

@@ -166,3 +166,13 @@ def test_report_shows_the_routed_vs_static_table():
     assert "| routed | 0.5000 | 0.02000 |" in text and "| static | 0.5020 | 0.01800 |" in text
     assert "| hard | 0.600 | 0.03000 | 0.02000 | 1.500 |" in text and "42%" in text
     assert "ratio 1.004" in text and "routed_vs_static.png" in text
+
+
+def test_aptp_eval_diagnose(finetuned_run, tmp_path, capsys):
+    from aptp.cli import main
+
+    assert main(["eval", "--diagnose", "health", "--run", str(finetuned_run), "-n", "8", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "diagnostics" / "health" / "health.json").read_text())
+    assert res["n"] == 8 and (tmp_path / "diagnostics" / "health" / "health.png").is_file()
+    assert main(["eval", "--diagnose", "probe,bogus"]) == 2
+    assert "unknown bogus" in capsys.readouterr().err
