@@ -53,7 +53,7 @@ def top_words(captions: list[str], n: int = 5) -> list[tuple[str, int]]:
 
 def run_demo(out: str | Path = "aptp-demo", overrides: list[str] | None = None, prompts: int = 256,
              per_expert: int = 6, steps: int = 25, guidance: float | None = None, repeats: int = 9,
-             bench_threads: int = 1, fresh: bool = False, compare_n: int = 1000) -> Path:
+             bench_threads: int = 1, fresh: bool = False, compare_n: int = 500) -> Path:
     """The whole path on the toy teacher (training/configs/demo.yaml + `overrides`); returns report.md's path.
 
     prompts: held-out prompts routed; per_expert: images generated per expert (and with the dense model);

@@ -24,8 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bench-threads", type=int, default=1,
                         help="intra-op threads per backend in the latency benchmark (default 1: steadier ratios on "
                              "a shared machine; 0 = each library's default)")
-    parser.add_argument("--compare-n", type=int, default=1000,
-                        help="held-out prompts of the routed-vs-static error table (default 1000)")
+    parser.add_argument("--compare-n", type=int, default=500,
+                        help="held-out prompts of the routed-vs-static error table (default 500)")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished stages")
 
 
