@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engines.errors import UserError
-from engines.sessions import PROVIDERS
+from engines.backends import PROVIDERS
 
 
 def add_export_argument(parser, help: str = "export directory written by `aptp export` (with manifest.json)"):

@@ -297,7 +297,7 @@ class ArchSpace:
         height, width: latent size (default: the UNet's sample_size); text_len: cross-attention tokens.
         """
 
-        h, w = self._hw(height, width)
+        h, w = self.resolve_hw(height, width)
         t = self.as_tensor(arch)
         if isinstance(arch, torch.Tensor):
             return self._mac_model.torch(t, h, w, text_len)
@@ -306,13 +306,13 @@ class ArchSpace:
 
     def dense_macs(self, height: int | None = None, width: int | None = None, text_len: int = 77) -> float:
         """MACs of the dense UNet at batch 1."""
-        h, w = self._hw(height, width)
+        h, w = self.resolve_hw(height, width)
         return float(self._mac_model.numpy(np.ones(self.num_units), h, w, text_len))
 
     def macs_by_module(self, arch=None, height: int | None = None, width: int | None = None,
                        text_len: int = 77) -> dict[str, float]:
         """MACs per module path (binary or soft vector [D]; default dense) - for tables and tests."""
-        h, w = self._hw(height, width)
+        h, w = self.resolve_hw(height, width)
         a = np.ones(self.num_units) if arch is None else self.as_tensor(arch).detach().double().numpy()
         if a.ndim != 1:
             raise UserError("macs_by_module takes one architecture vector [D]")
@@ -326,7 +326,7 @@ class ArchSpace:
     def mac_terms(self) -> list[MacTerm]:
         return list(self._mac_model.terms)
 
-    def _hw(self, height, width) -> tuple[int, int]:
+    def resolve_hw(self, height, width) -> tuple[int, int]:
         h = self.sample_size if height is None else int(height)
         w = h if width is None and height is not None else (self.sample_size if width is None else int(width))
         if h < 1 or w < 1:
@@ -341,7 +341,7 @@ class ArchSpace:
         """
         dense = self.dense_macs(height, width, text_len)
         ones = np.ones(self.num_units)
-        h, w = self._hw(height, width)
+        h, w = self.resolve_hw(height, width)
         rows = []
         for g in self.groups:
             a = ones.copy()
@@ -355,7 +355,7 @@ class ArchSpace:
 
     def format_table(self, height: int | None = None, width: int | None = None, text_len: int = 77) -> str:
         """The table of `table()` as aligned text, with totals."""
-        h, w = self._hw(height, width)
+        h, w = self.resolve_hw(height, width)
         rows = self.table(h, w, text_len)
         head = ("#", "slice", "kind", "units", "ch/unit", "in depth", "MACs share", "module")
         lines = [[str(i), f"{r['start']}:{r['stop']}", r["kind"], str(r["units"]), str(r["unit_channels"]),

@@ -78,7 +78,7 @@ def save_expert(path, space, arch, expert, *, height: int | None = None, width: 
         raise UserError(f"the expert does not match its architecture vector: {_first_difference(want, got)}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
-    h, w = space._hw(height, width)
+    h, w = space.resolve_hw(height, width)
     macs = float(space.macs(keep.astype(np.float32).tolist(), h, w, text_len))
     dense = space.dense_macs(h, w, text_len)
     info = {

@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from engines.cuda_device import plan_environment
+from engines.backends.cuda import plan_environment
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.manifest import (

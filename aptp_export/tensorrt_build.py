@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.cuda_device import device_info
+from engines.backends.cuda import device_info
 from engines.errors import BackendError
 from engines.fileio import atomic_path
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from engines import Runtime
-from engines.cuda_device import device_info
-from engines.doctor import collect, format_report
+from engines.backends.cuda import device_info
+from engines.backends.doctor import collect, format_report
 from engines.errors import EngineError, UserError
 from engines.fileio import write_json
 from training.export_run import export_run

@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from engines.ray_serve import APP_NAME, RayOptions, build_app
-    from engines.serve_config import ServeConfig
+    from engines.serving.ray import APP_NAME, RayOptions, build_app
+    from engines.serving.config import ServeConfig
 
     config = ServeConfig(engines=export, **SETTINGS)
     port = _free_port()

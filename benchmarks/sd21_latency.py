@@ -59,9 +59,9 @@ from .timing import interleaved, machine
 from .unet_latency import (
     InputShape,
     ModelUnderTest,
-    _ort_callable,
-    _recorded,
-    _torch_callable,
+    ort_callable,
+    recorded_calls,
+    torch_callable,
     bench_unets,
     speedups,
     unet_feeds,
@@ -71,12 +71,12 @@ LAT_TOLERANCE = 1.05  # acceptance: latency fraction <= 1.05 x MACs fraction (ex
 MIN_SPEEDUP = 2.0     # acceptance: onnxruntime >= 2x torch eager
 
 
-def _tag(arch, seed: int) -> str:
+def arch_tag(arch, seed: int) -> str:
     bits = np.packbits(arch.numpy() > 0.5).tobytes()
     return hashlib.sha1(bits + f"seed={seed}".encode()).hexdigest()[:10]
 
 
-def _onnx_params(path: Path) -> int:
+def onnx_param_count(path: Path) -> int:
     """Parameter count of a saved graph from its initialisers' shapes (external data not read)."""
 
     m = onnx.load(str(path), load_external_data=False)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         # -- export: the dense torch UNet and one expert at a time
         dense = None
         for name, arch in [("dense", None), *archs.items()]:
-            tag = f"seed{args.seed}" if arch is None else _tag(arch, args.seed)
+            tag = f"seed{args.seed}" if arch is None else arch_tag(arch, args.seed)
             path = onnx_dir / f"{size}" / f"{name}-{tag}.onnx"
             macs = dense_macs if arch is None else space.macs(arch.tolist(), size, size, 77)
             if not path.exists():
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                           f"{err:.1e}), RSS {_rss_gb():.1f} GB", flush=True)
                 del model
             else:
-                params = _onnx_params(path)
+                params = onnx_param_count(path)
             models[name] = ModelUnderTest(name, macs, macs / dense_macs, params, onnx=path,
                                           extra={"latent": size})
             gc.collect()
@@ -276,8 +276,8 @@ def main(argv=None) -> int:
             for name, m in models.items():
                 module = dense if name == "dense" else space.materialize(dense, archs[name])
                 calls = {"onnxruntime": [], "torch": []}
-                raw = {"onnxruntime": _ort_callable(m.onnx, feeds), "torch": _torch_callable(module, feeds)}
-                fns = {k: _recorded(f, calls[k]) for k, f in raw.items()}
+                raw = {"onnxruntime": ort_callable(m.onnx, feeds), "torch": torch_callable(module, feeds)}
+                fns = {k: recorded_calls(f, calls[k]) for k, f in raw.items()}
                 t = interleaved(fns, warmup=args.warmup, repeats=args.repeats, settle=1, untimed=raw)
                 w = {k: np.array([x for x, _ in v]) for k, v in calls.items()}
                 pairs.append({"expert": name, "onnxruntime_ms": t["onnxruntime"].median_ms,

@@ -25,7 +25,7 @@ from aptp_export.export_spec import router_spec
 from aptp_export.onnx_export import RouterGraph, export_onnx
 from engines import Runtime
 from engines.fileio import write_json
-from engines.sessions import OrtSession
+from engines.backends.ort import OrtSession
 
 from .engines_bench import bench_router
 from .timing import measure

@@ -58,14 +58,14 @@ from aptp_export.onnx_export import (
 )
 from aptp_export.unet_configs import SDXL_UNET_CONFIG, added_cond_dims
 from engines.fileio import write_json, write_text
-from engines.sessions import OrtSession
+from engines.backends.ort import OrtSession
 
 from .materialize_sd21 import random_unet
 from .memwatch import Phases, read_progress, rss_gb, run_watched
 from .plots import latency_vs_macs, markdown_table
-from .sd21_latency import ROBUSTNESS_COLUMNS, _onnx_params, _tag
-from .timing import _summary, machine
-from .unet_latency import InputShape, _paired, unet_feeds
+from .sd21_latency import ROBUSTNESS_COLUMNS, onnx_param_count, arch_tag
+from .timing import timing_summary, machine
+from .unet_latency import InputShape, paired_timings, unet_feeds
 
 TEXT_LEN = 77
 TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"), ("gmacs", "GMACs", ".1f"),
@@ -97,7 +97,7 @@ def plan_models(space: ArchSpace, keep: list[float], seed: int, dense: bool = Tr
 
 
 def graph_path(onnx_dir: Path, name: str, arch, seed: int) -> Path:
-    return onnx_dir / f"{name}-{f'seed{seed}' if arch is None else _tag(arch, seed)}.onnx"
+    return onnx_dir / f"{name}-{f'seed{seed}' if arch is None else arch_tag(arch, seed)}.onnx"
 
 
 def reference_model(names: list[str], macs: dict[str, float]) -> str:
@@ -111,11 +111,11 @@ def timing_rows(calls: dict[str, list], macs: dict[str, float], dense_macs: floa
     `reference_model`; `macs_fraction` is against the dense model, `latency_over_macs` compares the latency
     fraction with the MACs fraction of the same reference."""
     ref = reference_model(list(calls), macs)
-    paired = _paired(calls, 0, ref=ref)
-    ref_median = _summary([w for w, _ in calls[ref]]).median_ms
+    paired = paired_timings(calls, 0, ref=ref)
+    ref_median = timing_summary([w for w, _ in calls[ref]]).median_ms
     rows = []
     for name, c in calls.items():
-        t = _summary([w for w, _ in c])
+        t = timing_summary([w for w, _ in c])
         frac = t.median_ms / ref_median
         rows.append({"expert": name, "backend": "onnxruntime", "batch": 2, "prompts": 1, "latent": size,
                      "macs": macs[name], "macs_fraction": macs[name] / dense_macs, "params": params.get(name, 0),
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         result["timing"] = t
         calls = {n: c for n, c in t.get("calls", {}).items() if len(c) == args.repeats}
         if calls:
-            params = {n: _onnx_params(paths[n]) for n in calls}
+            params = {n: onnx_param_count(paths[n]) for n in calls}
             rows = timing_rows(calls, macs, dense_macs, params, args.size)
     result.update(rows=rows, loadavg_end=os.getloadavg(), seconds=time.perf_counter() - t0)
     summ = summary(rows)

@@ -53,7 +53,7 @@ class Timing:
                 "latency_ms_min": self.min_ms, "repeats": self.repeats}
 
 
-def _summary(samples_s: list[float]) -> Timing:
+def timing_summary(samples_s: list[float]) -> Timing:
     a = np.asarray(samples_s) * 1e3
     return Timing(float(np.median(a)), float(np.percentile(a, 90)), float(a.min()), len(a))
 
@@ -67,7 +67,7 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeats: int = 10) -> Tim
         t = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t)
-    return _summary(samples)
+    return timing_summary(samples)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10, settle: int = 0,
@@ -91,4 +91,4 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: 
                 t = time.perf_counter()
                 fn()
                 samples[k].append(time.perf_counter() - t)
-    return {k: _summary(v) for k, v in samples.items()}
+    return {k: timing_summary(v) for k, v in samples.items()}

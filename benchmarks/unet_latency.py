@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.sessions import OrtSession, cuda_unavailable_reason
-from engines.tensorrt_session import DeviceMemoryPool, TensorRTSession
+from engines.backends.ort import OrtSession, cuda_unavailable_reason
+from engines.backends.tensorrt import DeviceMemoryPool, TensorRTSession
 
 from .timing import interleaved
 
@@ -80,7 +80,7 @@ def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.n
     return feeds
 
 
-def _ort_callable(path: Path, feeds: dict, threads: int = 0):
+def ort_callable(path: Path, feeds: dict, threads: int = 0):
     sess = OrtSession(path, "cpu", threads=threads)
     return lambda: sess.run(feeds)
 
@@ -89,7 +89,7 @@ def _ort_cuda_callable(path: Path, feeds: dict):
     return OrtSession(path, "cuda").resident_runner(feeds)
 
 
-def _torch_callable(module, feeds: dict):
+def torch_callable(module, feeds: dict):
     args = [torch.from_numpy(feeds[k]) for k in UNET_INPUTS]
     kwargs = {}
     if UNET_ADDED_INPUTS[0] in feeds:
@@ -204,20 +204,20 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
             fns = {}
             for m in models:
                 if backend == "onnxruntime":
-                    fns[m.name] = _ort_callable(m.onnx, feeds, threads=threads)
+                    fns[m.name] = ort_callable(m.onnx, feeds, threads=threads)
                 elif backend == "onnxruntime-cuda":
                     fns[m.name] = _ort_cuda_callable(m.onnx, feeds)
                 elif backend == "torch":
                     if m.name not in torch_modules:
                         torch_modules[m.name] = m.load_torch()
-                    fns[m.name] = _torch_callable(torch_modules[m.name], feeds)
+                    fns[m.name] = torch_callable(torch_modules[m.name], feeds)
                 else:
                     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
             calls = {k: [] for k in fns}
-            timings = interleaved({k: _recorded(fn, calls[k]) for k, fn in fns.items()}, warmup=warmup,
+            timings = interleaved({k: recorded_calls(fn, calls[k]) for k, fn in fns.items()}, warmup=warmup,
                                   repeats=repeats, settle=settle, untimed=fns, block=block)
             dense = timings["dense"].median_ms
-            paired = _paired(calls, 0)
+            paired = paired_timings(calls, 0)
             for m in models:
                 t = timings[m.name]
                 rows.append({
@@ -234,7 +234,7 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
     return rows
 
 
-def _recorded(fn, out: list):
+def recorded_calls(fn, out: list):
     """`fn` that also appends (wall s, process CPU s) of every call to `out`."""
 
     def call():
@@ -246,7 +246,7 @@ def _recorded(fn, out: list):
     return call
 
 
-def _paired(calls: dict[str, list], warmup: int, ref: str = "dense") -> dict[str, dict]:
+def paired_timings(calls: dict[str, list], warmup: int, ref: str = "dense") -> dict[str, dict]:
     """Estimators of the latency fraction that a busy shared machine disturbs less than the ratio of medians:
     the median over rounds of (model / `ref` in the same round), the ratio of the fastest calls, and the
     process CPU time per call (all threads; time spent descheduled does not count)."""

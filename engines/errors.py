@@ -32,6 +32,15 @@ class PromptError(EngineError, ValueError):
     """A prompt (or the list of prompts) cannot be used: empty, not a string, ..."""
 
 
+class ParamError(EngineError, ValueError):
+    """A generation parameter (steps, guidance_scale, seed, ...) is out of range or of the wrong type.
+    `param` names the request field, so a server answers with it (OpenAI's `error.param`)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class BackendError(EngineError):
     """An inference backend is unavailable (missing package, no GPU) or failed to open a model."""
 

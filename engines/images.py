@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import BackendError
 from .manifest import VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS
-from .sessions import Session
+from .backends import Session
 
 
 def decode(latents: np.ndarray, vae_decoder: Session | None = None, scaling_factor: float = 1.0) -> np.ndarray:

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_device import plan_environment, plan_mismatch
-from .denoise import DEFAULT_BATCH_SIZE, TextCondition, denoise, initial_noise, resolve_seeds, unet_batch
+from .backends import Session, check_provider, open_session
+from .backends.cuda import plan_environment, plan_mismatch
+from .backends.ort import cuda_unavailable_reason
+from .backends.tensorrt import DeviceMemoryPool
+from .denoise import DEFAULT_BATCH_SIZE, TextCondition, denoise, initial_noise, unet_batch
 from .errors import BackendError, EngineError
 from .images import decode, to_pil
 from .manifest import (
@@ -47,9 +50,8 @@ from .manifest import (
     read_manifest,
     verify_file,
 )
-from .schedulers import make_scheduler, scheduler_name
-from .sessions import Session, check_provider, cuda_unavailable_reason, open_session
-from .tensorrt_session import DeviceMemoryPool
+from .request import GenerationParams, is_int
+from .schedulers import make_scheduler
 from .tokenization import PromptTokenizer, clean_prompts
 
 
@@ -74,11 +76,13 @@ class GenerationResult:
     guidance_scale: float
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    guidance_rescale: float = 0.0
 
     def records(self) -> list[dict]:
         """One JSON-ready record per image (index, prompt, expert, seed, sampler settings)."""
         return [{"index": i, "prompt": p, "expert": e, "seed": s, "scheduler": self.scheduler,
-                 "steps": self.steps, "guidance_scale": self.guidance_scale}
+                 "steps": self.steps, "guidance_scale": self.guidance_scale,
+                 "guidance_rescale": self.guidance_rescale}
                 for i, (p, e, s) in enumerate(zip(self.prompts, self.expert_ids, self.seeds, strict=True))]
 
 
@@ -108,7 +112,7 @@ class Runtime:
         BackendError if `provider` ("cpu" | "cuda" | "tensorrt") cannot run here. `threads`:
         onnxruntime intra-op threads per session (0 = one per core)."""
         check_provider(provider)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        if not is_int(threads) or threads < 0:
             raise EngineError(f"threads must be a non-negative integer, got {threads!r}")
         manifest = read_manifest(export_dir)
         rt = cls(export_dir, manifest, provider, threads)
@@ -187,7 +191,16 @@ class Runtime:
                                                device_memory=self._device_memory)
         return self._sessions[key]
 
-    def _expert_session(self, expert_id) -> Session:
+    def decode(self, latents: np.ndarray) -> list:
+        """PIL images of final latents [B, C, H, W] (through the VAE decoder when the export has one)."""
+        m = self.manifest
+        vae = None
+        if m.vae_decoder is not None:
+            vae = self._session("vae_decoder", m.vae_decoder.files, VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS)
+        return to_pil(decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0))
+
+    def unet(self, expert_id) -> Session:
+        """The UNet session of expert `expert_id` (an int id or "dense"), opened (and its files checked) once."""
         if expert_id == "dense":
             if self.manifest.dense is None:
                 raise EngineError(f"{self.export_dir}: no dense model was exported (export with --with-dense)")
@@ -223,14 +236,15 @@ class Runtime:
         return len(self.manifest.experts)
 
     # -- text ------------------------------------------------------------------------------------
-    def encode_text(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> np.ndarray:
-        """UNet text context [B, text_len, hidden] float32 for prompts (validated unless internal)."""
-        return self._encode(prompts, batch_size, _clean)[0]
+    def encode_text(self, prompts: Sequence[str], batch_size: int = 64, clean: bool = True) -> np.ndarray:
+        """UNet text context [B, text_len, hidden] float32 for prompts (validated unless `clean` is False:
+        the caller passes prompts it already cleaned with engines.tokenization.clean_prompts)."""
+        return self._encode(prompts, batch_size, clean)[0]
 
     def _encode(self, prompts: Sequence[str], batch_size: int = 64,
-                _clean: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                clean: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(context [B, L, E], pooled text_embeds [B, P] or None) of the prompts."""
-        prompts = clean_prompts(prompts) if _clean else list(prompts)
+        prompts = clean_prompts(prompts) if clean else list(prompts)
         pooled = self.manifest.text_encoder.pooled_dim is not None
         # input_ids is required; attention_mask is optional: a text encoder run without a mask (CLIP in
         # Stable Diffusion pipelines) is exported without that input
@@ -259,17 +273,18 @@ class Runtime:
         time_ids = np.tile(np.asarray(added.time_ids(), dtype=np.float32), (context.shape[0], 1))
         return TextCondition(context, {UNET_ADDED_INPUTS[0]: pooled, UNET_ADDED_INPUTS[1]: time_ids})
 
-    def condition(self, prompts: Sequence[str], batch_size: int = 64, _clean: bool = True) -> TextCondition:
+    def condition(self, prompts: Sequence[str], batch_size: int = 64, clean: bool = True) -> TextCondition:
         """Everything the UNet reads about the prompts: the text context and, for SDXL exports, the pooled
-        text embedding and the size conditioning time_ids (the export's image size, no crop)."""
-        return self._condition(*self._encode(prompts, batch_size, _clean))
+        text embedding and the size conditioning time_ids (the export's image size, no crop). `clean`:
+        as in `encode_text`."""
+        return self._condition(*self._encode(prompts, batch_size, clean))
 
-    def _uncond_context(self) -> TextCondition:
-        """The unconditional condition, one row: the prompt "" or, when the export says so (SDXL's
+    def uncond(self) -> TextCondition:
+        """The unconditional condition for classifier-free guidance, one row: the prompt "" or, when the export says so (SDXL's
         force_zeros_for_empty_prompt), zeros of the same shapes."""
         with self._lock:
             if self._uncond is None:
-                context, pooled = self._encode([""], _clean=False)
+                context, pooled = self._encode([""], clean=False)
                 if self.manifest.text_encoder.uncond == "zeros":
                     context = np.zeros_like(context)
                     pooled = None if pooled is None else np.zeros_like(pooled)
@@ -300,20 +315,24 @@ class Runtime:
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
                  seed: int | Sequence[int] = 0, scheduler: str | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None) -> list:
+                 batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None,
+                 guidance_rescale: float = 0.0) -> list:
         """PIL images in prompt order (see `generate_with_info` for arguments and provenance)."""
-        return self.generate_with_info(prompts, steps, guidance_scale, seed, scheduler, batch_size, expert).images
+        return self.generate_with_info(prompts, steps, guidance_scale, seed, scheduler, batch_size, expert,
+                                       guidance_rescale=guidance_rescale).images
 
     def generate_with_info(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
                            seed: int | Sequence[int] = 0, scheduler: str | None = None,
-                           batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None, progress=None) -> GenerationResult:
+                           batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None, progress=None,
+                           guidance_rescale: float = 0.0, params: GenerationParams | None = None) -> GenerationResult:
         """Route, group prompts by expert, denoise each group with CFG, decode.
 
         Args:
             prompts: a string or list of strings (validated, see engines.tokenization).
-            steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance).
-            seed: int s (prompt i uses s + i) or one int per prompt (see engines.denoise).
-            scheduler: "ddim" | "pndm" | "euler", or None for the manifest's.
+            steps, guidance_scale, seed, scheduler, guidance_rescale: the sampler settings, checked as an
+                engines.request.GenerationParams (or pass `params`, which then replaces them): steps >= 1;
+                guidance_scale in [0, 100] (<= 1 disables guidance); seed int s (prompt i uses s + i) or one
+                int per prompt; scheduler "ddim" | "pndm" | "euler", or None for the manifest's.
             batch_size: most prompts per UNet call (the UNet batch is twice that with CFG); lowered to
                 what a TensorRT plan's profile allows.
             expert: None to route; an expert id or "dense" to force one model for every prompt.
@@ -322,19 +341,17 @@ class Runtime:
         """
         t0 = time.perf_counter()
         prompts = clean_prompts(prompts)
-        seeds = resolve_seeds(seed, len(prompts))
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise EngineError(f"steps must be a positive integer, got {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(guidance_scale):
-            raise EngineError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if params is None:
+            params = GenerationParams(steps, guidance_scale, guidance_rescale,
+                                      tuple(seed) if isinstance(seed, list) else seed, scheduler)
+        seeds = params.seeds(len(prompts))
         _check_batch_size(batch_size)
-        sched_name = scheduler_name(scheduler if scheduler is not None else self.manifest.scheduler.name)
+        sched_name = params.scheduler_or(self.manifest.scheduler.name)
         probe = make_scheduler(sched_name, self.manifest.scheduler.config)
-        probe.set_timesteps(steps)  # validates config and steps before any work
+        probe.set_timesteps(params.steps)  # validates config and steps before any work
         calls_per_batch = len(probe.timesteps)
         if expert is not None and expert != "dense":
-            if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)):
+            if not is_int(expert):
                 raise EngineError(f"expert must be an int id or 'dense', got {expert!r}")
             self.manifest.expert(int(expert))
 
@@ -346,22 +363,19 @@ class Runtime:
             ids = [expert if expert == "dense" else int(expert)] * len(prompts)
         timings["route"] = time.perf_counter() - t
         t = time.perf_counter()
-        cond = self.condition(prompts, _clean=False)
-        uncond = self._uncond_context()
+        cond = self.condition(prompts, clean=False)
+        uncond = self.uncond()
         timings["text"] = time.perf_counter() - t
 
         m = self.manifest
         shape = (m.in_channels, *m.sample_size)
-        vae = None
-        if m.vae_decoder is not None:
-            vae = self._session("vae_decoder", m.vae_decoder.files, VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS)
         images: list = [None] * len(prompts)
         groups: dict = {}
         for i, e in enumerate(ids):
             groups.setdefault(e, []).append(i)
         # open every needed UNet before any denoising: a plan that cannot load fails now, not halfway
-        unets = {e: self._expert_session(e) for e in groups}
-        chunk_size = {e: self._prompts_per_call(u, batch_size, guidance_scale) for e, u in unets.items()}
+        unets = {e: self.unet(e) for e in groups}
+        chunk_size = {e: self._prompts_per_call(u, batch_size, params.guidance_scale) for e, u in unets.items()}
         n_batches = sum((len(v) + chunk_size[e] - 1) // chunk_size[e] for e, v in groups.items())
         done = [0]
 
@@ -377,15 +391,16 @@ class Runtime:
                 chunk = idx[j:j + step]
                 noise = initial_noise([seeds[i] for i in chunk], shape)
                 latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond.take(chunk),
-                                  uncond, steps, float(guidance_scale), progress=tick)
-                pixels = decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0)
-                for i, img in zip(chunk, to_pil(pixels), strict=True):
+                                  uncond, params.steps, params.guidance_scale, progress=tick,
+                                  guidance_rescale=params.guidance_rescale)
+                for i, img in zip(chunk, self.decode(latents), strict=True):
                     img.info["aptp_expert"] = str(e)
                     images[i] = img
         timings["denoise"] = time.perf_counter() - t
         return GenerationResult(images=images, expert_ids=ids, seeds=seeds, prompts=prompts,
-                                scheduler=sched_name, steps=int(steps), guidance_scale=float(guidance_scale),
-                                seconds=time.perf_counter() - t0, timings=timings)
+                                scheduler=sched_name, steps=params.steps, guidance_scale=params.guidance_scale,
+                                seconds=time.perf_counter() - t0, timings=timings,
+                                guidance_rescale=params.guidance_rescale)
 
 
     @staticmethod
@@ -401,5 +416,5 @@ class Runtime:
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise EngineError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -1,14 +1,16 @@
-"""Step-wise denoising of independent images: each image carries its own scheduler and step index,
-and one UNet call advances any set of them by one step (iteration-level batching).
+"""The denoising step, written once: classifier-free guidance (with optional rescale) and one scheduler step
+for any set of image groups in one UNet call.
 
-The arithmetic is `engines.denoise.denoise`'s, image by image: the same initial noise
-(`initial_noise([seed])`), the same CFG layout per image (an unconditional and a conditional row
-with guidance_scale > 1, only the conditional row otherwise), the same `u + g (c - u)` and the same
-scheduler calls. The UNet takes a timestep per sample, so images at different steps, with different
-step counts, guidance scales or schedulers share one call. An image is therefore bitwise the image
-`Runtime.generate` gives for its prompt, seed and settings whenever the UNet graph's output for a
-sample does not depend on the other samples of its batch (true of onnxruntime on CPU for the graphs
-exported here; tests/engines/test_batching.py checks it).
+An `ImageState` is a group of images that share one scheduler (so one step count and sampler): a chunk of
+prompts in `Runtime.generate` (`engines.denoise.denoise` is a loop of `unet_step` over one state), or a
+single image in the server's lanes (iteration-level batching: images at different steps, with different
+step counts, guidance scales or schedulers share one call, because the UNet takes a timestep per sample).
+
+Per group the UNet sees [uncond x B; cond x B] with guidance_scale > 1 (diffusers' layout), only the B
+conditional rows otherwise; the prediction is `guide(u, c, scale, rescale)`. An image is therefore bitwise
+the same whether it is denoised alone, in a chunk of prompts or in a server lane, whenever the UNet
+graph's output for a sample does not depend on the other samples of its batch (true of onnxruntime on CPU
+for the graphs exported here; tests/engines/test_batching.py checks it).
 """
 
 from __future__ import annotations
@@ -17,38 +19,65 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .denoise import TextCondition, initial_noise
+from .conditioning import TextCondition
 from .errors import EngineError
 from .manifest import UNET_INPUTS, UNET_OUTPUTS
 from .schedulers import Scheduler
-from .sessions import Session
+from .backends import Session
+
+
+def guide(pred_uncond, pred_cond, scale: float, rescale: float = 0.0):
+    """Classifier-free guidance `u + scale (c - u)`, then, with `rescale` > 0, diffusers' `rescale_noise_cfg`:
+    the guided prediction is mixed with itself rescaled to the conditional prediction's per-sample std
+    (unbiased, as torch's `std`). Works on numpy arrays and torch tensors alike ([B, ...], any rank)."""
+    pred = pred_uncond + float(scale) * (pred_cond - pred_uncond)
+    if rescale > 0:
+        shape = (pred.shape[0],) + (1,) * (pred.ndim - 1)
+        ratio = (_std(pred_cond) / _std(pred)).reshape(shape)
+        pred = float(rescale) * (pred * ratio) + (1 - float(rescale)) * pred
+    return pred
+
+
+def _std(x):
+    """Per-sample unbiased standard deviation [B] (numpy or torch)."""
+    flat = x.reshape(x.shape[0], -1)
+    d = flat - flat.mean(1)[:, None]
+    return ((d * d).sum(1) / (flat.shape[1] - 1)) ** 0.5
 
 
 class ImageState:
-    """The denoising state of one image.
+    """The denoising state of B images sharing one scheduler.
 
     Args:
-        seed: the image's seed (noise from `np.random.default_rng(seed)`).
-        shape: (C, H, W) of the UNet sample.
-        cond: TextCondition (or context [1, L, E]) of the prompt; uncond: the unconditional one.
-        scheduler: a fresh scheduler owned by this image.
-        steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance).
+        noise: [B, C, H, W] unscaled initial noise (`engines.denoise.initial_noise`).
+        cond: TextCondition (or context [B, L, E]) of the images' prompts; uncond: the unconditional one
+            (one row, repeated for the B images).
+        scheduler: a fresh scheduler owned by this state.
+        steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance); guidance_rescale: see
+            `guide`.
     """
 
-    def __init__(self, seed: int, shape: tuple[int, int, int], cond, uncond,
-                 scheduler: Scheduler, steps: int, guidance_scale: float):
+    def __init__(self, noise: np.ndarray, cond, uncond, scheduler: Scheduler, steps: int,
+                 guidance_scale: float, guidance_rescale: float = 0.0):
         scheduler.set_timesteps(steps)
         self.scheduler = scheduler
         self.guidance_scale = float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
         self.cfg = self.guidance_scale > 1.0
-        self.latents = (initial_noise([seed], shape) * scheduler.init_noise_sigma).astype(np.float32)
+        self.latents = (noise * scheduler.init_noise_sigma).astype(np.float32)
+        self.size = int(self.latents.shape[0])
         cond, uncond = TextCondition.of(cond), TextCondition.of(uncond)
-        self.condition = TextCondition.concat([uncond, cond] if self.cfg else [cond])
+        if len(cond) != self.size:
+            raise EngineError(f"{len(cond)} text conditions for {self.size} images")
+        self.condition = TextCondition.concat([uncond.repeat(self.size), cond] if self.cfg else [cond])
+        self.feeds = self.condition.feeds()  # our own arrays (concat copies), never the caller's
+        for v in self.feeds.values():
+            v.setflags(write=False)  # the same every step: a GPU session may keep them on the device
         self.index = 0  # steps done
 
     @property
     def total(self) -> int:
-        """UNet calls this image needs."""
+        """UNet calls this state needs."""
         return len(self.scheduler.timesteps)
 
     @property
@@ -61,18 +90,18 @@ class ImageState:
 
     @property
     def rows(self) -> int:
-        """Samples this image adds to a UNet batch (2 with CFG)."""
-        return 2 if self.cfg else 1
+        """Samples this state adds to a UNet batch (2B with CFG)."""
+        return 2 * self.size if self.cfg else self.size
 
 
 def unet_step(unet: Session, states: Sequence[ImageState]) -> None:
     """Advance every (unfinished) state by one denoising step with one UNet call, in place.
 
-    Raises EngineError if a state is already finished. A finished image whose latents are not finite
+    Raises EngineError if a state is already finished. A finished state whose latents are not finite
     is the caller's to refuse (`ImageState.finite`, the check `denoise` makes)."""
     if not states:
         return
-    samples, timesteps, conditions = [], [], []
+    samples, timesteps = [], []
     for s in states:
         if s.done:
             raise EngineError("unet_step: an image that finished its steps was stepped again")
@@ -81,15 +110,17 @@ def unet_step(unet: Session, states: Sequence[ImageState]) -> None:
         x = s.scheduler.scale_model_input(x, t)
         samples.append(x)
         timesteps.append(np.full((x.shape[0],), t, dtype=np.float32))
-        conditions.append(s.condition)
-    out = unet.run({UNET_INPUTS[0]: np.concatenate(samples), UNET_INPUTS[1]: np.concatenate(timesteps),
-                    **TextCondition.concat(conditions).feeds()})[UNET_OUTPUTS[0]]
+    if len(states) == 1:
+        feeds, sample, timestep = states[0].feeds, samples[0], timesteps[0]
+    else:
+        feeds = TextCondition.concat([s.condition for s in states]).feeds()
+        sample, timestep = np.concatenate(samples), np.concatenate(timesteps)
+    out = unet.run({UNET_INPUTS[0]: sample, UNET_INPUTS[1]: timestep, **feeds})[UNET_OUTPUTS[0]]
     row = 0
     for s in states:
         pred = out[row:row + s.rows]
         row += s.rows
         if s.cfg:
-            pred_uncond, pred_cond = pred[:1], pred[1:]
-            pred = pred_uncond + np.float32(s.guidance_scale) * (pred_cond - pred_uncond)
+            pred = guide(pred[:s.size], pred[s.size:], s.guidance_scale, s.guidance_rescale)
         s.latents = s.scheduler.step(pred, s.scheduler.timesteps[s.index], s.latents)
         s.index += 1

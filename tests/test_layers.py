@@ -3,7 +3,11 @@
 Every import statement of every module is read with `ast` (module level, inside functions, inside
 `if TYPE_CHECKING:` alike) and resolved to a file of this repository. The test fails on
 - an upward import (a package importing one above it; `engines` importing any package of ours),
-- a cycle between files (two or more modules that import each other, directly or around a loop).
+- a cycle between files (two or more modules that import each other, directly or around a loop),
+- a module touching another module's private names: `from ours import _x`, or `obj._x` where `_x` is not
+  defined in the module itself (as a function, class, assignment or `self._x = ...`; an object's own
+  `self._x`, inherited ones included, is its business); a few private names of
+  other libraries that we use knowingly are listed in THIRD_PARTY_PRIVATE with their reason.
 Run as a script to print the report: `python tests/test_layers.py`.
 """
 
@@ -142,17 +146,80 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+THIRD_PARTY_PRIVATE = {
+    "_parameters": "torch.nn.Module's parameter dict: materialisation swaps tensors in place",
+    "_buffers": "torch.nn.Module's buffer dict: materialisation swaps tensors in place",
+    "_get_all_tensors": "onnx.external_data_helper: streaming a > 2 GB graph's external data",
+    "_actions": "argparse: `aptp eval` lists its own parser's options",
+    "_run": "argparse Namespace attribute set by aptp/cli.py's own set_defaults",
+}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    """Names a module defines: functions, classes, assigned names and attributes (self._x = ...), arguments."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def private_access() -> list[str]:
+    """'file:line: what' for every touch of another module's private name (see the module doc)."""
+    mods = module_files()
+    found = []
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        own = _defined_names(tree)
+        where = f"{path.relative_to(ROOT)}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                found += [f"{where}:{node.lineno}: imports {a.name}" for a in node.names if _private(a.name)]
+            elif (isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own
+                  and node.attr not in THIRD_PARTY_PRIVATE
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def report() -> str:
     upward, cycles, edges = analyse()
+    private = private_access()
     lines = [f"{len(module_files())} modules, {edges} imports of our own modules read",
              f"upward imports: {len(upward)}", *[f"  {u}" for u in upward],
-             f"file cycles: {len(cycles)}", *[f"  {' <-> '.join(c)}" for c in cycles]]
+             f"file cycles: {len(cycles)}", *[f"  {' <-> '.join(c)}" for c in cycles],
+             f"private names of other modules touched: {len(private)}", *[f"  {p}" for p in private]]
     return "\n".join(lines)
 
 
 def test_no_upward_imports_and_no_file_cycles():
     upward, cycles, _ = analyse()
     assert not upward and not cycles, "\n" + report()
+
+
+def test_no_module_touches_another_modules_private_names():
+    assert not private_access(), "\n" + report()
+
+
+def test_private_checker_catches_cross_module_access(tmp_path, monkeypatch):
+    for pkg in LAYERS:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "engines" / "a.py").write_text("class A:\n    def _own(self):\n        return self._x\n"
+                                               "    def __init__(self):\n        self._x = 1\n")
+    (tmp_path / "engines" / "b.py").write_text("from .a import A, _helper\n\ndef f(rt):\n    return rt._own()\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert private_access() == ["engines/b.py:1: imports _helper", "engines/b.py:4: rt._own"]
 
 
 def test_checker_sees_nested_and_relative_imports(tmp_path, monkeypatch):

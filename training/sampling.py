@@ -5,7 +5,8 @@ Initial noise, exactly reproducible without torch: prompt i of a call with `seed
 multiplied by `scheduler.init_noise_sigma` (1.0 for DDIM). The runtime in engines/ draws the same noise.
 
 Classifier-free guidance runs the unconditional ("") and conditional contexts in one batch
-[uncond_0..uncond_{B-1}, cond_0..cond_{B-1}], eps = eps_u + guidance_scale * (eps_c - eps_u).
+[uncond_0..uncond_{B-1}, cond_0..cond_{B-1}], eps = eps_u + guidance_scale * (eps_c - eps_u) (the runtime's
+`engines.stepping.guide`, one implementation for numpy and torch).
 Output: pixel space, x in [-1, 1] -> clamp((x + 1) / 2, 0, 1) -> round(255 *) as uint8 [B, H, W, 3].
 """
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from tqdm import tqdm
+
+from engines.stepping import guide
 
 
 def initial_noise(seed: int, n: int, channels: int = 3, height: int = 32, width: int = 32) -> np.ndarray:
@@ -43,13 +46,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def sample(unet, captions: list[str], *, text_encoder, scheduler, steps: int = 25, guidance_scale: float = 7.5,
            seed: int = 0, height: int = 32, width: int = 32, batch_size: int | None = None,
-           progress: bool = False) -> np.ndarray:
+           progress: bool = False, guidance_rescale: float = 0.0) -> np.ndarray:
     """Generate one image per caption. Returns uint8 [B, height, width, 3].
 
     unet: any module called as unet(x [2B, C, H, W], t, encoder_hidden_states=[2B, L, D]).sample
     (dense, gated inside `space.gated(...)`, or a materialised expert). text_encoder: a
     training.text.TextEncoder. scheduler: a diffusers scheduler (DDIM recommended; it is reconfigured by
     set_timesteps). batch_size: prompts per UNet call (None = all at once); results do not depend on it.
+    The guidance step is the runtime's (`engines.stepping.guide`, with optional `guidance_rescale`).
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of str")
@@ -74,8 +78,7 @@ def sample(unet, captions: list[str], *, text_encoder, scheduler, steps: int = 2
         for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
             inp = scheduler.scale_model_input(torch.cat([x, x]), t)
             eps = unet(inp.to(dtype), t, encoder_hidden_states=ctx).sample.float()
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            eps = guide(*eps.chunk(2), guidance_scale, guidance_rescale)
             x = scheduler.step(eps, t, x).prev_sample
         out.append(to_uint8(x))
     return np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engines.doctor import collect, format_report
+from engines.backends.doctor import collect, format_report
 from engines.errors import UserError
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import fields
 
 from engines.errors import UserError
-from engines.serve_config import POLICIES, ServeConfig
-from engines.server import serve  # a clear one-line error names the serving extra when it is missing
-from engines.sessions import PROVIDERS
+from engines.serving.config import POLICIES, ServeConfig
+from engines.serving.http import serve  # a clear one-line error names the serving extra when it is missing
+from engines.backends import PROVIDERS
 
 _DEFAULTS = ServeConfig()
 # flag -> help; the type and the default come from ServeConfig
@@ -83,7 +83,7 @@ def run(args) -> int:
     if not config.engines:
         raise UserError("give --export DIR (or APTP_SERVE_ENGINES)")
     if getattr(args, "ray", False):
-        from engines.ray_serve import RayOptions, serve_on_ray  # names the ray extra when Ray is missing
+        from engines.serving.ray import RayOptions, serve_on_ray  # names the ray extra when Ray is missing
 
         options = {name: getattr(args, f"ray_{name}") for name, _, _ in _RAY_FLAGS
                    if getattr(args, f"ray_{name}", None) is not None}

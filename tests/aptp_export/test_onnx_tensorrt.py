@@ -54,8 +54,8 @@ def test_engine_matches_onnxruntime(tmp_path, precision, tol):
     ONNX graph and compare the TensorRT session with onnxruntime fp32 on shapes inside the profile; a
     shape outside it is refused with a clear error. fp32 plans have TF32 off, hence the tight tolerance."""
     from engines import BackendError
-    from engines.sessions import OrtSession
-    from engines.tensorrt_session import TensorRTSession
+    from engines.backends.ort import OrtSession
+    from engines.backends.tensorrt import TensorRTSession
 
     unet = tiny_unet((8, 16), 3, 16, seed=4)
     spec = unet_spec(3, (16, 16), 16, 32, batch=(1, 2, 8), size_multiple=2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.cuda_device import device_info
+from engines.backends.cuda import device_info
 from engines.errors import BackendError
 
 ROOT = Path(__file__).resolve().parents[2]

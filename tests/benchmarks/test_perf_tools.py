@@ -68,13 +68,13 @@ def test_summary_rows_flags_latency_against_macs_and_speedup():
 
 
 def test_paired_estimators_cancel_a_slowdown_shared_by_a_round():
-    from benchmarks.unet_latency import _paired
+    from benchmarks.unet_latency import paired_timings
 
     rng = np.random.default_rng(0)
     load = 1.0 + 2.0 * rng.random(9)  # the machine's slowdown per round, shared by both models
     calls = {"dense": [(99.0, 9.0)] + [(1.0 * f, 1.0) for f in load],  # one warm-up call, then 9 rounds
              "e": [(99.0, 9.0)] + [(0.4 * f, 0.4 + 0.01 * i) for i, f in enumerate(load)]}
-    p = _paired(calls, warmup=1)
+    p = paired_timings(calls, warmup=1)
     assert p["e"]["latency_fraction_paired"] == pytest.approx(0.4)
     assert p["e"]["latency_fraction_min"] == pytest.approx(0.4)
     assert p["e"]["cpu_fraction"] == pytest.approx(0.44)

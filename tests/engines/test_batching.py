@@ -1,4 +1,4 @@
-"""engines.batching.Batcher on the tiny export: both policies give Runtime.generate's images bitwise,
+"""engines.serving.batching.Batcher on the tiny export: both policies give Runtime.generate's images bitwise,
 also with mixed settings in one batch; admission is bounded; deadlines, cancellation and draining
 free images at step boundaries."""
 
@@ -12,15 +12,16 @@ import pytest
 from engines_export_fixture import ANCHORS, build_export
 
 from engines import Runtime
-from engines import batching as batching_mod
-from engines.batching import Batcher, BatchObserver
+from engines.serving import batching as batching_mod
+from engines.serving.batching import Batcher, BatchObserver
 from engines.errors import (
     DeadlineExceededError,
     EngineError,
+    ParamError,
     RequestCancelledError,
     UnavailableError,
 )
-from engines.serve_config import ServeConfig
+from engines.serving.config import ServeConfig
 from engines.stepping import ImageState, unet_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,19 +78,21 @@ class Recorder(BatchObserver):
 def test_policies_give_runtime_images_bitwise(rt, policy):
     ref = {}
     for p in PROMPTS:
-        for s, im in zip((5, 6), rt.generate([p, p], steps=5, seed=5), strict=True):
-            ref[(p, s)] = im
+        for rescale in (0.0, 0.7):  # guidance_rescale (diffusers' rescale_noise_cfg) on half of the requests
+            for s, im in zip((5, 6), rt.generate([p, p], steps=5, seed=5, guidance_rescale=rescale), strict=True):
+                ref[(p, s, rescale)] = im
+    assert not _same(ref[(PROMPTS[0], 5, 0.0)], ref[(PROMPTS[0], 5, 0.7)])  # the rescale changes the image
     with Batcher(rt, ServeConfig(batching=policy, workers=2, max_batch=3)) as b:
         b.warm_up()
         tickets = []
         for i, p in enumerate(PROMPTS * 2):  # staggered: requests join running batches (step policy)
-            tickets.append(b.submit(p, n=2, seed=5, steps=5))
+            tickets.append((b.submit(p, n=2, seed=5, steps=5, guidance_rescale=0.7 * (i % 2)), 0.7 * (i % 2)))
             time.sleep(0.005 * i)
-        for t in tickets:
+        for t, rescale in tickets:
             results = t.result(60)
             assert [r.seed for r in results] == [5, 6]
             assert [r.expert for r in results] == [rt.route([t.prompt])[0]] * 2
-            assert all(_same(r.image, ref[(t.prompt, r.seed)]) for r in results)
+            assert all(_same(r.image, ref[(t.prompt, r.seed, rescale)]) for r in results)
 
 
 def test_mixed_settings_share_a_step_batch(rt):
@@ -137,10 +140,12 @@ def test_queue_is_bounded_overall_and_per_expert(rt):
 
 def test_bad_arguments_name_the_field(rt):
     b = Batcher(rt, ServeConfig(max_n=4, max_steps=10, default_steps=5))
-    for kwargs, word in [(dict(n=5), "n:"), (dict(steps=11), "steps:"), (dict(guidance_scale=float("nan")), "guidance"),
-                         (dict(scheduler="nope"), "scheduler"), (dict(expert=7), "expert"), (dict(seed=-1), "seed")]:
-        with pytest.raises(EngineError, match=word):
+    for kwargs, param in [(dict(n=5), "n"), (dict(steps=11), "steps"), (dict(guidance_scale=float("nan")), "guidance_scale"),
+                          (dict(guidance_rescale=1.5), "guidance_rescale"), (dict(scheduler="nope"), "scheduler"),
+                          (dict(expert=7), "model"), (dict(seed=-1), "seed")]:
+        with pytest.raises(ParamError, match="expert" if param == "model" else param.split("_")[0]) as e:
             b.submit(ANCHORS[0], **kwargs)
+        assert e.value.param == param
     with pytest.raises(EngineError, match="prompt"):
         b.submit("   ")
 
@@ -209,11 +214,12 @@ def test_stepping_matches_denoise_for_latent_exports():
 
 def test_unet_step_refuses_a_finished_image(rt):
     m = rt.manifest
+    from engines.denoise import initial_noise
     from engines.schedulers import make_scheduler
 
-    s = ImageState(0, (m.in_channels, *m.sample_size), rt.encode_text(["x"]), rt._uncond_context(),
+    s = ImageState(initial_noise([0], (m.in_channels, *m.sample_size)), rt.encode_text(["x"]), rt.uncond(),
                    make_scheduler("ddim", m.scheduler.config), 1, 7.5)
-    unet_step(rt._expert_session(0), [s])
+    unet_step(rt.unet(0), [s])
     assert s.done and s.finite()
     with pytest.raises(EngineError, match="finished"):
-        unet_step(rt._expert_session(0), [s])
+        unet_step(rt.unet(0), [s])

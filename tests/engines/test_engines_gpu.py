@@ -9,7 +9,7 @@ import pytest
 from engines_export_fixture import ANCHORS, build_export
 
 from engines import Runtime
-from engines.sessions import CUDA_EP, cuda_unavailable_reason
+from engines.backends.ort import CUDA_EP, cuda_unavailable_reason
 
 try:
     from aptp_export.tensorrt_build import tensorrt_available
@@ -42,7 +42,7 @@ def test_cuda_provider_really_runs_on_cuda():
 @pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs tensorrt, cuda-python and onnxruntime-gpu on a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_provider_end_to_end(precision):
-    from engines.cuda_device import plan_environment
+    from engines.backends.cuda import plan_environment
 
     ex = build_export("pixel", precision=precision, backend="tensorrt")
     assert ex.manifest.tensorrt is not None and not ex.manifest.tensorrt.tf32
@@ -76,8 +76,8 @@ def test_tensorrt_plan_of_an_sdxl_class_unet(tmp_path):
     from aptp_export.tensorrt_build import build_engine
     from aptp_export.unet_configs import added_cond_dims
     from engines.manifest import UNET_ADDED_INPUTS, UNET_INPUTS
-    from engines.sessions import open_session
-    from engines.tensorrt_session import TensorRTSession
+    from engines.backends import open_session
+    from engines.backends.tensorrt import TensorRTSession
 
     unet = make_unet(SDXL_LIKE, seed=4)
     spec = unet_spec(4, (16, 16), 7, SDXL_LIKE["cross_attention_dim"], batch=(1, 2, 4), size_multiple=4,

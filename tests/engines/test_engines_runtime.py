@@ -155,7 +155,7 @@ def test_bad_arguments_fail_before_any_work(pixel):
     rt = Runtime.load(pixel.dir)
     for kwargs, match in [({"steps": 0}, "steps"), ({"guidance_scale": math.nan}, "guidance_scale"),
                           ({"batch_size": 0}, "batch_size"), ({"scheduler": "lms"}, "unknown scheduler"),
-                          ({"seed": [1, 2]}, "2 seeds given for 1 prompts"), ({"seed": -1}, "seed"),
+                          ({"seed": [1, 2]}, "2 seeds given, 1 needed"), ({"seed": -1}, "seed"),
                           ({"seed": 1.5}, "seed")]:
         with pytest.raises(EngineError, match=match):
             rt.generate(["a red circle"], **kwargs)

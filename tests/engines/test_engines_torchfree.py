@@ -92,8 +92,8 @@ def test_route_and_generate_verbs_without_torch(pixel, tmp_path):
 SERVER_SCRIPT = BLOCKER + textwrap.dedent("""
     from starlette.testclient import TestClient
     from engines import Runtime
-    from engines.batching import Batcher
-    from engines.serve_config import ServeConfig
+    from engines.serving.batching import Batcher
+    from engines.serving.config import ServeConfig
     from engines.server import create_app
     cfg = ServeConfig(default_steps=2)
     batcher = Batcher(Runtime.load(sys.argv[2]), cfg)

@@ -15,12 +15,13 @@ import pytest
 from engines_export_fixture import ANCHORS, copy_export
 
 import engines.runtime as runtime_mod
-import engines.sessions as sessions
+import engines.backends as backends
+import engines.backends.ort as sessions
 from engines import BackendError, ManifestError, Runtime
-from engines.cuda_device import plan_mismatch
+from engines.backends.cuda import plan_mismatch
 from engines.denoise import DEFAULT_BATCH_SIZE, unet_batch
 from engines.manifest import FORMAT_VERSION, Manifest, TensorRTInfo
-from engines.sessions import CUDA_EP, OrtSession, probe_model_bytes
+from engines.backends.ort import CUDA_EP, OrtSession, probe_model_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +86,7 @@ def test_cuda_session_reporting_only_cpu_is_refused(pixel, monkeypatch):
     with pytest.raises(BackendError, match="runs on CPUExecutionProvider"):
         monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, "CPUExecutionProvider"])
         monkeypatch.setattr(sessions, "_installed", lambda d: "1.0" if d == "onnxruntime-gpu" else None)
-        sessions.check_provider("cuda")
+        backends.check_provider("cuda")
 
 
 def test_both_onnxruntime_flavours_installed_is_named(monkeypatch):
@@ -190,7 +191,7 @@ def test_generate_chunks_to_the_profile_maximum(pixel, guidance, per_call):
     prompts = [ANCHORS[0]] * 5
     ref = Runtime.load(pixel.dir).generate(prompts, steps=2, guidance_scale=guidance, expert=0, batch_size=8)
     rt = Runtime.load(pixel.dir)
-    limited = ProfileLimited(rt._expert_session(0), max_batch=4)
+    limited = ProfileLimited(rt.unet(0), max_batch=4)
     rt._sessions["expert:0"] = limited
     images = rt.generate(prompts, steps=2, guidance_scale=guidance, expert=0, batch_size=8)
     assert max(limited.batches) == unet_batch(per_call, guidance) <= 4
@@ -239,7 +240,7 @@ def test_builder_type_error_becomes_backend_error(monkeypatch, tmp_path):
 
 
 def test_runtime_type_error_becomes_backend_error(monkeypatch, tmp_path):
-    import engines.tensorrt_session as ts
+    import engines.backends.tensorrt as ts
 
     trt = _fake_tensorrt(monkeypatch)
     monkeypatch.setattr(ts, "import_tensorrt", lambda: trt)
@@ -270,7 +271,7 @@ def test_refused_timing_cache_is_replaced():
 # -- aptp doctor --------------------------------------------------------------------------------------------
 def test_doctor_reports_versions_providers_and_export(pixel, capsys):
     from aptp.cli import main
-    from engines.doctor import collect
+    from engines.backends.doctor import collect
 
     report = collect(pixel.dir)
     assert report["versions"]["onnxruntime"].startswith("onnxruntime")
@@ -283,7 +284,7 @@ def test_doctor_reports_versions_providers_and_export(pixel, capsys):
 
 
 def test_doctor_says_when_plans_do_not_match(pixel, tmp_path, monkeypatch):
-    import engines.doctor as doctor
+    import engines.backends.doctor as doctor
 
     d = copy_export(pixel, tmp_path / "p")
     (d / "manifest.json").write_text(json.dumps(_with_plans(pixel)))

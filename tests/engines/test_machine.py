@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engines.doctor import collect, format_report
+from engines.backends.doctor import collect, format_report
 from engines.machine import cpu_info
 
 XEON = """processor\t: 0

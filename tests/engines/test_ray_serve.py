@@ -1,4 +1,4 @@
-"""`aptp serve` on Ray Serve (engines/ray_serve.py): a real local Ray instance (2 CPUs, no dashboard,
+"""`aptp serve` on Ray Serve (engines/serving/ray.py): a real local Ray instance (2 CPUs, no dashboard,
 127.0.0.1), the tiny 2-expert export deployed as an ingress + one deployment per expert, concurrent
 requests through Ray's HTTP proxy get Runtime.generate's images bitwise; overfilling an expert's Ray
 queue answers 503 + Retry-After (no hang, no 500). Skipped when Ray is not installed."""
@@ -19,10 +19,10 @@ from serve_testkit import free_port
 
 from engines import Runtime
 from engines.errors import EngineError
-from engines.serve_config import ServeConfig
+from engines.serving.config import ServeConfig
 
 pytest.importorskip("ray.serve")
-ray_serve = pytest.importorskip("engines.ray_serve")
+ray_serve = pytest.importorskip("engines.serving.ray")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

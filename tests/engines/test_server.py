@@ -18,10 +18,10 @@ from serve_testkit import running_server
 from starlette.testclient import TestClient
 
 from engines import Runtime
-from engines import batching as batching_mod
-from engines.batching import Batcher
-from engines.serve_config import ServeConfig
-from engines.server import create_app
+from engines.serving import batching as batching_mod
+from engines.serving.batching import Batcher
+from engines.serving.config import ServeConfig
+from engines.serving.http import create_app
 from engines.stepping import unet_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +54,11 @@ def test_openai_client_gets_runtime_images(pixel, rt, policy):
                                         extra_body={"seed": 1})
         assert forced.data[0].expert == 0
         assert np.array_equal(_png(forced.data[0].b64_json), np.asarray(rt.generate(prompt, steps=4, seed=1, expert=0)[0]))
+        rescaled = client.images.generate(model="aptp", prompt=prompt, response_format="b64_json",
+                                          extra_body={"seed": 1, "guidance_rescale": 0.7})
+        ref_rescaled = np.asarray(rt.generate(prompt, steps=4, seed=1, guidance_rescale=0.7)[0])
+        assert np.array_equal(_png(rescaled.data[0].b64_json), ref_rescaled)
+        assert not np.array_equal(ref_rescaled, ref[0])  # the request field reached the step function
         assert not any("torch" in line.get("event", "") for line in server.log_lines())
 
 
@@ -104,6 +109,9 @@ def test_bad_requests_answer_400_naming_the_field(app_client):
     _error(post({"prompt": "x", "model": "aptp:dense"}), 400, "model")  # exported without the dense model
     _error(post({"prompt": "x", "scheduler": "lms"}), 400, "scheduler")
     _error(post({"prompt": "x", "guidance_scale": "high"}), 400, "guidance_scale")
+    _error(post({"prompt": "x", "guidance_scale": 101}), 400, "guidance_scale")
+    _error(post({"prompt": "x", "guidance_rescale": 1.5}), 400, "guidance_rescale")
+    _error(post({"prompt": "x", "guidance_rescale": "yes"}), 400, "guidance_rescale")
     _error(post({"prompt": "x", "seed": -1}), 400, "seed")
     _error(post({"prompt": "x", "colour": "red"}), 400, "colour")
     _error(post({"prompt": "x", "stream": True}), 400, "stream")

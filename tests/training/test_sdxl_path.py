@@ -106,7 +106,7 @@ def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
     np.testing.assert_allclose(cond.context, ref.context.numpy(), atol=1e-4)
     np.testing.assert_allclose(cond.added["text_embeds"], ref.text_embeds.numpy(), atol=1e-4)
     np.testing.assert_array_equal(cond.added["time_ids"], ref.time_ids.numpy())
-    uncond = rt._uncond_context()
+    uncond = rt.uncond()
     assert not uncond.context.any() and not uncond.added["text_embeds"].any()
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(cfg.model.path), local_files_only=True,
@@ -132,8 +132,8 @@ def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
 def test_sdxl_export_serves_bitwise_through_the_step_batcher(sdxl_run):
     """The server's step-level batching carries text_embeds and time_ids too: its images are Runtime.generate's."""
     from engines import Runtime
-    from engines.batching import Batcher
-    from engines.serve_config import ServeConfig
+    from engines.serving.batching import Batcher
+    from engines.serving.config import ServeConfig
 
     out = sdxl_run[2]
     rt = Runtime.load(out, threads=1)

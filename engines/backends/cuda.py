@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from .errors import BackendError
+from ..errors import BackendError
 
 TENSORRT_EXTRA = 'pip install "aptp[tensorrt]" (tensorrt and cuda-python; needs an NVIDIA GPU)'
 

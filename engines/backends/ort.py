@@ -1,18 +1,13 @@
-"""Inference sessions: one small interface over onnxruntime and TensorRT.
-
-A session has `input_names`, `output_names` and `run(feeds) -> {name: array}`; inputs are given
-and outputs returned as float32 / int64 numpy arrays whatever the graph's internal precision, so
-the denoising loop never sees the backend. Providers:
+"""onnxruntime behind the `Session` interface (engines.backends): the "cpu" and "cuda" providers.
 
 - "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `aptp[cpu]`);
-- "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `aptp[gpu]`);
-- "tensorrt": TensorRT plans (`engines.tensorrt_session`, extra `aptp[tensorrt]`) for the UNets; the
-  graphs without a plan (router, text encoder, VAE decoder) run on onnxruntime's CUDA provider when
-  it works here, else on its CPU provider, which `Runtime.part_providers` records and a warning says.
+- "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `aptp[gpu]`); the graphs
+  without a TensorRT plan (router, text encoder, VAE decoder) of a "tensorrt" runtime run here too.
 
 Nothing runs on another device than the one asked for without a word: a "cuda" session whose
 onnxruntime silently fell back to the CPU (CUDA/cuDNN libraries not found, no GPU) is refused, and
-`check_provider` finds that before any file is read by running a one-node graph (`probe_provider`).
+`engines.backends.check_provider` finds that before any file is read by running a one-node graph
+(`probe_provider`).
 """
 
 from __future__ import annotations
@@ -20,15 +15,10 @@ from __future__ import annotations
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from .cuda_device import device_info, import_cudart, import_tensorrt
-from .errors import BackendError
-from .tensorrt_session import TensorRTSession
-
-PROVIDERS = ("cpu", "cuda", "tensorrt")
+from ..errors import BackendError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -39,18 +29,7 @@ _ORT_TYPES = {
 }
 
 
-class Session(Protocol):
-    """What the runtime needs from a backend. `max_batch`: the largest first dimension the session
-    accepts (a TensorRT plan's profile maximum), None when unbounded."""
-
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    max_batch: int | None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-def _import_ort():
+def import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -131,7 +110,7 @@ def probe_provider(provider: str) -> list[str]:
     """Open a one-node session with onnxruntime `provider` ("cpu" | "cuda") and return the execution
     providers the session really got (`get_providers()`): onnxruntime falls back to the CPU with only
     a log line when the CUDA provider cannot start (no GPU, CUDA or cuDNN libraries not found)."""
-    ort = _import_ort()
+    ort = import_ort()
     if provider == "cuda":
         _preload_cuda_libraries(ort)
     options = ort.SessionOptions()
@@ -145,7 +124,7 @@ def probe_provider(provider: str) -> list[str]:
 
 def cuda_unavailable_reason() -> str | None:
     """None if onnxruntime can run graphs on CUDA here, else one line saying why and what to install."""
-    ort = _import_ort()
+    ort = import_ort()
     flavour = ort_flavour()
     if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
         return (f"onnxruntime and onnxruntime-gpu are both installed ({flavour}); they share the `onnxruntime` "
@@ -166,25 +145,6 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def check_provider(provider: str) -> None:
-    """Raise BackendError early (before any file is opened) if `provider` cannot work here.
-
-    "cuda" is checked by running a one-node graph on it: a session that would silently fall back to the
-    CPU is refused. "tensorrt" needs tensorrt, cuda-python and a visible GPU (engines.cuda_device)."""
-    if provider not in PROVIDERS:
-        raise BackendError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
-    if provider == "cpu":
-        _import_ort()
-    elif provider == "cuda":
-        reason = cuda_unavailable_reason()
-        if reason is not None:
-            raise BackendError(f'provider "cuda" cannot run here: {reason}')
-    else:
-        import_tensorrt()
-        import_cudart()
-        device_info()  # BackendError naming the cause when no GPU is usable
-
-
 class OrtSession:
     """An onnxruntime InferenceSession behind the `Session` interface.
 
@@ -201,7 +161,7 @@ class OrtSession:
     def __init__(self, path: str | os.PathLike, provider: str = "cpu",
                  expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
                  threads: int = 0):
-        ort = _import_ort()
+        ort = import_ort()
         self.path = Path(path)
         self.provider = provider
         options = ort.SessionOptions()
@@ -234,7 +194,7 @@ class OrtSession:
     def resident_runner(self, feeds: dict[str, np.ndarray]):
         """A callable running the graph on `feeds` copied once to the session's device, outputs left there
         (onnxruntime I/O binding): the graph without host copies, for timing. Returns None when called."""
-        ort = _import_ort()
+        ort = import_ort()
         device = "cuda" if self.provider == "cuda" else "cpu"
         binding = self._sess.io_binding()
         values = []
@@ -264,16 +224,3 @@ class OrtSession:
             name: (o.astype(np.float32) if o.dtype in (np.float16, np.float64) else o)
             for name, o in zip(self.output_names, outs, strict=True)
         }
-
-
-def open_session(path: str | os.PathLike, provider: str, kind: str = "onnx",
-                 expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
-                 threads: int = 0, ort_provider: str | None = None, device_memory=None) -> Session:
-    """Open `path` with the backend for file `kind` ("onnx" | "tensorrt"): a TensorRT plan, or an ONNX graph
-    on onnxruntime's `ort_provider` ("cpu" | "cuda"; default: `provider`, which must then be "cpu" or
-    "cuda"). `threads` = onnxruntime intra-op threads (0 = its default, one per core); `device_memory`:
-    the TensorRT activation memory shared by the plans of one runtime (engines.tensorrt_session)."""
-    if kind == "tensorrt":
-        return TensorRTSession(path, expected_inputs=expected_inputs, expected_outputs=expected_outputs,
-                               device_memory=device_memory)
-    return OrtSession(path, ort_provider or provider, expected_inputs, expected_outputs, threads=threads)

@@ -11,8 +11,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from .errors import EngineError
-from .sessions import PROVIDERS
+from ..errors import EngineError
+from ..backends import PROVIDERS
 
 POLICIES = ("request", "step")
 ENV_PREFIX = "APTP_SERVE_"

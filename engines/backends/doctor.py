@@ -19,11 +19,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .cuda_device import device_info, distribution_version, plan_environment, plan_mismatch, tensorrt_version
-from .errors import EngineError
-from .machine import cpu_info
-from .manifest import read_manifest
-from .sessions import CUDA_EP, _import_ort, cuda_unavailable_reason, ort_flavour, probe_provider
+from .cuda import device_info, distribution_version, plan_environment, plan_mismatch, tensorrt_version
+from ..errors import EngineError
+from ..machine import cpu_info
+from ..manifest import read_manifest
+from .ort import CUDA_EP, import_ort, cuda_unavailable_reason, ort_flavour, probe_provider
 
 _ORT_NAMES = {"CPUExecutionProvider": "cpu", CUDA_EP: "cuda"}
 
@@ -60,7 +60,7 @@ def _cpu() -> dict:
 
 def _onnxruntime() -> dict:
     try:
-        ort = _import_ort()
+        ort = import_ort()
     except EngineError as e:
         return {"error": _one_line(e)}
     available = list(ort.get_available_providers())

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_device import cuda_check, import_cudart, import_tensorrt, native_handle
-from .errors import BackendError
+from .cuda import cuda_check, import_cudart, import_tensorrt, native_handle
+from ..errors import BackendError
 
 
 class DeviceMemoryPool:

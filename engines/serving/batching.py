@@ -53,21 +53,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .denoise import TextCondition, resolve_seeds
-from .errors import (
+from ..conditioning import TextCondition
+from ..denoise import initial_noise
+from ..errors import (
     DeadlineExceededError,
     EngineError,
+    ParamError,
     PromptError,
     RequestCancelledError,
     UnavailableError,
 )
-from .images import decode, to_pil
-from .manifest import VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS
-from .runtime import Runtime
-from .schedulers import make_scheduler, scheduler_name
-from .serve_config import ServeConfig
-from .stepping import ImageState, unet_step
-from .tokenization import clean_prompts
+from ..request import GenerationParams, is_int
+from ..runtime import Runtime
+from ..schedulers import make_scheduler, scheduler_name
+from .config import ServeConfig
+from ..stepping import ImageState, unet_step
+from ..tokenization import clean_prompts
 
 WARM_UP_PROMPT = "warm up"
 
@@ -233,15 +234,15 @@ class Batcher:
         if context is None:
             rt.route([WARM_UP_PROMPT])
             cond = rt.condition([WARM_UP_PROMPT])
-            uncond = rt._uncond_context()
+            uncond = rt.uncond()
         else:
             cond = uncond = TextCondition.of(context)
         sched = scheduler_name(rt.manifest.scheduler.name)
+        params = GenerationParams(steps=1, guidance_scale=self.config.default_guidance_scale)
         last = None
         for e in self.experts:
-            state = ImageState(0, self._shape, cond, uncond, make_scheduler(sched, rt.manifest.scheduler.config),
-                               1, self.config.default_guidance_scale)
-            unet_step(rt._expert_session(e), [state])
+            state = self._state(0, cond, uncond, sched, params)
+            unet_step(rt.unet(e), [state])
             last = state
         img = self._decode([last])[0]
         self.image_size = img.size
@@ -297,16 +298,17 @@ class Batcher:
         return max(1, math.ceil(queued * cost / self.config.workers))
 
     # -- submission ------------------------------------------------------------------------------
-    def submit(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,
-               guidance_scale: float | None = None, scheduler: str | None = None, expert: int | str | None = None,
-               timeout_s: float | None = None, request_id: str | None = None, context=None,
-               uncond=None) -> Ticket:
+    def submit(self, prompt: str, n: int = 1, params: GenerationParams | None = None, *,
+               expert: int | str | None = None, timeout_s: float | None = None, request_id: str | None = None,
+               context=None, uncond=None, **settings) -> Ticket:
         """Validate, route (unless `expert` forces one: an id or "dense"), encode the prompt and queue
-        `n` images with seeds seed, seed+1, .... Raises EngineError subclasses for bad input (the
-        message names the argument) and UnavailableError when the queue is full or draining.
-        `context` (and `uncond`): the prompt's condition (a TextCondition, or a text context [1, text_len,
-        hidden]) and the unconditional one, computed by the caller with Runtime.condition; then `expert` is
-        required and neither the router nor the text encoder runs here."""
+        `n` images with seeds seed, seed+1, .... The sampler settings are `params` (an
+        engines.request.GenerationParams), or its fields as keyword `settings` (steps, guidance_scale,
+        guidance_rescale, seed, scheduler; steps and guidance_scale default to the serve config's). Raises
+        EngineError subclasses for bad input (ParamError.param names the field) and UnavailableError when
+        the queue is full or draining. `context` (and `uncond`): the prompt's condition (a TextCondition,
+        or a text context [1, text_len, hidden]) and the unconditional one, computed by the caller with
+        Runtime.condition; then `expert` is required and neither the router nor the text encoder runs here."""
         cfg = self.config
         if not self.accepting:
             self.observer.rejected("draining")
@@ -317,13 +319,17 @@ class Batcher:
             raise PromptError(f"prompt: {len(prompt)} characters, more than the {cfg.max_prompt_chars} accepted")
         prompts = clean_prompts([prompt])
         n = _int_arg("n", n, 1, cfg.max_n)
-        steps = _int_arg("steps", cfg.default_steps if steps is None else steps, 1, cfg.max_steps)
-        g = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)) or not np.isfinite(g):
-            raise EngineError(f"guidance_scale: expected a finite number, got {g!r}")
-        seeds = resolve_seeds(seed, n)
-        sched = scheduler_name(scheduler if scheduler is not None else self.runtime.manifest.scheduler.name)
-        make_scheduler(sched, self.runtime.manifest.scheduler.config).set_timesteps(steps)  # validates steps
+        if params is None:
+            settings = {"steps": cfg.default_steps, "guidance_scale": cfg.default_guidance_scale, **settings}
+            if isinstance(settings.get("seed"), list):
+                settings["seed"] = tuple(settings["seed"])
+            params = GenerationParams(**settings)
+        elif settings:
+            raise EngineError(f"submit: give either params or {', '.join(settings)}, not both")
+        params = params.within(cfg.max_steps)
+        seeds = params.seeds(n)
+        sched = params.scheduler_or(self.runtime.manifest.scheduler.name)
+        make_scheduler(sched, self.runtime.manifest.scheduler.config).set_timesteps(params.steps)  # validates steps
         if expert is not None:
             expert = self._check_expert(expert)
         with self._cond:
@@ -331,19 +337,17 @@ class Batcher:
         rt = self.runtime
         if context is not None:
             if expert is None:
-                raise EngineError("expert: required when the text context is given")
+                raise ParamError("expert: required when the text context is given", "model")
             e, cond = expert, TextCondition.of(context)
-            uncond = rt._uncond_context() if uncond is None else TextCondition.of(uncond)
+            uncond = rt.uncond() if uncond is None else TextCondition.of(uncond)
         else:
             e = expert if expert is not None else rt.route(prompts)[0]
-            cond = rt.condition(prompts, _clean=False)
-            uncond = rt._uncond_context()
+            cond = rt.condition(prompts, clean=False)
+            uncond = rt.uncond()
         now = time.monotonic()
         timeout = cfg.timeout_s if timeout_s is None else float(timeout_s)
         ticket = Ticket(self, request_id or uuid.uuid4().hex, prompts[0], e, seeds, now, now + timeout)
-        tasks = [_Task(ticket, i, ImageState(s, self._shape, cond, uncond,
-                                             make_scheduler(sched, rt.manifest.scheduler.config), steps, g), now)
-                 for i, s in enumerate(seeds)]
+        tasks = [_Task(ticket, i, self._state(s, cond, uncond, sched, params), now) for i, s in enumerate(seeds)]
         with self._cond:
             if not self.accepting:
                 self.observer.rejected("draining")
@@ -355,14 +359,20 @@ class Batcher:
             self._cond.notify_all()
         return ticket
 
+    def _state(self, seed: int, cond, uncond, sched: str, params: GenerationParams) -> ImageState:
+        """The denoising state of one image."""
+        m = self.runtime.manifest
+        return ImageState(initial_noise([seed], self._shape), cond, uncond, make_scheduler(sched, m.scheduler.config),
+                          params.steps, params.guidance_scale, params.guidance_rescale)
+
     def _check_expert(self, expert):
         if expert == "dense":
             if "dense" not in self.experts:
-                raise EngineError("model: this export has no dense model (export with --with-dense)")
+                raise ParamError("model: this export has no dense model (export with --with-dense)", "model")
             return "dense"
-        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or int(expert) not in self.experts:
+        if not is_int(expert) or int(expert) not in self.experts:
             ids = [e for e in self.experts if e != "dense"]
-            raise EngineError(f"expert: {expert!r} is not an expert of this export (ids {ids[0]}..{ids[-1]})")
+            raise ParamError(f"expert: {expert!r} is not an expert of this export (ids {ids[0]}..{ids[-1]})", "model")
         return int(expert)
 
     def _check_room(self, n: int, expert) -> None:
@@ -528,7 +538,7 @@ class Batcher:
             if t.started is None:
                 t.started = start
                 self.observer.queue_wait(e, start - t.ticket.submitted)
-        unet_step(self.runtime._expert_session(e), [t.state for t in tasks])
+        unet_step(self.runtime.unet(e), [t.state for t in tasks])
         end = time.monotonic()
         self.observer.unet_call(e, len(tasks), end - start)
         for t in tasks:
@@ -568,12 +578,7 @@ class Batcher:
 
     def _decode(self, states: list[ImageState]) -> list:
         """PIL images of finished states (decoded together, as Runtime decodes a batch)."""
-        m = self.runtime.manifest
-        vae = None
-        if m.vae_decoder is not None:
-            vae = self.runtime._session("vae_decoder", m.vae_decoder.files, VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS)
-        latents = np.concatenate([s.latents for s in states])
-        return to_pil(decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0))
+        return self.runtime.decode(np.concatenate([s.latents for s in states]))
 
 
 def _better(best, key, target, take):
@@ -585,8 +590,8 @@ def _better(best, key, target, take):
 
 
 def _int_arg(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise EngineError(f"{name}: expected an integer from {lo} to {hi}, got {value!r}")
+    if not is_int(value) or not lo <= value <= hi:
+        raise ParamError(f"{name}: expected an integer from {lo} to {hi}, got {value!r}", name)
     return int(value)
 
 

@@ -1,0 +1,195 @@
+"""The HTTP API's request and response model, without FastAPI: parsing and checking request bodies (into
+engines.request.GenerationParams and output options), OpenAI-shaped errors, and the response bodies. The
+routes (engines.serving.routes) and both services (local batcher, Ray ingress) use these, and nothing else
+decides what a request may ask for.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+import secrets
+import time
+
+from ..errors import (
+    DeadlineExceededError,
+    EngineError,
+    ParamError,
+    PromptError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from ..request import SEED_MAX, GenerationParams
+from ..tokenization import clean_prompts
+from .config import ServeConfig
+
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+IGNORED_FIELDS = ("user", "quality", "style", "moderation", "background", "safety_identifier")
+GENERATION_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression",
+                     "stream", "seed", "steps", "guidance_scale", "guidance_rescale", "scheduler", *IGNORED_FIELDS)
+MAX_ROUTE_PROMPTS = 64
+_MODEL = re.compile(r"^aptp(?::(?:expert-(\d+)|(dense)))?$")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 503: "server_error", 504: "timeout"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+
+
+def _integer(d: dict, key: str, default, lo: int, hi: int):
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ApiError(400, f"{key} must be an integer from {lo} to {hi}, got {v!r}", param=key)
+    return v
+
+
+def parse_model(model) -> int | str | None:
+    """'aptp' -> None (route), 'aptp:expert-3' -> 3, 'aptp:dense' -> 'dense'; else ApiError naming `model`."""
+    m = _MODEL.match(model) if isinstance(model, str) else None
+    if m is None:
+        raise ApiError(400, f"model {model!r} is not served here: use 'aptp' (routed), 'aptp:expert-K' or "
+                            "'aptp:dense' (see GET /v1/models)", param="model", code="model_not_found")
+    if m.group(1) is not None:
+        return int(m.group(1))
+    return "dense" if m.group(2) else None
+
+
+def parse_generation(d: dict, cfg: ServeConfig, image_size) -> dict:
+    """Check a /v1/images/generations body; returns the Batcher.submit arguments and output options."""
+    unknown = [k for k in d if k not in GENERATION_FIELDS]
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0])
+    prompt = d.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt is required and must be a string", param="prompt")
+    if len(prompt) > cfg.max_prompt_chars:
+        raise ApiError(400, f"prompt has {len(prompt)} characters, more than the {cfg.max_prompt_chars} accepted",
+                       param="prompt")
+    if d.get("stream"):
+        raise ApiError(400, "streaming is not supported: send stream=false", param="stream")
+    expert = parse_model(d.get("model") or "aptp")
+    n = _integer(d, "n", 1, 1, cfg.max_n)
+    size = d.get("size") or "auto"
+    w, h = image_size
+    if size not in ("auto", f"{w}x{h}"):
+        raise ApiError(400, f"size {size!r} is not available: this export makes {w}x{h} images (or say 'auto')",
+                       param="size")
+    rf = d.get("response_format") or "b64_json"
+    if rf != "b64_json":
+        raise ApiError(400, f"response_format {rf!r} is not supported: this server returns images inline, "
+                            "use 'b64_json'", param="response_format")
+    fmt = d.get("output_format") or "png"
+    if fmt not in OUTPUT_FORMATS:
+        raise ApiError(400, f"output_format {fmt!r}: choose from {', '.join(OUTPUT_FORMATS)}", param="output_format")
+    quality = _integer(d, "output_compression", 100, 0, 100)
+    seed = _integer(d, "seed", None, 0, SEED_MAX - cfg.max_n)
+    if seed is None:
+        seed = secrets.randbits(31)
+    for key in ("guidance_scale", "guidance_rescale"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ApiError(400, f"{key} must be a number, got {v!r}", param=key)
+    try:
+        params = GenerationParams(steps=_integer(d, "steps", cfg.default_steps, 1, cfg.max_steps),
+                                  guidance_scale=d.get("guidance_scale", cfg.default_guidance_scale),
+                                  guidance_rescale=d.get("guidance_rescale") or 0.0, seed=seed,
+                                  scheduler=d.get("scheduler"))
+    except ParamError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    return {"submit": {"prompt": prompt, "n": n, "params": params, "expert": expert},
+            "format": fmt, "quality": quality, "size": f"{w}x{h}"}
+
+
+def encode_image(image, fmt: str, quality: int) -> str:
+    """base64 of the image in `fmt` (png lossless; jpeg/webp at `quality`)."""
+    buf = io.BytesIO()
+    kwargs = {} if fmt == "png" else {"quality": quality}
+    image.save(buf, format=OUTPUT_FORMATS[fmt], **kwargs)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def model_id(expert) -> str:
+    return "aptp:dense" if expert == "dense" else f"aptp:expert-{expert}"
+
+
+def submit_error(e: EngineError) -> ApiError:
+    """The answer to an error raised at submission: 503 + Retry-After when unavailable, else 400."""
+    if isinstance(e, UnavailableError):
+        return ApiError(503, str(e), code=e.reason, retry_after=int(math.ceil(e.retry_after_s)))
+    return ApiError(400, str(e), param=getattr(e, "param", "prompt" if isinstance(e, PromptError) else None))
+
+
+def result_error(e: EngineError) -> ApiError:
+    """The answer to an error that ended an admitted request: 504 deadline, 503 cancelled, else 500."""
+    if isinstance(e, DeadlineExceededError):
+        return ApiError(504, str(e), code="deadline_exceeded")
+    if isinstance(e, RequestCancelledError):
+        return ApiError(503, str(e), code="cancelled", retry_after=1)
+    return ApiError(500, str(e), code="generation_failed")
+
+
+def image_item(b64: str, prompt: str, r) -> dict:
+    """One data item of a generation response (r: an ImageResult, or a dict with the same fields)."""
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    return {"b64_json": b64, "revised_prompt": prompt, "expert": get("expert"), "model": model_id(get("expert")),
+            "seed": get("seed"), "queued_s": round(get("queued_s"), 6), "seconds": round(get("seconds"), 6),
+            "unet_calls": get("unet_calls")}
+
+
+def generation_body(data: list[dict], fmt: str, size: str, request_id: str) -> dict:
+    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": size, "request_id": request_id}
+
+
+def parse_route(d: dict, config: ServeConfig) -> list[str]:
+    """Check a /v1/route body; returns its cleaned prompts (ApiError 400 naming the field otherwise)."""
+    unknown = [k for k in d if k != "prompt"]
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0])
+    prompts = d.get("prompt")
+    if isinstance(prompts, list) and len(prompts) > MAX_ROUTE_PROMPTS:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {MAX_ROUTE_PROMPTS}", param="prompt")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, list) and any(isinstance(p, str) and len(p) > config.max_prompt_chars for p in prompts):
+        raise ApiError(400, f"prompt longer than the {config.max_prompt_chars} characters accepted", param="prompt")
+    try:
+        return clean_prompts(prompts)
+    except PromptError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+
+
+def route_body(manifest, prompts: list[str], res) -> dict:
+    data = [{"index": i, "prompt": p, "expert": e, "model": model_id(e),
+             "macs_fraction": manifest.expert(e).macs_fraction, "scores": [float(s) for s in res.scores[i]]}
+            for i, (p, e) in enumerate(zip(prompts, res.expert_ids, strict=True))]
+    return {"object": "list", "data": data}
+
+
+def models_body(manifest) -> dict:
+    data = [{"id": "aptp", "object": "model", "created": 0, "owned_by": "aptp", "routed": True,
+             "base_model": manifest.base_model, "experts": len(manifest.experts)}]
+    for e in manifest.experts:
+        data.append({"id": model_id(e.id), "object": "model", "created": 0, "owned_by": "aptp", "expert": e.id,
+                     "macs_fraction": e.macs_fraction, "share": e.share, "params": e.params})
+    if manifest.dense is not None:
+        data.append({"id": "aptp:dense", "object": "model", "created": 0, "owned_by": "aptp", "expert": "dense",
+                     "macs_fraction": 1.0})
+    return {"object": "list", "data": data}
