@@ -142,7 +142,7 @@ TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f
                  ("torch_latency_fraction", "torch latency fraction", ".3f"), ("speedup", "ORT speed-up", ".2f")]
 
 
-def main(argv=None) -> int:
+def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sides (32 = 256 px)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.78, 0.66, 0.5])
@@ -165,10 +165,11 @@ def main(argv=None) -> int:
     if any(n < 2 for n in args.round_to):
         ap.error("--round-to values must be >= 2")
 
-    out = Path(args.out)
-    onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx"
-    t0 = time.perf_counter()
-    space = ArchSpace.from_config(SD21_UNET_CONFIG)
+    return ap, args
+
+
+def _experts(ap, args, space) -> tuple[dict, list[list[str]], dict]:
+    """(name -> architecture, timing sets of model names, rounding summaries) from the command line."""
     g = torch.Generator().manual_seed(args.seed)
     archs = {f"keep_{k:.2f}": space.sample(generator=g, keep=k) for k in args.keep}
     if args.only:
@@ -179,7 +180,6 @@ def main(argv=None) -> int:
     sets = [["dense", *archs]] if args.sets == "all" else [["dense", n] for n in archs]
     rounding = {}
     if args.round_to:
-
         sets = []
         for name in list(archs):
             sets.append(["dense", name])
@@ -188,126 +188,152 @@ def main(argv=None) -> int:
                 archs[rname] = round_units(space, archs[name], n)
                 rounding[rname] = rounding_summary(space, archs[name], archs[rname], n)
                 sets[-1].append(rname)
+    return archs, sets, rounding
+
+
+def _export_models(args, space, archs: dict, size: int, onnx_dir: Path, info: dict) -> dict[str, ModelUnderTest]:
+    """The dense UNet and every expert as ONNX graphs at `size` (cached in onnx_dir), one at a time."""
+    dense_macs = space.dense_macs(size, size, 77)
+    spec = unet_spec(4, (size, size), 77, 1024, batch=(2, 2, 2))
+    models: dict[str, ModelUnderTest] = {}
+    dense = None
+    for name, arch in [("dense", None), *archs.items()]:
+        tag = f"seed{args.seed}" if arch is None else arch_tag(arch, args.seed)
+        path = onnx_dir / f"{size}" / f"{name}-{tag}.onnx"
+        macs = dense_macs if arch is None else space.macs(arch.tolist(), size, size, 77)
+        if not path.exists():
+            if dense is None:
+                dense = random_sd21(args.seed)
+            model = dense if arch is None else space.materialize(dense, arch)
+            params = sum(p.numel() for p in model.parameters())
+            t = time.perf_counter()
+            res = export_onnx(UNetGraph(model), spec, path)
+            err = max(res.max_rel_error.values())
+            info["exports"][name] = {"seconds": res.seconds, "max_rel_error": err}
+            print(f"[{size}] exported {name} in {time.perf_counter() - t:.0f} s (max rel err vs torch "
+                  f"{err:.1e}), RSS {_rss_gb():.1f} GB", flush=True)
+            del model
+        else:
+            params = onnx_param_count(path)
+        models[name] = ModelUnderTest(name, macs, macs / dense_macs, params, onnx=path, extra={"latent": size})
+        gc.collect()
+    del dense
+    gc.collect()
+    return models
+
+
+def _time_sets(args, models: dict, sets: list[list[str]], shape: InputShape, backend: str, info: dict) -> list[dict]:
+    """Every timing set on one backend, interleaved within a set."""
+    rows = []
+    for i, names in enumerate(sets):
+        rs = bench_unets([models[n] for n in names], shape, [1], [backend], warmup=args.warmup, repeats=args.repeats)
+        info.setdefault("rss_gb", {})[f"{backend}_set{i}"] = _rss_gb()
+        rows += [{**r, "set": i} for r in rs]
+        gc.collect()
+    return rows
+
+
+def _profiles(models: dict, shape: InputShape, size: int, out: Path, info: dict) -> None:
+    """onnxruntime per-operator profiles of every model (written to OUT/sd21_profile_SIZE.json)."""
+    feeds = unet_feeds(shape, 1)
+    profiles = {}
+    for name, m in models.items():
+        profiles[name] = profile_graph(m.onnx, feeds, runs=2)
+        profiles[name]["nodes"] = profiles[name]["nodes"][:60]
+        gc.collect()
+    info["profiles"] = profiles
+    info["profile_by_op"] = compare_profiles(profiles)
+    write_json(out / f"sd21_profile_{size}.json", {"profiles": profiles, "by_op": info["profile_by_op"]})
+    print(f"[{size}] profiles written", flush=True)
+
+
+def _time_torch(args, space, archs: dict, models: dict, sets, shape: InputShape, info: dict) -> list[dict]:
+    """torch eager: the dense UNet rebuilt from the seed, experts materialised from it."""
+    dense = random_sd21(args.seed)
+    for name, m in models.items():
+        m.load_torch = ((lambda d=dense: d) if name == "dense"
+                        else (lambda a=archs[name], d=dense: space.materialize(d, a)))
+    rows = _time_sets(args, models, sets, shape, "torch", info)
+    for m in models.values():
+        m.load_torch = None
+    del dense
+    gc.collect()
+    return rows
+
+
+def _paired_speedups(args, space, archs: dict, models: dict, shape: InputShape, size: int) -> list[dict]:
+    """The same model on both backends in alternating rounds: the speed-up without the drift of a busy
+    machine between the two backend phases."""
+    feeds = unet_feeds(shape, 1)
+    dense = random_sd21(args.seed)
+    pairs = []
+    for name, m in models.items():
+        module = dense if name == "dense" else space.materialize(dense, archs[name])
+        calls = {"onnxruntime": [], "torch": []}
+        raw = {"onnxruntime": ort_callable(m.onnx, feeds), "torch": torch_callable(module, feeds)}
+        fns = {k: recorded_calls(f, calls[k]) for k, f in raw.items()}
+        t = interleaved(fns, warmup=args.warmup, repeats=args.repeats, settle=1, untimed=raw)
+        w = {k: np.array([x for x, _ in v]) for k, v in calls.items()}
+        pairs.append({"expert": name, "onnxruntime_ms": t["onnxruntime"].median_ms,
+                      "torch_ms": t["torch"].median_ms,
+                      "speedup_paired": float(np.median(w["torch"] / w["onnxruntime"])),
+                      "speedup_min": float(w["torch"].min() / w["onnxruntime"].min()),
+                      "repeats": args.repeats})
+        print(f"[{size}] {name}: torch / onnxruntime in the same rounds x{pairs[-1]['speedup_paired']:.2f}",
+              flush=True)
+        del fns, raw, module
+        gc.collect()
+    del dense
+    gc.collect()
+    return pairs
+
+
+def _report_size(rows: list[dict], pairs: list[dict], size: int, dense_macs: float, out: Path, info: dict) -> None:
+    summary = summary_rows(rows, pairs)
+    info.update(rows=rows, summary=summary, speedups=speedups(rows))
+    latency_vs_macs(rows, out / f"sd21_latency_vs_macs_{size}.png",
+                    title=f"SD 2.1 UNet architecture, {size}x{size} latent, batch 2")
+    table = markdown_table(summary, TABLE_COLUMNS)
+    robust = markdown_table(summary, ROBUSTNESS_COLUMNS)
+    write_text(out / f"sd21_table_{size}.md", table + "\n\nLatency fraction, other estimators:\n\n" + robust + "\n")
+    print(f"\n[{size}x{size} latent, UNet batch 2, dense {dense_macs / 1e9:.1f} GMACs per sample]\n{table}\n\n"
+          f"{robust}\n", flush=True)
+    for d in summary:
+        if "latency_ok" in d:
+            print(f"  {d['model']}: ORT latency/MACs {d['latency_over_macs']:.3f} "
+                  f"({'ok' if d['latency_ok'] else 'OVER'} <= {LAT_TOLERANCE})", flush=True)
+
+
+def main(argv=None) -> int:
+    ap, args = _parse_args(argv)
+    out = Path(args.out)
+    onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx"
+    t0 = time.perf_counter()
+    space = ArchSpace.from_config(SD21_UNET_CONFIG)
+    archs, sets, rounding = _experts(ap, args, space)
     result = {"config": vars(args), "machine": machine(), "threads": torch.get_num_threads(), "rounding": rounding,
               "loadavg_start": os.getloadavg(), "sizes": {}}
     all_rows = []
     for size in args.sizes:
         dense_macs = space.dense_macs(size, size, 77)
-        spec = unet_spec(4, (size, size), 77, 1024, batch=(2, 2, 2))
-        models: dict[str, ModelUnderTest] = {}
         info = {"dense_gmacs": dense_macs / 1e9, "exports": {}}
-
-        # -- export: the dense torch UNet and one expert at a time
-        dense = None
-        for name, arch in [("dense", None), *archs.items()]:
-            tag = f"seed{args.seed}" if arch is None else arch_tag(arch, args.seed)
-            path = onnx_dir / f"{size}" / f"{name}-{tag}.onnx"
-            macs = dense_macs if arch is None else space.macs(arch.tolist(), size, size, 77)
-            if not path.exists():
-                if dense is None:
-                    dense = random_sd21(args.seed)
-                model = dense if arch is None else space.materialize(dense, arch)
-                params = sum(p.numel() for p in model.parameters())
-                if not path.exists():
-                    t = time.perf_counter()
-                    res = export_onnx(UNetGraph(model), spec, path)
-                    err = max(res.max_rel_error.values())
-                    info["exports"][name] = {"seconds": res.seconds, "max_rel_error": err}
-                    print(f"[{size}] exported {name} in {time.perf_counter() - t:.0f} s (max rel err vs torch "
-                          f"{err:.1e}), RSS {_rss_gb():.1f} GB", flush=True)
-                del model
-            else:
-                params = onnx_param_count(path)
-            models[name] = ModelUnderTest(name, macs, macs / dense_macs, params, onnx=path,
-                                          extra={"latent": size})
-            gc.collect()
-        del dense
-        gc.collect()
-
+        models = _export_models(args, space, archs, size, onnx_dir, info)
         shape = InputShape(4, size, size, 77, 1024)
         rows = []
-        # -- onnxruntime: sessions only
         if "onnxruntime" in args.backends:
-            for i, names in enumerate(sets):
-                rs = bench_unets([models[n] for n in names], shape, [1], ["onnxruntime"], warmup=args.warmup,
-                                 repeats=args.repeats)
-                info.setdefault("rss_gb", {})[f"onnxruntime_set{i}"] = _rss_gb()
-                rows += [{**r, "set": i} for r in rs]
-                gc.collect()
+            rows += _time_sets(args, models, sets, shape, "onnxruntime", info)
             print(f"[{size}] onnxruntime done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
         if args.profile:
-
-            feeds = unet_feeds(shape, 1)
-            profiles = {}
-            for name, m in models.items():
-                profiles[name] = profile_graph(m.onnx, feeds, runs=2)
-                profiles[name]["nodes"] = profiles[name]["nodes"][:60]
-                gc.collect()
-            info["profiles"] = profiles
-            info["profile_by_op"] = compare_profiles(profiles)
-            write_json(out / f"sd21_profile_{size}.json", {"profiles": profiles, "by_op": info["profile_by_op"]})
-            print(f"[{size}] profiles written", flush=True)
-        # -- torch eager: the dense UNet rebuilt from the seed, experts materialised from it
+            _profiles(models, shape, size, out, info)
         if "torch" in args.backends:
-            dense = random_sd21(args.seed)
-            for name, m in models.items():
-                m.load_torch = ((lambda d=dense: d) if name == "dense"
-                                else (lambda a=archs[name], d=dense: space.materialize(d, a)))
-            for i, names in enumerate(sets):
-                rs = bench_unets([models[n] for n in names], shape, [1], ["torch"], warmup=args.warmup,
-                                 repeats=args.repeats)
-                info.setdefault("rss_gb", {})[f"torch_set{i}"] = _rss_gb()
-                rows += [{**r, "set": i} for r in rs]
-                gc.collect()
-            for m in models.values():
-                m.load_torch = None
-            del dense
-            gc.collect()
+            rows += _time_torch(args, space, archs, models, sets, shape, info)
             print(f"[{size}] torch done ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-
-        # -- the same model on both backends in alternating rounds: the speed-up without the drift of a busy
-        #    machine between the two backend phases above
-        pairs = []
-        if args.paired_speedup:
-
-
-            feeds = unet_feeds(shape, 1)
-            dense = random_sd21(args.seed)
-            for name, m in models.items():
-                module = dense if name == "dense" else space.materialize(dense, archs[name])
-                calls = {"onnxruntime": [], "torch": []}
-                raw = {"onnxruntime": ort_callable(m.onnx, feeds), "torch": torch_callable(module, feeds)}
-                fns = {k: recorded_calls(f, calls[k]) for k, f in raw.items()}
-                t = interleaved(fns, warmup=args.warmup, repeats=args.repeats, settle=1, untimed=raw)
-                w = {k: np.array([x for x, _ in v]) for k, v in calls.items()}
-                pairs.append({"expert": name, "onnxruntime_ms": t["onnxruntime"].median_ms,
-                              "torch_ms": t["torch"].median_ms,
-                              "speedup_paired": float(np.median(w["torch"] / w["onnxruntime"])),
-                              "speedup_min": float(w["torch"].min() / w["onnxruntime"].min()),
-                              "repeats": args.repeats})
-                print(f"[{size}] {name}: torch / onnxruntime in the same rounds x{pairs[-1]['speedup_paired']:.2f}",
-                      flush=True)
-                del fns, raw, module
-                gc.collect()
-            del dense
-            gc.collect()
+        pairs = _paired_speedups(args, space, archs, models, shape, size) if args.paired_speedup else []
+        if pairs:
             info["paired_speedups"] = pairs
-
         all_rows += rows
-        summary = summary_rows(rows, pairs)
-        info.update(rows=rows, summary=summary, speedups=speedups(rows))
+        _report_size(rows, pairs, size, dense_macs, out, info)
         result["sizes"][size] = info
-        latency_vs_macs(rows, out / f"sd21_latency_vs_macs_{size}.png",
-                        title=f"SD 2.1 UNet architecture, {size}x{size} latent, batch 2")
-        table = markdown_table(summary, TABLE_COLUMNS)
-        robust = markdown_table(summary, ROBUSTNESS_COLUMNS)
-        write_text(out / f"sd21_table_{size}.md", table + "\n\nLatency fraction, other estimators:\n\n" + robust + "\n")
-        print(f"\n[{size}x{size} latent, UNet batch 2, dense {dense_macs / 1e9:.1f} GMACs per sample]\n{table}\n\n"
-              f"{robust}\n", flush=True)
-        for d in summary:
-            if "latency_ok" in d:
-                print(f"  {d['model']}: ORT latency/MACs {d['latency_over_macs']:.3f} "
-                      f"({'ok' if d['latency_ok'] else 'OVER'} <= {LAT_TOLERANCE})", flush=True)
         write_json(out / "sd21_bench.json", {**result, "partial": True})  # a later size may not finish
     result["loadavg_end"] = os.getloadavg()
     result["peak_rss_gb"] = peak_rss_gb()

@@ -181,6 +181,162 @@ def mean_unet_call_s(text: str) -> float:
     return metric_sum(text, "aptp_unet_call_seconds_sum") / max(1.0, metric_sum(text, "aptp_unet_call_seconds_count"))
 
 
+def _capacity(result: dict) -> float | None:
+    """Images/s at 8 concurrent clients, measured by the capacity scenario (None when it did not run)."""
+    return result.get("capacity", {}).get("8", {}).get("images_per_s")
+
+
+def scenario_capacity(args, base: list[str], out: Path, result: dict) -> None:
+    """Closed loop at 1, 2, 4, 8 concurrent clients (step policy): images/s and the mean UNet call."""
+    srv = Server(args.engines, out / "logs", "capacity", *base, "--batching", "step")
+    result["capacity"] = {}
+    for c in (1, 2, 4, 8):
+        recs, wall = asyncio.run(closed_loop(srv.url, c, max(args.requests // 2, 4 * c) if c == 1 else args.requests,
+                                     args.steps, args.cap_s))
+        result["capacity"][str(c)] = summarise(recs, wall)
+        print("capacity", c, result["capacity"][str(c)], flush=True)
+    result["capacity"]["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
+    srv.stop()
+    result["capacity"]["speedup_8_vs_1"] = _capacity(result) / result["capacity"]["1"]["images_per_s"]
+
+
+def scenario_poisson(args, base: list[str], out: Path, result: dict) -> None:
+    """Open-loop Poisson arrivals at 0.5 / 0.9 / 1.5 x capacity, request vs step policy."""
+    result["poisson"] = {}
+    for policy in ("request", "step"):
+        srv = Server(args.engines, out / "logs", f"poisson_{policy}", *base, "--batching", policy,
+                     "--max-queue-images", "64")
+        for f in (0.5, 0.9, 1.5):
+            recs, wall = asyncio.run(open_loop(srv.url, f * _capacity(result), args.requests, args.steps, args.cap_s, seed=1))
+            s = summarise(recs, wall)
+            s["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
+            s["queued_s"] = [r["queued_s"] for r in recs if r.get("code") == 200]
+            s["latency_s"] = [r["latency_s"] for r in recs if r.get("code") == 200]
+            result["poisson"][f"{policy}@{f}"] = s
+            print("poisson", policy, f, {k: v for k, v in s.items() if not isinstance(v, list)}, flush=True)
+        srv.stop()
+    for f in (0.5, 0.9, 1.5):
+        st, rq = result["poisson"][f"step@{f}"], result["poisson"][f"request@{f}"]
+        q = np.array(st["queued_s"])
+        st["frac_first_step_within_one_unet_call"] = float(np.mean(q <= st["mean_unet_call_s"])) if len(q) else None
+        st["p50_vs_request"] = st["latency_p50_s"] / rq["latency_p50_s"]
+
+
+def scenario_burst(args, base: list[str], out: Path, result: dict) -> None:
+    """200 requests at once against a 32-image queue: every refusal a 503 with Retry-After."""
+    srv = Server(args.engines, out / "logs", "burst", *base, "--max-queue-images", "32")
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=250)) as client:
+            return await asyncio.gather(*[one_request(client, srv.url, i, args.steps) for i in range(200)])
+
+    t0 = time.perf_counter()
+    recs = asyncio.run(burst())
+    s = summarise(recs, time.perf_counter() - t0)
+    s["every_503_has_retry_after"] = all(r.get("retry_after") for r in recs if r.get("code") == 503)
+    s["every_200_has_its_image"] = all(r.get("ok_images") and r.get("images") == 1 for r in recs if r.get("code") == 200)
+    s["readyz_after"] = httpx.get(srv.url + "/readyz").status_code
+    srv.stop()
+    result["burst"] = s
+    print("burst", s, flush=True)
+
+
+def scenario_disconnect(args, base: list[str], out: Path, result: dict) -> None:
+    """Clients that give up mid-request: their images leave the queue or batch within a call."""
+    srv = Server(args.engines, out / "logs", "disconnect", *base, "--max-steps", "500")
+
+    async def disconnects():
+        async with httpx.AsyncClient(timeout=None) as client:
+            return await asyncio.gather(*[one_request(client, srv.url, i, 400, timeout=0.3 + 0.1 * i)
+                                          for i in range(8)])
+
+    recs = asyncio.run(disconnects())
+    time.sleep(1.0)
+    text = srv.metrics()
+    s = {"client_timeouts": sum(r["code"] == "client_timeout" for r in recs),
+         "cancellations": metric_sum(text, "aptp_cancellations_total", reason="disconnect"),
+         "released_images": metric_sum(text, "aptp_cancel_release_unet_calls_count", reason="disconnect"),
+         "released_within_1_call": metric_sum(text, "aptp_cancel_release_unet_calls_bucket", reason="disconnect", le="1.0"),
+         "release_seconds_mean": metric_sum(text, "aptp_cancel_release_seconds_sum", reason="disconnect")
+         / max(1, metric_sum(text, "aptp_cancel_release_seconds_count", reason="disconnect")),
+         "mean_unet_call_s": mean_unet_call_s(text),
+         "active_after": metric_sum(text, "aptp_active_images")}
+    srv.stop()
+    result["disconnect"] = s
+    print("disconnect", s, flush=True)
+
+
+def scenario_deadline(args, base: list[str], out: Path, result: dict) -> None:
+    """1.5 x capacity with a short server timeout: late requests end as 504, their work dropped."""
+    single = args.steps * result.get("capacity", {}).get("mean_unet_call_s", 0.01)
+    timeout = max(1.0, 4 * single)
+    srv = Server(args.engines, out / "logs", "deadline", *base, "--timeout-s", f"{timeout:.2f}",
+                 "--max-queue-images", "64")
+    recs, wall = asyncio.run(open_loop(srv.url, 1.5 * _capacity(result), args.requests, args.steps, args.cap_s, seed=2))
+    s = summarise(recs, wall)
+    text = srv.metrics()
+    s.update(timeout_s=timeout, deadline_cancellations=metric_sum(text, "aptp_cancellations_total", reason="deadline"),
+             max_latency_504_s=max([r["latency_s"] for r in recs if r.get("code") == 504], default=None))
+    srv.stop()
+    result["deadline"] = s
+    print("deadline", s, flush=True)
+
+
+def scenario_sigterm(args, base: list[str], out: Path, result: dict) -> None:
+    """SIGTERM mid-load: admitted work drains within drain_timeout_s, later requests get 503."""
+    drain = 30.0
+    srv = Server(args.engines, out / "logs", "sigterm", *base, "--drain-timeout-s", str(drain),
+                 "--max-queue-images", "64")
+    sent_at = {}
+    t_kill = {}
+
+    def tick(i):
+        sent_at[i] = time.perf_counter()
+        if i == args.requests // 2 and not t_kill:
+            t_kill["t"] = time.perf_counter()
+            srv.proc.send_signal(signal.SIGTERM)
+
+    recs, wall = asyncio.run(open_loop(srv.url, 0.9 * (_capacity(result) or 2.0), args.requests, args.steps, args.cap_s, seed=3,
+                               on_tick=tick))
+    rc = srv.proc.wait(drain + 30)
+    exit_s = time.perf_counter() - t_kill["t"]
+    before = [r for r in recs if r["i"] < args.requests // 2]
+    after = [r for r in recs if r["i"] > args.requests // 2]
+    s = {"drain_timeout_s": drain, "exit_code": rc, "exit_after_s": exit_s,
+         "before_sigterm_codes": summarise(before, wall)["codes"], "after_sigterm_codes": summarise(after, wall)["codes"]}
+    srv.stop()
+    result["sigterm"] = s
+    print("sigterm", s, flush=True)
+
+
+def scenario_soak(args, base: list[str], out: Path, result: dict) -> None:
+    """0.9 x capacity for soak_s seconds: resident memory over time."""
+    srv = Server(args.engines, out / "logs", "soak", *base, "--max-queue-images", "64")
+    samples = [(0.0, srv.rss_mb())]
+    t0 = time.perf_counter()
+
+    def sample(_i):
+        now = time.perf_counter() - t0
+        if now - samples[-1][0] >= 5:
+            samples.append((now, srv.rss_mb()))
+
+    rate = 0.9 * _capacity(result)
+    recs, wall = asyncio.run(open_loop(srv.url, rate, int(rate * args.soak_s * 1.2) + 10, args.steps, args.soak_s, seed=4,
+                               on_tick=sample))
+    samples.append((time.perf_counter() - t0, srv.rss_mb()))
+    s = summarise(recs, wall)
+    warm = [m for t, m in samples if t >= min(30.0, args.soak_s / 5)]
+    s.update(rss_mb=samples, rss_start_mb=samples[0][1], rss_after_warm_mb=warm[0] if warm else None,
+             rss_end_mb=samples[-1][1], rss_growth_vs_after_warm=(samples[-1][1] / warm[0] - 1) if warm else None,
+             rss_growth_vs_start=samples[-1][1] / samples[0][1] - 1)
+    srv.stop()
+    result["soak"] = s
+    print("soak", {k: v for k, v in s.items() if k != "rss_mb"}, flush=True)
+
+
+SCENARIOS = {"capacity": scenario_capacity, "poisson": scenario_poisson, "burst": scenario_burst, "disconnect": scenario_disconnect, "deadline": scenario_deadline, "sigterm": scenario_sigterm, "soak": scenario_soak}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", required=True)
@@ -203,157 +359,14 @@ def main(argv=None) -> int:
                                                   "loadavg_start": os.getloadavg()}}
     path = out / "serve_load.json"
 
-    def save():
-        path.write_text(json.dumps(result, indent=1, default=str))
-
-    def run(coro):
-        return asyncio.run(coro)
-
-    capacity = None
-    if "capacity" in only or "poisson" in only or "soak" in only or "deadline" in only:
-        srv = Server(args.engines, out / "logs", "capacity", *base, "--batching", "step")
-        result["capacity"] = {}
-        for c in (1, 2, 4, 8):
-            recs, wall = run(closed_loop(srv.url, c, max(args.requests // 2, 4 * c) if c == 1 else args.requests,
-                                         args.steps, args.cap_s))
-            result["capacity"][str(c)] = summarise(recs, wall)
-            print("capacity", c, result["capacity"][str(c)], flush=True)
-        result["capacity"]["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
-        srv.stop()
-        capacity = result["capacity"]["8"]["images_per_s"]
-        result["capacity"]["speedup_8_vs_1"] = capacity / result["capacity"]["1"]["images_per_s"]
-        save()
-
-    if "poisson" in only:
-        result["poisson"] = {}
-        for policy in ("request", "step"):
-            srv = Server(args.engines, out / "logs", f"poisson_{policy}", *base, "--batching", policy,
-                         "--max-queue-images", "64")
-            for f in (0.5, 0.9, 1.5):
-                recs, wall = run(open_loop(srv.url, f * capacity, args.requests, args.steps, args.cap_s, seed=1))
-                s = summarise(recs, wall)
-                s["mean_unet_call_s"] = mean_unet_call_s(srv.metrics())
-                s["queued_s"] = [r["queued_s"] for r in recs if r.get("code") == 200]
-                s["latency_s"] = [r["latency_s"] for r in recs if r.get("code") == 200]
-                result["poisson"][f"{policy}@{f}"] = s
-                print("poisson", policy, f, {k: v for k, v in s.items() if not isinstance(v, list)}, flush=True)
-            srv.stop()
-        for f in (0.5, 0.9, 1.5):
-            st, rq = result["poisson"][f"step@{f}"], result["poisson"][f"request@{f}"]
-            q = np.array(st["queued_s"])
-            st["frac_first_step_within_one_unet_call"] = float(np.mean(q <= st["mean_unet_call_s"])) if len(q) else None
-            st["p50_vs_request"] = st["latency_p50_s"] / rq["latency_p50_s"]
-        save()
-
-    if "burst" in only:
-        srv = Server(args.engines, out / "logs", "burst", *base, "--max-queue-images", "32")
-
-        async def burst():
-            async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=250)) as client:
-                return await asyncio.gather(*[one_request(client, srv.url, i, args.steps) for i in range(200)])
-
-        t0 = time.perf_counter()
-        recs = run(burst())
-        s = summarise(recs, time.perf_counter() - t0)
-        s["every_503_has_retry_after"] = all(r.get("retry_after") for r in recs if r.get("code") == 503)
-        s["every_200_has_its_image"] = all(r.get("ok_images") and r.get("images") == 1 for r in recs if r.get("code") == 200)
-        s["readyz_after"] = httpx.get(srv.url + "/readyz").status_code
-        srv.stop()
-        result["burst"] = s
-        print("burst", s, flush=True)
-        save()
-
-    if "disconnect" in only:
-        srv = Server(args.engines, out / "logs", "disconnect", *base, "--max-steps", "500")
-
-        async def disconnects():
-            async with httpx.AsyncClient(timeout=None) as client:
-                return await asyncio.gather(*[one_request(client, srv.url, i, 400, timeout=0.3 + 0.1 * i)
-                                              for i in range(8)])
-
-        recs = run(disconnects())
-        time.sleep(1.0)
-        text = srv.metrics()
-        s = {"client_timeouts": sum(r["code"] == "client_timeout" for r in recs),
-             "cancellations": metric_sum(text, "aptp_cancellations_total", reason="disconnect"),
-             "released_images": metric_sum(text, "aptp_cancel_release_unet_calls_count", reason="disconnect"),
-             "released_within_1_call": metric_sum(text, "aptp_cancel_release_unet_calls_bucket", reason="disconnect", le="1.0"),
-             "release_seconds_mean": metric_sum(text, "aptp_cancel_release_seconds_sum", reason="disconnect")
-             / max(1, metric_sum(text, "aptp_cancel_release_seconds_count", reason="disconnect")),
-             "mean_unet_call_s": mean_unet_call_s(text),
-             "active_after": metric_sum(text, "aptp_active_images")}
-        srv.stop()
-        result["disconnect"] = s
-        print("disconnect", s, flush=True)
-        save()
-
-    if "deadline" in only:
-        single = args.steps * result.get("capacity", {}).get("mean_unet_call_s", 0.01)
-        timeout = max(1.0, 4 * single)
-        srv = Server(args.engines, out / "logs", "deadline", *base, "--timeout-s", f"{timeout:.2f}",
-                     "--max-queue-images", "64")
-        recs, wall = run(open_loop(srv.url, 1.5 * capacity, args.requests, args.steps, args.cap_s, seed=2))
-        s = summarise(recs, wall)
-        text = srv.metrics()
-        s.update(timeout_s=timeout, deadline_cancellations=metric_sum(text, "aptp_cancellations_total", reason="deadline"),
-                 max_latency_504_s=max([r["latency_s"] for r in recs if r.get("code") == 504], default=None))
-        srv.stop()
-        result["deadline"] = s
-        print("deadline", s, flush=True)
-        save()
-
-    if "sigterm" in only:
-        drain = 30.0
-        srv = Server(args.engines, out / "logs", "sigterm", *base, "--drain-timeout-s", str(drain),
-                     "--max-queue-images", "64")
-        sent_at = {}
-        t_kill = {}
-
-        def tick(i):
-            sent_at[i] = time.perf_counter()
-            if i == args.requests // 2 and not t_kill:
-                t_kill["t"] = time.perf_counter()
-                srv.proc.send_signal(signal.SIGTERM)
-
-        recs, wall = run(open_loop(srv.url, 0.9 * (capacity or 2.0), args.requests, args.steps, args.cap_s, seed=3,
-                                   on_tick=tick))
-        rc = srv.proc.wait(drain + 30)
-        exit_s = time.perf_counter() - t_kill["t"]
-        before = [r for r in recs if r["i"] < args.requests // 2]
-        after = [r for r in recs if r["i"] > args.requests // 2]
-        s = {"drain_timeout_s": drain, "exit_code": rc, "exit_after_s": exit_s,
-             "before_sigterm_codes": summarise(before, wall)["codes"], "after_sigterm_codes": summarise(after, wall)["codes"]}
-        srv.stop()
-        result["sigterm"] = s
-        print("sigterm", s, flush=True)
-        save()
-
-    if "soak" in only:
-        srv = Server(args.engines, out / "logs", "soak", *base, "--max-queue-images", "64")
-        samples = [(0.0, srv.rss_mb())]
-        t0 = time.perf_counter()
-
-        def sample(_i):
-            now = time.perf_counter() - t0
-            if now - samples[-1][0] >= 5:
-                samples.append((now, srv.rss_mb()))
-
-        rate = 0.9 * capacity
-        recs, wall = run(open_loop(srv.url, rate, int(rate * args.soak_s * 1.2) + 10, args.steps, args.soak_s, seed=4,
-                                   on_tick=sample))
-        samples.append((time.perf_counter() - t0, srv.rss_mb()))
-        s = summarise(recs, wall)
-        warm = [m for t, m in samples if t >= min(30.0, args.soak_s / 5)]
-        s.update(rss_mb=samples, rss_start_mb=samples[0][1], rss_after_warm_mb=warm[0] if warm else None,
-                 rss_end_mb=samples[-1][1], rss_growth_vs_after_warm=(samples[-1][1] / warm[0] - 1) if warm else None,
-                 rss_growth_vs_start=samples[-1][1] / samples[0][1] - 1)
-        srv.stop()
-        result["soak"] = s
-        print("soak", {k: v for k, v in s.items() if k != "rss_mb"}, flush=True)
-        save()
-
+    if only & {"poisson", "soak", "deadline"}:
+        only.add("capacity")  # they run at fractions of the measured capacity
+    for name, scenario in SCENARIOS.items():
+        if name in only:
+            scenario(args, base, out, result)
+            path.write_text(json.dumps(result, indent=1, default=str))
     result["machine"]["loadavg_end"] = os.getloadavg()
-    save()
+    path.write_text(json.dumps(result, indent=1, default=str))
     plot(result, out / "serve_load.png")
     return 0
 

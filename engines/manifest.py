@@ -314,87 +314,16 @@ class Manifest:
             + (("family", "added_cond") if version >= 3 else ())
         r.obj(d, "top level", required, optional)
 
-        sch = r.obj(d["scheduler"], "scheduler", ("name", "config"))
-        if not isinstance(sch["config"], dict):
-            r.fail("scheduler.config", "expected an object")
-        scheduler = SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]))
-
+        scheduler = _read_scheduler(r, d["scheduler"])
         size = d["sample_size"]
         if not (isinstance(size, list) and len(size) == 2):
             r.fail("sample_size", f"expected [height, width], got {size!r}")
         sample_size = (r.integer(size[0], "sample_size[0]", lo=1), r.integer(size[1], "sample_size[1]", lo=1))
-
-        rt = r.obj(d["router"], "router", ("files", "max_length", "num_experts", "embedding_dim"), ("codes",))
-        router = RouterInfo(
-            files=_read_files(r, rt["files"], "router.files"),
-            max_length=r.integer(rt["max_length"], "router.max_length", lo=2),
-            num_experts=r.integer(rt["num_experts"], "router.num_experts", lo=1),
-            embedding_dim=r.integer(rt["embedding_dim"], "router.embedding_dim", lo=1),
-            codes=None if rt.get("codes") is None else FileRef._read(r, rt["codes"], "router.codes"),
-        )
-        te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"),
-                   ("pooled_dim", "uncond") if version >= 3 else ())
-        text_encoder = TextEncoderInfo(
-            _read_files(r, te["files"], "text_encoder.files"),
-            r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1),
-            None if te.get("pooled_dim") is None else r.integer(te["pooled_dim"], "text_encoder.pooled_dim", lo=1),
-            r.string(te.get("uncond", "empty_prompt"), "text_encoder.uncond", UNCOND_KINDS))
-        tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
-        tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",),
-                                              allowed=("json", "json_2", "router_json")
-                                              if version >= 3 else ("json", "router_json")))
-
+        router = _read_router(r, d["router"])
+        text_encoder, tokenizer = _read_text(r, d, version)
         latent = r.boolean(d["latent"], "latent")
-        vae = None
-        if d.get("vae_decoder") is not None:
-            v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"))
-            vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files"),
-                                 r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12))
-        if latent and vae is None:
-            r.fail("vae_decoder", "a latent model needs a vae_decoder")
-        if not latent and vae is not None:
-            r.fail("vae_decoder", "a pixel-space model (latent: false) has no vae_decoder")
-        family = r.string(d["family"], "family", FAMILIES) if "family" in d else ("sd" if latent else "pixel")
-        added = None
-        if d.get("added_cond") is not None:
-            a = r.obj(d["added_cond"], "added_cond", ("text_embeds_dim", "image_size"))
-            isz = a["image_size"]
-            if not (isinstance(isz, list) and len(isz) == 2):
-                r.fail("added_cond.image_size", f"expected [height, width], got {isz!r}")
-            added = AddedCondInfo(r.integer(a["text_embeds_dim"], "added_cond.text_embeds_dim", lo=1),
-                                  (r.integer(isz[0], "added_cond.image_size[0]", lo=1),
-                                   r.integer(isz[1], "added_cond.image_size[1]", lo=1)))
-        if (family == "sdxl") != (added is not None):
-            r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
-        if (family == "pixel") == latent:
-            r.fail("family", f"{family!r} but latent is {str(latent).lower()} (pixel-space models are not latent, "
-                             "sd and sdxl ones are)")
-        if family == "sdxl" and "json_2" not in tokenizer.files:
-            r.fail("tokenizer.files", "an sdxl export needs json_2, the second text encoder's tokenizer")
-        if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
-            r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
-                                              f"{added.text_embeds_dim}")
-
-        if not isinstance(d["experts"], list) or not d["experts"]:
-            r.fail("experts", "expected a non-empty list")
-        experts = []
-        for i, e in enumerate(d["experts"]):
-            w = f"experts[{i}]"
-            e = r.obj(e, w, ("id", "macs", "macs_fraction", "params", "share", "files"))
-            experts.append(ExpertInfo(
-                id=r.integer(e["id"], f"{w}.id", lo=0),
-                macs=r.number(e["macs"], f"{w}.macs", lo=0),
-                macs_fraction=r.number(e["macs_fraction"], f"{w}.macs_fraction", lo=0),
-                params=r.integer(e["params"], f"{w}.params", lo=0),
-                share=r.number(e["share"], f"{w}.share", lo=0, hi=1),
-                files=_read_files(r, e["files"], f"{w}.files"),
-            ))
-        ids = [e.id for e in experts]
-        if ids != list(range(len(experts))):
-            r.fail("experts", f"ids must be 0..{len(experts) - 1} in order, got {ids}")
-        if router.num_experts != len(experts):
-            r.fail("router.num_experts", f"{router.num_experts} but {len(experts)} experts are listed")
-
+        vae, family, added = _read_family(r, d, latent, text_encoder, tokenizer)
+        experts = _read_experts(r, d["experts"], router)
         dense = None
         if d.get("dense") is not None:
             dn = r.obj(d["dense"], "dense", ("macs", "params", "files"))
@@ -403,14 +332,7 @@ class Manifest:
         info = d.get("info", {})
         if not isinstance(info, dict):
             r.fail("info", "expected an object")
-        tensorrt = None
-        if d.get("tensorrt") is not None:
-            t = r.obj(d["tensorrt"], "tensorrt", ("version", "gpu", "compute_capability"), ("tf32",))
-            cc = r.string(t["compute_capability"], "tensorrt.compute_capability")
-            if not all(part.isdigit() for part in cc.split(".")) or cc.count(".") != 1:
-                r.fail("tensorrt.compute_capability", f"{cc!r} is not of the form major.minor")
-            tensorrt = TensorRTInfo(r.string(t["version"], "tensorrt.version"), r.string(t["gpu"], "tensorrt.gpu"),
-                                    cc, r.boolean(t.get("tf32", False), "tensorrt.tf32"))
+        tensorrt = None if d.get("tensorrt") is None else _read_tensorrt(r, d["tensorrt"])
         has_plans = any("tensorrt" in e.files for e in experts) or (dense is not None and "tensorrt" in dense.files)
         if version >= 2 and has_plans and tensorrt is None:
             r.fail("tensorrt", "TensorRT plans are listed but not where they were built "
@@ -483,6 +405,107 @@ class Manifest:
         if not 0 <= expert_id < len(self.experts):
             raise ManifestError(f"no expert {expert_id} (the manifest lists {len(self.experts)})")
         return self.experts[expert_id]
+
+
+# -- reading the parts of a manifest (Manifest.from_dict) -------------------------------------------
+def _read_scheduler(r: _Reader, value) -> SchedulerInfo:
+    sch = r.obj(value, "scheduler", ("name", "config"))
+    if not isinstance(sch["config"], dict):
+        r.fail("scheduler.config", "expected an object")
+    return SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]))
+
+
+def _read_router(r: _Reader, value) -> RouterInfo:
+    rt = r.obj(value, "router", ("files", "max_length", "num_experts", "embedding_dim"), ("codes",))
+    return RouterInfo(
+        files=_read_files(r, rt["files"], "router.files"),
+        max_length=r.integer(rt["max_length"], "router.max_length", lo=2),
+        num_experts=r.integer(rt["num_experts"], "router.num_experts", lo=1),
+        embedding_dim=r.integer(rt["embedding_dim"], "router.embedding_dim", lo=1),
+        codes=None if rt.get("codes") is None else FileRef._read(r, rt["codes"], "router.codes"),
+    )
+
+
+def _read_text(r: _Reader, d: dict, version: int) -> tuple[TextEncoderInfo, TokenizerInfo]:
+    te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"),
+               ("pooled_dim", "uncond") if version >= 3 else ())
+    text_encoder = TextEncoderInfo(
+        _read_files(r, te["files"], "text_encoder.files"),
+        r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1),
+        None if te.get("pooled_dim") is None else r.integer(te["pooled_dim"], "text_encoder.pooled_dim", lo=1),
+        r.string(te.get("uncond", "empty_prompt"), "text_encoder.uncond", UNCOND_KINDS))
+    tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
+    tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",),
+                                          allowed=("json", "json_2", "router_json")
+                                          if version >= 3 else ("json", "router_json")))
+    return text_encoder, tokenizer
+
+
+def _read_family(r: _Reader, d: dict, latent: bool, text_encoder: TextEncoderInfo,
+                 tokenizer: TokenizerInfo) -> tuple[VaeDecoderInfo | None, str, AddedCondInfo | None]:
+    """(VAE decoder, family, SDXL extra inputs), checked against each other and the text parts."""
+    vae = None
+    if d.get("vae_decoder") is not None:
+        v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"))
+        vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files"),
+                             r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12))
+    if latent and vae is None:
+        r.fail("vae_decoder", "a latent model needs a vae_decoder")
+    if not latent and vae is not None:
+        r.fail("vae_decoder", "a pixel-space model (latent: false) has no vae_decoder")
+    family = r.string(d["family"], "family", FAMILIES) if "family" in d else ("sd" if latent else "pixel")
+    added = None
+    if d.get("added_cond") is not None:
+        a = r.obj(d["added_cond"], "added_cond", ("text_embeds_dim", "image_size"))
+        isz = a["image_size"]
+        if not (isinstance(isz, list) and len(isz) == 2):
+            r.fail("added_cond.image_size", f"expected [height, width], got {isz!r}")
+        added = AddedCondInfo(r.integer(a["text_embeds_dim"], "added_cond.text_embeds_dim", lo=1),
+                              (r.integer(isz[0], "added_cond.image_size[0]", lo=1),
+                               r.integer(isz[1], "added_cond.image_size[1]", lo=1)))
+    if (family == "sdxl") != (added is not None):
+        r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
+    if (family == "pixel") == latent:
+        r.fail("family", f"{family!r} but latent is {str(latent).lower()} (pixel-space models are not latent, "
+                         "sd and sdxl ones are)")
+    if family == "sdxl" and "json_2" not in tokenizer.files:
+        r.fail("tokenizer.files", "an sdxl export needs json_2, the second text encoder's tokenizer")
+    if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
+        r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
+                                          f"{added.text_embeds_dim}")
+    return vae, family, added
+
+
+def _read_experts(r: _Reader, value, router: RouterInfo) -> list[ExpertInfo]:
+    if not isinstance(value, list) or not value:
+        r.fail("experts", "expected a non-empty list")
+    experts = []
+    for i, e in enumerate(value):
+        w = f"experts[{i}]"
+        e = r.obj(e, w, ("id", "macs", "macs_fraction", "params", "share", "files"))
+        experts.append(ExpertInfo(
+            id=r.integer(e["id"], f"{w}.id", lo=0),
+            macs=r.number(e["macs"], f"{w}.macs", lo=0),
+            macs_fraction=r.number(e["macs_fraction"], f"{w}.macs_fraction", lo=0),
+            params=r.integer(e["params"], f"{w}.params", lo=0),
+            share=r.number(e["share"], f"{w}.share", lo=0, hi=1),
+            files=_read_files(r, e["files"], f"{w}.files"),
+        ))
+    ids = [e.id for e in experts]
+    if ids != list(range(len(experts))):
+        r.fail("experts", f"ids must be 0..{len(experts) - 1} in order, got {ids}")
+    if router.num_experts != len(experts):
+        r.fail("router.num_experts", f"{router.num_experts} but {len(experts)} experts are listed")
+    return experts
+
+
+def _read_tensorrt(r: _Reader, value) -> TensorRTInfo:
+    t = r.obj(value, "tensorrt", ("version", "gpu", "compute_capability"), ("tf32",))
+    cc = r.string(t["compute_capability"], "tensorrt.compute_capability")
+    if not all(part.isdigit() for part in cc.split(".")) or cc.count(".") != 1:
+        r.fail("tensorrt.compute_capability", f"{cc!r} is not of the form major.minor")
+    return TensorRTInfo(r.string(t["version"], "tensorrt.version"), r.string(t["gpu"], "tensorrt.gpu"),
+                        cc, r.boolean(t.get("tf32", False), "tensorrt.tf32"))
 
 
 def read_manifest(export_dir: str | os.PathLike) -> Manifest:

@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.metrics import ClipEmbedder, clip_score
 from training.toy import EVAL_SEED, samples
-from training.toy.clip import clip_dir, retrieval_accuracy, toy_vocabulary, train, word_tokenizer
+from training.toy.clip import ClipRecipe, clip_dir, retrieval_accuracy, toy_vocabulary, train, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_matching_captions_score_higher_than_shuffled_ones(toy_clip):
 def test_recipe_runs_and_writes_a_loadable_directory(tmp_path):
     from training.toy.clip import save_clip_dir
 
-    model, tok, info = train(steps=2, batch=8, pool=32, width=32, layers=2, progress=False, eval_n=64)
+    model, tok, info = train(ClipRecipe(steps=2, batch=8, pool=32, width=32, layers=2), progress=False, eval_n=64)
     assert info["recipe"]["steps"] == 2 and 0 <= info["heldout_retrieval"]["top1"] <= 1
     d = save_clip_dir(tmp_path / "clip", model, tok, info=info)
     emb = ClipEmbedder(d).image_embeddings(np.zeros((2, 32, 32, 3), np.uint8))

@@ -29,6 +29,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -174,10 +175,29 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.05) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train(steps: int = 800, batch: int = 96, lr: float = 1e-3, warmup: int = 100, pool: int = 20000,
-          seed: int = 0, data_seed: int = 0, width: int = 64, layers: int = 4, weight_decay: float = 0.05,
-          log_every: int = 100, progress: bool = True, eval_n: int = 1024) -> tuple[CLIPModel, PreTrainedTokenizerFast, dict]:
+@dataclass(frozen=True)
+class ClipRecipe:
+    """How the toy CLIP is trained: AdamW with warm-up and cosine decay on `pool` toy-world samples."""
+
+    steps: int = 800
+    batch: int = 96
+    lr: float = 1e-3
+    warmup: int = 100
+    pool: int = 20000
+    seed: int = 0
+    data_seed: int = 0
+    width: int = 64
+    layers: int = 4
+    weight_decay: float = 0.05
+
+
+def train(recipe: ClipRecipe | None = None, log_every: int = 100, progress: bool = True,
+          eval_n: int = 1024) -> tuple[CLIPModel, PreTrainedTokenizerFast, dict]:
     """Train the toy CLIP; returns (model, tokenizer, info with the recipe, time and held-out retrieval)."""
+    recipe = recipe or ClipRecipe()
+    steps, batch, lr, warmup, pool = recipe.steps, recipe.batch, recipe.lr, recipe.warmup, recipe.pool
+    seed, data_seed, width, layers, weight_decay = (recipe.seed, recipe.data_seed, recipe.width, recipe.layers,
+                                                    recipe.weight_decay)
     if data_seed >= EVAL_SEED:
         raise ValueError(f"data_seed must be < {EVAL_SEED} (seeds >= {EVAL_SEED} are held out)")
     t0 = time.time()
@@ -217,8 +237,7 @@ def train(steps: int = 800, batch: int = 96, lr: float = 1e-3, warmup: int = 100
     train_seconds = time.time() - t0
     acc = retrieval_accuracy(model, tokenizer, n=eval_n)
     model.eval()
-    info = {"recipe": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "pool": pool, "seed": seed,
-                       "data_seed": data_seed, "width": width, "layers": layers, "weight_decay": weight_decay},
+    info = {"recipe": asdict(recipe),
             "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
             "final_loss": ema_loss, "heldout_retrieval": acc,
             "params": sum(p.numel() for p in model.parameters())}
@@ -241,8 +260,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, info = train(args.steps, args.batch, args.lr, args.warmup, args.pool, args.seed, args.data_seed,
-                             args.width, args.layers)
+    model, tok, info = train(ClipRecipe(args.steps, args.batch, args.lr, args.warmup, args.pool, args.seed,
+                                        args.data_seed, args.width, args.layers))
     out = save_clip_dir(args.out, model, tok, info=info)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"out": str(out), "bytes": size, **{k: info[k] for k in ("train_seconds", "heldout_retrieval")}}))
