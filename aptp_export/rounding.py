@@ -31,13 +31,14 @@ import torch
 import torch.nn as nn
 
 from engines.errors import UserError
+from engines.validation import is_int
 
 from .materialize import apply_arch_, pruning_template
 from .unet_configs import build_unet
 
 
 def _check_multiple(multiple) -> int:
-    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or int(multiple) < 1:
+    if not is_int(multiple) or int(multiple) < 1:
         raise UserError(f"the rounding multiple must be a positive integer number of channels, got {multiple!r}")
     return int(multiple)
 

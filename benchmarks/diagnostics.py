@@ -24,7 +24,6 @@ markdown and a PNG per diagnostic into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path

@@ -34,6 +34,7 @@ from PIL import Image
 
 from engines import EngineError, Runtime
 from engines.errors import UserError
+from engines.validation import Checks, is_int
 from engines.fileio import atomic_path, write_json, write_text
 from training.toy import EVAL_SEED, read_imagefolder, sample_at
 from training.toy.clip import clip_dir as toy_clip_dir
@@ -81,10 +82,11 @@ class EvalConfig:
         if isinstance(self.models, str):
             self.models = tuple(m.strip() for m in self.models.split(",") if m.strip())
         self.models = tuple(self.models)
-        if self.n < 2:
-            raise UserError(f"-n must be >= 2, got {self.n}")
-        if self.steps < 1 or self.batch_size < 1 or self.threads < 0 or self.seed < 0:
-            raise UserError("--steps and --batch-size must be >= 1, --threads and --seed >= 0")
+        c = Checks(UserError, sep=" ")
+        c.require(self.n >= 2, "-n", "must be >= 2", self.n)
+        for opt, v, lo in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+                           ("--threads", self.threads, 0), ("--seed", self.seed, 0)):
+            c.require(is_int(v) and v >= lo, opt, f"must be an integer >= {lo}", v)
         for m in self.models:
             if m not in ("dense", "routed", "static") and _expert_id(m) is None:
                 raise UserError(f"--models: unknown model {m!r} (dense, routed, static, expert-K)")
@@ -107,8 +109,7 @@ class EvalConfig:
                 raise UserError(f"{opt} {d}: not a CLIP model directory (no config.json)")
         if self.resize == -1:
             self.resize = None if self.data == "toy" else 256
-        if self.resize is not None and self.resize < 0:
-            raise UserError(f"--resize must be >= 0, got {self.resize}")
+        c.require(self.resize is None or self.resize >= 0, "--resize", "must be >= 0", self.resize)
         self.resize = self.resize or None
 
 

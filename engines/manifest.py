@@ -58,13 +58,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import IntegrityError, ManifestError
+from .validation import Checks
 
 FORMAT_VERSION = 3
 READABLE_FORMAT_VERSIONS = (1, 2, 3)  # what this reader accepts; what each added: see the module doc
@@ -101,53 +101,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# -- small typed readers that name the key on error -------------------------------------------
-class _Reader:
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, where: str, msg: str):
-        raise ManifestError(f"{self.source}: {where}: {msg}")
-
-    def obj(self, value, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
-        if not isinstance(value, dict):
-            self.fail(where, f"expected an object, got {type(value).__name__}")
-        for key in required:
-            if key not in value:
-                self.fail(where, f"missing key {key!r}")
-        unknown = sorted(set(value) - set(required) - set(optional))
-        if unknown:
-            self.fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}")
-        return value
-
-    def number(self, value, where: str, lo: float | None = None, hi: float | None = None,
-            optional: bool = False) -> float | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.fail(where, f"expected a number, got {value!r}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            self.fail(where, f"{value!r} is outside [{lo}, {hi}]")
-        return float(value)
-
-    def integer(self, value, where: str, lo: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(where, f"expected an integer, got {value!r}")
-        if lo is not None and value < lo:
-            self.fail(where, f"{value!r} is below {lo}")
-        return value
-
-    def string(self, value, where: str, choices: tuple[str, ...] | None = None) -> str:
-        if not isinstance(value, str) or not value:
-            self.fail(where, f"expected a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            self.fail(where, f"{value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def boolean(self, value, where: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(where, f"expected true or false, got {value!r}")
-        return value
+def _checks(source: str) -> Checks:
+    """Typed readers naming `source` and the key on error (ManifestError)."""
+    return Checks(ManifestError, f"{source}: ")
 
 
 # -- the dataclasses -----------------------------------------------------------------------------
@@ -166,7 +122,7 @@ class FileRef:
         return cls(path=PurePosixPath(relpath).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size)
 
     @classmethod
-    def _read(cls, r: _Reader, value, where: str) -> FileRef:
+    def _read(cls, r: Checks, value, where: str) -> FileRef:
         d = r.obj(value, where, ("path", "sha256", "bytes"))
         path = r.string(d["path"], f"{where}.path")
         pp = PurePosixPath(path)
@@ -178,7 +134,7 @@ class FileRef:
         return cls(path=path, sha256=digest, bytes=r.integer(d["bytes"], f"{where}.bytes", lo=0))
 
 
-def _read_files(r: _Reader, value, where: str, required: tuple[str, ...] = ("onnx",),
+def _read_files(r: Checks, value, where: str, required: tuple[str, ...] = ("onnx",),
                 allowed: tuple[str, ...] = FILE_KINDS) -> dict[str, FileRef]:
     d = r.obj(value, where, required, tuple(k for k in allowed if k not in required))
     return {k: FileRef._read(r, v, f"{where}.{k}") for k, v in d.items()}
@@ -297,7 +253,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any, source: str = MANIFEST_NAME) -> Manifest:
         """Validate and build; raises ManifestError naming `source` and the offending key."""
-        r = _Reader(source)
+        r = _checks(source)
         if not isinstance(d, dict):
             r.fail("top level", "expected a JSON object")
         version = d.get("format_version")
@@ -408,14 +364,14 @@ class Manifest:
 
 
 # -- reading the parts of a manifest (Manifest.from_dict) -------------------------------------------
-def _read_scheduler(r: _Reader, value) -> SchedulerInfo:
+def _read_scheduler(r: Checks, value) -> SchedulerInfo:
     sch = r.obj(value, "scheduler", ("name", "config"))
     if not isinstance(sch["config"], dict):
         r.fail("scheduler.config", "expected an object")
     return SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]))
 
 
-def _read_router(r: _Reader, value) -> RouterInfo:
+def _read_router(r: Checks, value) -> RouterInfo:
     rt = r.obj(value, "router", ("files", "max_length", "num_experts", "embedding_dim"), ("codes",))
     return RouterInfo(
         files=_read_files(r, rt["files"], "router.files"),
@@ -426,7 +382,7 @@ def _read_router(r: _Reader, value) -> RouterInfo:
     )
 
 
-def _read_text(r: _Reader, d: dict, version: int) -> tuple[TextEncoderInfo, TokenizerInfo]:
+def _read_text(r: Checks, d: dict, version: int) -> tuple[TextEncoderInfo, TokenizerInfo]:
     te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"),
                ("pooled_dim", "uncond") if version >= 3 else ())
     text_encoder = TextEncoderInfo(
@@ -441,7 +397,7 @@ def _read_text(r: _Reader, d: dict, version: int) -> tuple[TextEncoderInfo, Toke
     return text_encoder, tokenizer
 
 
-def _read_family(r: _Reader, d: dict, latent: bool, text_encoder: TextEncoderInfo,
+def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo,
                  tokenizer: TokenizerInfo) -> tuple[VaeDecoderInfo | None, str, AddedCondInfo | None]:
     """(VAE decoder, family, SDXL extra inputs), checked against each other and the text parts."""
     vae = None
@@ -476,7 +432,7 @@ def _read_family(r: _Reader, d: dict, latent: bool, text_encoder: TextEncoderInf
     return vae, family, added
 
 
-def _read_experts(r: _Reader, value, router: RouterInfo) -> list[ExpertInfo]:
+def _read_experts(r: Checks, value, router: RouterInfo) -> list[ExpertInfo]:
     if not isinstance(value, list) or not value:
         r.fail("experts", "expected a non-empty list")
     experts = []
@@ -499,7 +455,7 @@ def _read_experts(r: _Reader, value, router: RouterInfo) -> list[ExpertInfo]:
     return experts
 
 
-def _read_tensorrt(r: _Reader, value) -> TensorRTInfo:
+def _read_tensorrt(r: Checks, value) -> TensorRTInfo:
     t = r.obj(value, "tensorrt", ("version", "gpu", "compute_capability"), ("tf32",))
     cc = r.string(t["compute_capability"], "tensorrt.compute_capability")
     if not all(part.isdigit() for part in cc.split(".")) or cc.count(".") != 1:

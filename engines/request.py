@@ -11,27 +11,15 @@ function (engines/stepping.py). Errors are `ParamError`s whose `param` names the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from .errors import ParamError, SchedulerConfigError
 from .schedulers import scheduler_name
+from .validation import is_int, is_number
 
 SEED_MAX = 2**63 - 1
 MAX_GUIDANCE_SCALE = 100.0
-
-
-def is_int(v) -> bool:
-    """A real integer (numpy integers too), not a bool."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    """A finite real number (int or float, numpy too), not a bool."""
-    return (is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
 
 
 @dataclass(frozen=True)

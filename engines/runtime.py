@@ -50,7 +50,8 @@ from .manifest import (
     read_manifest,
     verify_file,
 )
-from .request import GenerationParams, is_int
+from .request import GenerationParams
+from .validation import is_int
 from .schedulers import make_scheduler
 from .tokenization import PromptTokenizer, clean_prompts
 

@@ -23,13 +23,12 @@ import yaml
 
 from engines.errors import UserError
 from engines.fileio import write_text
+from engines.validation import Checks
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def _check(cond: bool, key: str, msg: str, value) -> None:
-    if not cond:
-        raise UserError(f"{key} {msg}, got {value!r}")
+_check = Checks(UserError, sep=" ").require  # _check(cond, "prune.budget", "must be in (0, 1]", value)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import SchedulerConfigError
+from ..validation import is_int, is_number
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -112,10 +113,10 @@ def _check(key: str, value: Any, kind: str, choices: tuple | None = None) -> Any
         if not isinstance(value, bool):
             raise bad
     elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise bad
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise bad
         value = float(value)
     elif kind == "str":
@@ -188,7 +189,7 @@ class Scheduler:
         return 1.0
 
     def _check_steps(self, num_inference_steps: int) -> None:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        if not is_int(num_inference_steps):
             raise SchedulerConfigError(f"steps must be an integer, got {num_inference_steps!r}")
         n_train = self.config["num_train_timesteps"]
         if not 1 <= num_inference_steps <= n_train:

@@ -63,7 +63,8 @@ from ..errors import (
     RequestCancelledError,
     UnavailableError,
 )
-from ..request import GenerationParams, is_int
+from ..request import GenerationParams
+from ..validation import is_int
 from ..runtime import Runtime
 from ..schedulers import make_scheduler, scheduler_name
 from .config import ServeConfig

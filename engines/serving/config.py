@@ -7,12 +7,12 @@ Defaults and the measurements behind them are in docs/serving.md.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import EngineError
 from ..backends import PROVIDERS
+from ..errors import EngineError
+from ..validation import Checks
 
 POLICIES = ("request", "step")
 ENV_PREFIX = "APTP_SERVE_"
@@ -44,44 +44,24 @@ class ServeConfig:
     api_key: str = ""  # non-empty: every request but /healthz and /readyz needs "Authorization: Bearer KEY"
 
     def __post_init__(self):
-        def bad(name, why):
-            raise EngineError(f"serve setting {name}={getattr(self, name)!r}: {why}")
-
-        def integer(name, lo, hi=None):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-                bad(name, f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
-
-        def number(name, lo, strict=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < lo or (strict and v == lo):
-                bad(name, f"expected a number {'>' if strict else '>='} {lo}")
-            setattr(self, name, float(v))
-
-        if not isinstance(self.engines, str):
-            bad("engines", "expected a directory path")
-        if not isinstance(self.host, str) or not self.host:
-            bad("host", "expected a host name or address")
-        integer("port", 0, 65535)
-        if self.provider not in PROVIDERS:
-            bad("provider", f"choose from {', '.join(PROVIDERS)}")
-        integer("workers", 1)
-        integer("threads", 0)
-        if self.batching not in POLICIES:
-            bad("batching", f"choose from {', '.join(POLICIES)}")
+        c = Checks(EngineError, "serve setting ")
+        c.string(self.engines, "engines", empty=True)
+        c.string(self.host, "host")
+        c.integer(self.port, "port", 0, 65535)
+        c.string(self.provider, "provider", PROVIDERS)
+        c.integer(self.workers, "workers", lo=1)
+        c.integer(self.threads, "threads", lo=0)
+        c.string(self.batching, "batching", POLICIES)
         for name in ("max_batch", "max_queue_images", "max_n", "max_steps", "max_prompt_chars",
                      "max_body_bytes", "default_steps"):
-            integer(name, 1)
-        integer("max_queue_images_per_expert", 0)
-        number("max_wait_ms", 0)
-        number("timeout_s", 0, strict=True)
-        number("drain_timeout_s", 0)
-        number("default_guidance_scale", 0)
-        if not isinstance(self.api_key, str):
-            bad("api_key", "expected a string")
-        if self.default_steps > self.max_steps:
-            bad("default_steps", f"more than max_steps={self.max_steps}")
+            c.integer(getattr(self, name), name, lo=1)
+        c.integer(self.max_queue_images_per_expert, "max_queue_images_per_expert", lo=0)
+        for name, above in (("max_wait_ms", False), ("timeout_s", True), ("drain_timeout_s", False),
+                            ("default_guidance_scale", False)):
+            setattr(self, name, c.number(getattr(self, name), name, lo=0, above=above))
+        c.string(self.api_key, "api_key", empty=True)
+        c.require(self.default_steps <= self.max_steps, "default_steps", f"more than max_steps={self.max_steps}",
+                  self.default_steps)
 
     @property
     def expert_queue_limit(self) -> int:
@@ -103,12 +83,7 @@ class ServeConfig:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            kind = type(f.default)
-            try:
-                values[f.name] = raw if kind is str else kind(raw)
-            except ValueError:
-                raise EngineError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected a{'n' if kind is int else ''} "
-                                  f"{kind.__name__}") from None
+            values[f.name] = Checks(EngineError).coerce(raw, ENV_PREFIX + f.name.upper(), type(f.default))
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:

@@ -23,6 +23,7 @@ from ..errors import (
 )
 from ..request import SEED_MAX, GenerationParams
 from ..tokenization import clean_prompts
+from ..validation import is_int, is_number
 from .config import ServeConfig
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -56,7 +57,7 @@ def _integer(d: dict, key: str, default, lo: int, hi: int):
     v = d.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+    if not is_int(v) or not lo <= v <= hi:
         raise ApiError(400, f"{key} must be an integer from {lo} to {hi}, got {v!r}", param=key)
     return v
 
@@ -105,7 +106,7 @@ def parse_generation(d: dict, cfg: ServeConfig, image_size) -> dict:
         seed = secrets.randbits(31)
     for key in ("guidance_scale", "guidance_rescale"):
         v = d.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if v is not None and not is_number(v):
             raise ApiError(400, f"{key} must be a number, got {v!r}", param=key)
     try:
         params = GenerationParams(steps=_integer(d, "steps", cfg.default_steps, 1, cfg.max_steps),

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import BackendError, EngineError
 from ..runtime import Runtime
 from ..tokenization import clean_prompts
+from ..validation import Checks
 from .batching import WARM_UP_PROMPT, Batcher
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -74,7 +75,7 @@ class RayOptions:
     def __post_init__(self):
         for f in fields(self):
             if f.name != "experts":
-                setattr(self, f.name, _typed(f.name, getattr(self, f.name), type(f.default)))
+                setattr(self, f.name, _RAY.coerce(getattr(self, f.name), f.name, type(f.default)))
         if not isinstance(self.experts, dict):
             raise EngineError(f"ray setting experts={self.experts!r}: expected a mapping expert id -> settings")
         experts = {}
@@ -83,7 +84,7 @@ class RayOptions:
             if bad:
                 raise EngineError(f"ray setting experts[{k!r}]: unknown {bad[0]!r} (choose from "
                                   f"{', '.join(self.PER_EXPERT)})")
-            experts[str(k)] = {name: _typed(name, v, type(getattr(self, name))) for name, v in (d or {}).items()}
+            experts[str(k)] = {name: _RAY.coerce(v, name, type(getattr(self, name))) for name, v in (d or {}).items()}
         self.experts = experts
         self.for_expert("*")  # validates the defaults
 
@@ -100,13 +101,7 @@ class RayOptions:
         return d
 
 
-def _typed(name, v, kind):
-    try:
-        if kind is bool or isinstance(v, bool):
-            raise ValueError
-        return kind(v) if kind is float or isinstance(v, str) else (v if isinstance(v, kind) else kind(v))
-    except (TypeError, ValueError):
-        raise EngineError(f"ray setting {name}={v!r}: expected {'an integer' if kind is int else 'a number'}") from None
+_RAY = Checks(EngineError, "ray setting ")
 
 
 # -- the expert deployment -------------------------------------------------------------------------
