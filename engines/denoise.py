@@ -26,7 +26,7 @@ import numpy as np
 
 from .conditioning import TextCondition
 from .errors import EngineError
-from .request import SEED_MAX, resolve_seeds
+from .request import SEED_MAX, GenerationParams, resolve_seeds
 from .schedulers import Scheduler
 from .backends import Session
 from .stepping import ImageState, unet_step
@@ -46,8 +46,8 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarr
     return np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32) for s in seeds])
 
 
-def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond, uncond,
-            steps: int, guidance_scale: float, progress=None, guidance_rescale: float = 0.0) -> np.ndarray:
+def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond, uncond, params: GenerationParams,
+            progress=None) -> np.ndarray:
     """Run the sampler; returns the final latents [B, C, H, W] float32.
 
     Args:
@@ -56,11 +56,11 @@ def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond, uncond
         noise: [B, C, H, W] unscaled initial noise (`initial_noise`).
         cond: TextCondition (or context array [B, L, E]) of the prompts; uncond: the same for the
             unconditional prompt, one row.
-        steps: number of inference steps; guidance_scale: CFG weight (<= 1 disables CFG);
-        guidance_rescale: diffusers' rescale of the guided prediction (engines.stepping.guide).
+        params: steps, guidance_scale (<= 1 disables CFG), guidance_rescale (engines.stepping.guide); the
+            seeds are in `noise`.
         progress: optional callable(step_index, total) called after each model call.
     """
-    state = ImageState(noise, cond, uncond, scheduler, steps, guidance_scale, guidance_rescale)
+    state = ImageState(noise, cond, uncond, scheduler, params)
     while not state.done:
         unet_step(unet, [state])
         if progress is not None:

@@ -392,8 +392,7 @@ class Runtime:
                 chunk = idx[j:j + step]
                 noise = initial_noise([seeds[i] for i in chunk], shape)
                 latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond.take(chunk),
-                                  uncond, params.steps, params.guidance_scale, progress=tick,
-                                  guidance_rescale=params.guidance_rescale)
+                                  uncond, params, progress=tick)
                 for i, img in zip(chunk, self.decode(latents), strict=True):
                     img.info["aptp_expert"] = str(e)
                     images[i] = img

@@ -22,6 +22,7 @@ import numpy as np
 from .conditioning import TextCondition
 from .errors import EngineError
 from .manifest import UNET_INPUTS, UNET_OUTPUTS
+from .request import GenerationParams
 from .schedulers import Scheduler
 from .backends import Session
 
@@ -53,17 +54,15 @@ class ImageState:
         cond: TextCondition (or context [B, L, E]) of the images' prompts; uncond: the unconditional one
             (one row, repeated for the B images).
         scheduler: a fresh scheduler owned by this state.
-        steps: inference steps; guidance_scale: CFG weight (<= 1 disables guidance); guidance_rescale: see
-            `guide`.
+        params: the request's settings (engines.request.GenerationParams): steps, guidance_scale (<= 1
+            disables guidance), guidance_rescale (see `guide`); its seed is the caller's business (`noise`).
     """
 
-    def __init__(self, noise: np.ndarray, cond, uncond, scheduler: Scheduler, steps: int,
-                 guidance_scale: float, guidance_rescale: float = 0.0):
-        scheduler.set_timesteps(steps)
+    def __init__(self, noise: np.ndarray, cond, uncond, scheduler: Scheduler, params: GenerationParams):
+        scheduler.set_timesteps(params.steps)
         self.scheduler = scheduler
-        self.guidance_scale = float(guidance_scale)
-        self.guidance_rescale = float(guidance_rescale)
-        self.cfg = self.guidance_scale > 1.0
+        self.params = params
+        self.cfg = params.cfg
         self.latents = (noise * scheduler.init_noise_sigma).astype(np.float32)
         self.size = int(self.latents.shape[0])
         cond, uncond = TextCondition.of(cond), TextCondition.of(uncond)
@@ -121,6 +120,6 @@ def unet_step(unet: Session, states: Sequence[ImageState]) -> None:
         pred = out[row:row + s.rows]
         row += s.rows
         if s.cfg:
-            pred = guide(pred[:s.size], pred[s.size:], s.guidance_scale, s.guidance_rescale)
+            pred = guide(pred[:s.size], pred[s.size:], s.params.guidance_scale, s.params.guidance_rescale)
         s.latents = s.scheduler.step(pred, s.scheduler.timesteps[s.index], s.latents)
         s.index += 1

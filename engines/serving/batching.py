@@ -364,7 +364,7 @@ class Batcher:
         """The denoising state of one image."""
         m = self.runtime.manifest
         return ImageState(initial_noise([seed], self._shape), cond, uncond, make_scheduler(sched, m.scheduler.config),
-                          params.steps, params.guidance_scale, params.guidance_rescale)
+                          params)
 
     def _check_expert(self, expert):
         if expert == "dense":

@@ -12,6 +12,7 @@ import math
 import re
 import secrets
 import time
+from dataclasses import fields
 
 from ..errors import (
     DeadlineExceededError,
@@ -23,13 +24,14 @@ from ..errors import (
 )
 from ..request import SEED_MAX, GenerationParams
 from ..tokenization import clean_prompts
-from ..validation import is_int, is_number
+from ..validation import is_int
 from .config import ServeConfig
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 IGNORED_FIELDS = ("user", "quality", "style", "moderation", "background", "safety_identifier")
+PARAM_FIELDS = tuple(f.name for f in fields(GenerationParams))  # steps, guidance_scale, ..., as named there
 GENERATION_FIELDS = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression",
-                     "stream", "seed", "steps", "guidance_scale", "guidance_rescale", "scheduler", *IGNORED_FIELDS)
+                     "stream", *PARAM_FIELDS, *IGNORED_FIELDS)
 MAX_ROUTE_PROMPTS = 64
 _MODEL = re.compile(r"^aptp(?::(?:expert-(\d+)|(dense)))?$")
 
@@ -102,17 +104,11 @@ def parse_generation(d: dict, cfg: ServeConfig, image_size) -> dict:
         raise ApiError(400, f"output_format {fmt!r}: choose from {', '.join(OUTPUT_FORMATS)}", param="output_format")
     quality = _integer(d, "output_compression", 100, 0, 100)
     seed = _integer(d, "seed", None, 0, SEED_MAX - cfg.max_n)
-    if seed is None:
-        seed = secrets.randbits(31)
-    for key in ("guidance_scale", "guidance_rescale"):
-        v = d.get(key)
-        if v is not None and not is_number(v):
-            raise ApiError(400, f"{key} must be a number, got {v!r}", param=key)
+    settings = {"steps": cfg.default_steps, "guidance_scale": cfg.default_guidance_scale,
+                **{k: d[k] for k in PARAM_FIELDS if d.get(k) is not None},
+                "seed": secrets.randbits(31) if seed is None else seed}
     try:
-        params = GenerationParams(steps=_integer(d, "steps", cfg.default_steps, 1, cfg.max_steps),
-                                  guidance_scale=d.get("guidance_scale", cfg.default_guidance_scale),
-                                  guidance_rescale=d.get("guidance_rescale") or 0.0, seed=seed,
-                                  scheduler=d.get("scheduler"))
+        params = GenerationParams(**settings).within(cfg.max_steps)
     except ParamError as e:
         raise ApiError(400, str(e), param=e.param) from None
     return {"submit": {"prompt": prompt, "n": n, "params": params, "expert": expert},

@@ -215,10 +215,11 @@ def test_stepping_matches_denoise_for_latent_exports():
 def test_unet_step_refuses_a_finished_image(rt):
     m = rt.manifest
     from engines.denoise import initial_noise
+    from engines.request import GenerationParams
     from engines.schedulers import make_scheduler
 
     s = ImageState(initial_noise([0], (m.in_channels, *m.sample_size)), rt.encode_text(["x"]), rt.uncond(),
-                   make_scheduler("ddim", m.scheduler.config), 1, 7.5)
+                   make_scheduler("ddim", m.scheduler.config), GenerationParams(steps=1, guidance_scale=7.5))
     unet_step(rt.unet(0), [s])
     assert s.done and s.finite()
     with pytest.raises(EngineError, match="finished"):
