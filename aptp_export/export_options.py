@@ -1,8 +1,9 @@
 """`ExportOptions`: the one set of export settings and their defaults.
 
 `aptp export` builds it from its flags, `training.export_run.export_run` and
-`manifest_writer.write_export_dir` take it. The lists of valid choices are the runtime's own
-(engines owns the export format): precisions from `engines.manifest`, samplers from `engines.schedulers`.
+`manifest_writer.write_export_dir` take it (what is exported is `export_parts.ExportParts`). The lists
+of valid choices are the runtime's own (engines owns the export format): precisions from
+`engines.manifest`, samplers from `engines.schedulers`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from engines.denoise import DEFAULT_BATCH_SIZE
 from engines.errors import UserError
 from engines.manifest import BACKENDS, PRECISIONS
 from engines.schedulers import SCHEDULERS, scheduler_name
+from engines.validation import Checks, is_int
 
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -27,6 +29,8 @@ class ExportOptions:
     scheduler: default sampler recorded in the manifest (the runtime can override it).
     max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that);
         TensorRT tunes for the runtime's default call (engines.denoise.DEFAULT_BATCH_SIZE prompts) or this.
+    size_range: (min, max) UNet input height/width the graphs' dynamic axes and TensorRT profiles allow
+        (None: the model's sample size only).
     with_dense: also export the dense UNet as the latency reference (experts/dense.onnx).
     round_to: round every expert's kept channels per width group up to a multiple of this (1 = off).
     exporter: torch.onnx exporter. progress: show a progress bar.
@@ -36,21 +40,25 @@ class ExportOptions:
     precision: str = "fp32"
     scheduler: str = "ddim"
     max_batch: int = DEFAULT_BATCH_SIZE
+    size_range: tuple[int, int] | None = None
     with_dense: bool = False
     round_to: int = 1
     exporter: str = "torchscript"
     progress: bool = True
 
     def __post_init__(self):
+        c = Checks(UserError, sep=" ")
         for name, choices in (("backend", BACKENDS), ("precision", PRECISIONS), ("exporter", EXPORTERS)):
-            if getattr(self, name) not in choices:
-                raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+            c.require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}", getattr(self, name))
         if self.scheduler.lower() not in SCHEDULERS:
             scheduler_name(self.scheduler)  # accepts diffusers class names too; raises naming the choices
-        if not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise UserError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise UserError(f"round_to must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
+        c.require(is_int(self.max_batch) and self.max_batch >= 1, "max_batch", "must be an integer >= 1", self.max_batch)
+        c.require(self.size_range is None or (
+            isinstance(self.size_range, tuple) and len(self.size_range) == 2
+            and all(is_int(v) and v >= 1 for v in self.size_range) and self.size_range[0] <= self.size_range[1]),
+            "size_range", "must be None or a pair (min, max) of integers 1 <= min <= max", self.size_range)
+        c.require(is_int(self.round_to) and self.round_to >= 1, "round_to", "must be an integer >= 1 (1 = no rounding)",
+                  self.round_to)
 
     def replace(self, **changes) -> ExportOptions:
         """A copy with some fields changed (validated again); unknown names raise UserError."""

@@ -1,7 +1,9 @@
 """Write an export directory the runtime (`engines`) reads: graphs, tokenizer, manifest.json.
 
-`write_export_dir` takes torch modules already in memory (the experts, the text encoder, the
-router's encoder and head, optionally the dense UNet and a VAE) and does the whole export:
+`write_export_dir(out, experts, parts, options)` takes torch modules already in memory (the experts, and in
+`export_parts.ExportParts` the text encoder(s), the router's encoder and head, optionally the dense UNet and a
+VAE) and does the whole export (which graphs, inputs and manifest fields the model family adds is its entry
+in families.py's registry):
 
     out/
       manifest.json                       # written last: a directory without it is not an export
@@ -15,8 +17,8 @@ compute capability); the builder's timing cache lives in a temporary directory f
 nothing unlisted is left in the shipped directory.
 
 The manifest format belongs to `engines.manifest` (this module only fills its dataclasses, and
-validates the result by reading it back). `aptp export --run` loads a training run into these
-arguments; tests call it with tiny random models.
+validates the result by reading it back). `aptp export --run` loads a training run into an
+`ExportParts` (training/export_run.py); tests fill one with tiny random models.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,6 @@ from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.manifest import (
     MANIFEST_NAME,
-    UNCOND_KINDS,
-    AddedCondInfo,
     DenseInfo,
     ExpertInfo,
     FileRef,
@@ -53,6 +52,7 @@ from engines.manifest import (
 from engines.schedulers import make_scheduler, scheduler_name
 
 from .export_options import ExportOptions
+from .export_parts import ExpertModel, ExportParts
 from .export_spec import (
     ExportSpec,
     router_spec,
@@ -61,6 +61,7 @@ from .export_spec import (
     unet_spec,
     vae_decoder_spec,
 )
+from .families import Family, detect_family
 from .onnx_export import (
     DualTextEncoderGraph,
     RouterGraph,
@@ -70,20 +71,8 @@ from .onnx_export import (
     export_onnx,
 )
 from .tensorrt_build import build_engine, import_tensorrt
-from .unet_configs import added_cond_dims
 
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|endoftext|>")
-
-
-@dataclass
-class ExpertModel:
-    """One UNet to export with its accounting: MACs per call (batch 1, at sample_size), parameter
-    count (counted from the module when None) and `share` of training prompts routed to it."""
-
-    unet: Any
-    macs: float
-    params: int | None = None
-    share: float = 0.0
 
 
 def _aptp_version() -> str:
@@ -147,18 +136,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
-def vae_precision(vae, precision: str, sdxl: bool) -> str:
-    """The VAE decoder's graph precision. For SDXL exports fp32 when the VAE's config asks to be upcast
-    (`force_upcast`, true for SDXL's VAE, whose fp16 decoder overflows to inf/NaN on real latents), as
-    diffusers' SDXL pipelines do; otherwise (the fp16-fix SDXL VAE, SD 1.x / 2.x, whose pipeline decodes in
-    fp16) the export's precision."""
-    config = getattr(vae, "config", None) or {}
-    return "fp32" if sdxl and precision == "fp16" and config.get("force_upcast", True) else precision
-
-
-def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Path, files, specs, report,
-                   vae_prec: str = "fp32") -> None:
+def _export_graphs(jobs, options: ExportOptions, timing_cache: Path, files, specs, report, vae_prec: str) -> None:
     """Export (and with the TensorRT backend, build) every graph of `jobs`, filling files/specs/report."""
+    precision, exporter, backend = options.precision, options.exporter, options.backend
     for key, module, spec, path in tqdm(jobs, desc="export", disable=not options.progress):
         # the router and text encoder stay fp32: small, and their outputs feed argmax / every step
         prec = precision if key.startswith(("expert", "dense")) else vae_prec if key == "vae_decoder" else "fp32"
@@ -175,79 +155,25 @@ def _export_graphs(jobs, precision, exporter, backend, options, timing_cache: Pa
             report["graphs"][key]["tensorrt_seconds"] = round(b.seconds, 2)
 
 
-def write_export_dir(
-    out_dir: str | os.PathLike,
-    *,
-    experts: list[ExpertModel],
-    text_encoder,
-    router_encoder,
-    router_head,
-    tokenizer: str | os.PathLike,
-    scheduler_config: dict,
-    sample_size: tuple[int, int],
-    in_channels: int,
-    text_len: int,
-    context_dim: int,
-    router_max_length: int,
-    embedding_dim: int,
-    dense_macs: float,
-    budget: float | None = None,
-    base_model: str = "unet",
-    vae=None,
-    vae_scaling_factor: float | None = None,
-    dense: ExpertModel | None = None,
-    codes: dict | None = None,
-    size_range: tuple[int, int] | None = None,
-    pad_token: str | None = None,
-    router_tokenizer: str | os.PathLike | None = None,
-    router_pad_token: str | None = None,
-    text_encoder_uses_mask: bool = True,
-    text_encoder_2=None,
-    tokenizer_2: str | os.PathLike | None = None,
-    pad_token_2: str | None = None,
-    uncond: str = "empty_prompt",
-    image_size: tuple[int, int] | None = None,
-    info: dict | None = None,
-    options: ExportOptions = ExportOptions(),
-) -> tuple[Manifest, dict]:
+def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], parts: ExportParts,
+                     options: ExportOptions = ExportOptions()) -> tuple[Manifest, dict]:
     """Export every model and write manifest.json; returns (manifest, report).
 
-    Args (shapes for batch 1 unless said): experts / dense: UNets with their MACs and shares;
-    text_encoder: transformers-style encoder giving the UNet context [B, text_len, context_dim];
-    router_encoder + router_head: prompt encoder (mean-pooled, L2-normalised, embedding_dim) and the
-    head mapping embeddings to K expert scores; tokenizer: the text encoder's tokenizer.json or its
-    directory (pad_token overrides its padding token); router_tokenizer / router_pad_token: the
-    router encoder's, when it is another model (default: the same file); text_encoder_uses_mask:
-    False for encoders their pipeline calls without an attention mask (SD's CLIP);
-    text_encoder_2 / tokenizer_2 / pad_token_2: SDXL's second text encoder (CLIPTextModelWithProjection) and
-    its tokenizer; with them the text encoder graph is `DualTextEncoderGraph` and `context_dim` is the
-    concatenated width; uncond: "empty_prompt" or "zeros" (SDXL's force_zeros_for_empty_prompt);
-    image_size: pixels (h, w) of the images, from which the runtime builds SDXL's time_ids (default:
-    sample_size times the VAE factor); scheduler_config: diffusers scheduler config dict; sample_size / in_channels: UNet input (latent
-    if `vae` is given); size_range: (min, max) UNet height/width for the dynamic axes (default:
-    sample_size only); options: backend, precision, default sampler, profile batch (ExportOptions;
-    with_dense and round_to are the caller's: pass `dense` and rounded experts).
+    Args: out_dir: the export directory (created; a manifest already there is removed first);
+    experts: the UNets with their MACs and shares (ExpertModel); parts: everything else the export holds
+    (ExportParts: text encoder(s) and tokenizers, router, VAE, scheduler config, shapes, the dense reference);
+    options: backend, precision, default sampler, profile batch and sizes (ExportOptions; with_dense and
+    round_to are the caller's: put `dense` in `parts` and pass rounded experts).
+    The model family (families.py) is decided once, from the first expert's config and whether there is a VAE.
     The report holds per-graph seconds and measured relative errors vs torch.
     """
 
     out_dir = Path(out_dir)
-    backend, precision, exporter, max_batch = options.backend, options.precision, options.exporter, options.max_batch
-    if not experts:
-        raise UserError("no experts to export")
-    if (vae is None) != (vae_scaling_factor is None):
-        raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
-    if (text_encoder_2 is None) != (tokenizer_2 is None):
-        raise UserError("a second text encoder needs its tokenizer (and a second tokenizer its encoder)")
-    if uncond not in UNCOND_KINDS:
-        raise UserError(f"uncond must be one of {', '.join(UNCOND_KINDS)}, got {uncond!r}")
-    added_dims = added_cond_dims(getattr(experts[0].unet, "config", {}) if experts else {})
-    if added_dims is not None and text_encoder_2 is None:
-        raise UserError("an SDXL-class UNet (addition_embed_type text_time) needs the second text encoder "
-                        "that gives its pooled text embedding")
+    family = _family(experts, parts)
     name = scheduler_name(options.scheduler)
-    make_scheduler(name, scheduler_config)  # fail now on a config the runtime could not use
+    make_scheduler(name, parts.scheduler_config)  # fail now on a config the runtime could not use
     plan_env = None
-    if backend == "tensorrt":
+    if options.backend == "tensorrt":
         import_tensorrt()
         plan_env = plan_environment()  # BackendError (a UserError) when no GPU is usable: before any export
 
@@ -257,108 +183,153 @@ def write_export_dir(
         stale.unlink()  # a half-rewritten directory must not look like a finished export
     (out_dir / "timing.cache").unlink(missing_ok=True)  # left, unlisted, by aptp < 0.2
 
-    tok_rel = copy_tokenizer(tokenizer, out_dir, pad_token)
-    tok_files = {"json": tok_rel}
-    if router_tokenizer is not None:
-        tok_files["router_json"] = copy_tokenizer(router_tokenizer, out_dir, router_pad_token,
-                                                  rel="tokenizer/router/tokenizer.json")
-    if tokenizer_2 is not None:
-        tok_files["json_2"] = copy_tokenizer(tokenizer_2, out_dir, pad_token_2, rel="tokenizer_2/tokenizer.json")
-    vocab = Tokenizer.from_file(str(out_dir / tok_rel)).get_vocab_size()
-    vocab_2 = Tokenizer.from_file(str(out_dir / tok_files["json_2"])).get_vocab_size() if tokenizer_2 else None
-    router_vocab = Tokenizer.from_file(str(out_dir / tok_files.get("router_json", tok_rel))).get_vocab_size()
-    unet0 = experts[0].unet
-    n_down = len(getattr(unet0, "config", {}).get("block_out_channels", (0, 0, 0))) - 1
-    unet_batch = unet_batch_range(max_batch)
-
-    def spec_for_unet(u) -> ExportSpec:
-        out_ch = getattr(u, "config", {}).get("out_channels", in_channels)
-        return unet_spec(in_channels, sample_size, text_len, context_dim, batch=unet_batch, out_channels=out_ch,
-                         size_range=size_range, size_multiple=2 ** max(n_down, 0),
-                         num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
-                         text_embeds_dim=added_dims[0] if added_dims else None)
-
-    if text_encoder_2 is not None:
-        pooled_dim = int(text_encoder_2.config.projection_dim)
-        te_job = (DualTextEncoderGraph(text_encoder, text_encoder_2),
-                  text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64), pooled_dim=pooled_dim,
-                                    vocab_size_2=vocab_2))
-    else:
-        pooled_dim = None
-        te_job = (TextEncoderGraph(text_encoder, use_attention_mask=text_encoder_uses_mask),
-                  text_encoder_spec(text_len, context_dim, vocab, batch=(1, 2, 64)))
-    if added_dims is not None and pooled_dim != added_dims[0]:
-        raise UserError(f"the UNet reads text_embeds of width {added_dims[0]}, the second text encoder gives "
-                        f"{pooled_dim}")
-
-    jobs: list[tuple[str, Any, ExportSpec, Path]] = [
-        ("router", RouterGraph(router_encoder, router_head),
-         router_spec(router_max_length, router_vocab, len(experts), embedding_dim, batch=(1, 2, 64)),
-         out_dir / "router.onnx"),
-        ("text_encoder", *te_job, out_dir / "text_encoder.onnx"),
-    ]
-    up = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    if vae is not None:
-        jobs.append(("vae_decoder", VaeDecoderGraph(vae),
-                     vae_decoder_spec(in_channels, sample_size, upscale=up, batch=(1, 1, max_batch),
-                                      out_channels=vae.config.out_channels),
-                     out_dir / "vae_decoder.onnx"))
-    for i, e in enumerate(experts):
-        jobs.append((f"expert_{i:02d}", UNetGraph(e.unet), spec_for_unet(e.unet), out_dir / "experts" / f"expert_{i:02d}.onnx"))
-    if dense is not None:
-        jobs.append(("dense", UNetGraph(dense.unet), spec_for_unet(dense.unet), out_dir / "experts" / "dense.onnx"))
-
-    report: dict[str, Any] = {"precision": precision, "exporter": exporter, "graphs": {}}
+    tok_files = _copy_tokenizers(out_dir, parts)
+    jobs = _graph_jobs(out_dir, experts, parts, options, family, tok_files)
+    report: dict[str, Any] = {"precision": options.precision, "exporter": options.exporter, "graphs": {}}
     files: dict[str, dict[str, Path]] = {}
     specs = {}
     with tempfile.TemporaryDirectory(prefix="aptp_trt_cache_") as cache_dir:
-        _export_graphs(jobs, precision, exporter, backend, options, Path(cache_dir) / "timing.cache",
-                       files, specs, report, vae_prec=vae_precision(vae, precision, added_dims is not None))
+        _export_graphs(jobs, options, Path(cache_dir) / "timing.cache", files, specs, report,
+                       vae_prec=family.vae_precision(parts.vae, options.precision))
     write_json(out_dir / "specs.json", specs)
 
     codes_ref = None
-    if codes is not None:
-        write_json(out_dir / "router_codes.json", codes)
+    if parts.codes is not None:
+        write_json(out_dir / "router_codes.json", parts.codes)
         codes_ref = FileRef.of(out_dir, "router_codes.json")
-
-    expert_infos = []
-    for i, e in enumerate(experts):
-        params = e.params if e.params is not None else _count_params(e.unet)
-        expert_infos.append(ExpertInfo(id=i, macs=float(e.macs), macs_fraction=float(e.macs) / float(dense_macs),
-                                       params=int(params), share=float(e.share),
-                                       files=_refs(out_dir, files[f"expert_{i:02d}"])))
-    dense_info = None
-    if dense is not None:
-        dense_info = DenseInfo(macs=float(dense.macs),
-                               params=int(dense.params if dense.params is not None else _count_params(dense.unet)),
-                               files=_refs(out_dir, files["dense"]))
+    dense, vae = parts.dense, parts.vae
     manifest = Manifest(
-        base_model=base_model,
+        base_model=parts.base_model,
         created_by=_aptp_version(),
-        precision=precision,
-        scheduler=SchedulerInfo(name, dict(scheduler_config)),
-        budget=None if budget is None else float(budget),
-        dense_macs=float(dense_macs),
-        text_len=int(text_len),
-        sample_size=(int(sample_size[0]), int(sample_size[1])),
-        in_channels=int(in_channels),
+        precision=options.precision,
+        scheduler=SchedulerInfo(name, dict(parts.scheduler_config)),
+        budget=None if parts.budget is None else float(parts.budget),
+        dense_macs=float(parts.dense_macs),
+        text_len=int(parts.text_len),
+        sample_size=(int(parts.sample_size[0]), int(parts.sample_size[1])),
+        in_channels=int(parts.in_channels),
         latent=vae is not None,
-        router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(router_max_length),
-                          num_experts=len(experts), embedding_dim=int(embedding_dim), codes=codes_ref),
-        text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(context_dim),
-                                     pooled_dim=pooled_dim, uncond=uncond),
+        router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(parts.router_max_length),
+                          num_experts=len(experts), embedding_dim=int(parts.embedding_dim), codes=codes_ref),
+        text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(parts.context_dim),
+                                     pooled_dim=_pooled_dim(parts), uncond=parts.uncond),
         tokenizer=TokenizerInfo(files={k: FileRef.of(out_dir, v) for k, v in tok_files.items()}),
-        experts=expert_infos,
+        experts=[ExpertInfo(id=i, macs=float(e.macs), macs_fraction=float(e.macs) / float(parts.dense_macs),
+                            params=_params(e), share=float(e.share), files=_refs(out_dir, files[f"expert_{i:02d}"]))
+                 for i, e in enumerate(experts)],
         vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
-                                                            float(vae_scaling_factor)),
-        dense=dense_info,
+                                                            float(parts.vae_scaling_factor)),
+        dense=None if dense is None else DenseInfo(macs=float(dense.macs), params=_params(dense),
+                                                   files=_refs(out_dir, files["dense"])),
         tensorrt=None if plan_env is None else TensorRTInfo(**plan_env, tf32=False),
-        family="sdxl" if added_dims else ("sd" if vae is not None else "pixel"),
-        added_cond=None if added_dims is None else AddedCondInfo(
-            int(added_dims[0]), tuple(int(v) for v in (image_size or (sample_size[0] * up, sample_size[1] * up)))),
-        info={**(info or {}), "export": report},
+        family=family.name,
+        added_cond=family.added_cond(_unet_config(experts[0]), parts.image_size or _image_size(parts)),
+        info={**(parts.info or {}), "export": report},
     )
     _publish_modes(out_dir)
     write_manifest(out_dir, manifest)
     _publish_modes(out_dir)
     return manifest, report
+
+
+def _unet_config(expert: ExpertModel):
+    return getattr(expert.unet, "config", None) or {}
+
+
+def _params(expert: ExpertModel) -> int:
+    return int(expert.params if expert.params is not None else _count_params(expert.unet))
+
+
+def _pooled_dim(parts: ExportParts) -> int | None:
+    """Width of the second text encoder's pooled output (text_embeds), None without one."""
+    return None if parts.text_encoder_2 is None else int(parts.text_encoder_2.config.projection_dim)
+
+
+def _vae_factor(vae) -> int:
+    """How many pixels one latent is per side (1 without a VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+def _image_size(parts: ExportParts) -> tuple[int, int]:
+    """Default pixel size of the images: the UNet's sample size times the VAE factor."""
+    up = _vae_factor(parts.vae)
+    return parts.sample_size[0] * up, parts.sample_size[1] * up
+
+
+def _family(experts: list[ExpertModel], parts: ExportParts) -> Family:
+    """The export's model family, decided once (families.detect_family), and a check that `parts` holds what it
+    needs; raises UserError before anything is written."""
+    if not experts:
+        raise UserError("no experts to export")
+    config = _unet_config(experts[0])
+    family = detect_family(config, has_vae=parts.vae is not None)
+    if family.second_text_encoder and parts.text_encoder_2 is None:
+        raise UserError(f"an {family.name.upper()}-class UNet (addition_embed_type {family.addition_embed_type}) "
+                        "needs the second text encoder that gives its pooled text embedding")
+    if not family.second_text_encoder and parts.text_encoder_2 is not None:
+        raise UserError(f"a second text encoder was given, but a {family.name!r}-family UNet reads none")
+    dims = family.added_cond_dims(config)
+    if dims is not None and _pooled_dim(parts) != dims[0]:
+        raise UserError(f"the UNet reads text_embeds of width {dims[0]}, the second text encoder gives "
+                        f"{_pooled_dim(parts)}")
+    return family
+
+
+def _copy_tokenizers(out_dir: Path, parts: ExportParts) -> dict[str, str]:
+    """Copy the text encoder's, the router's (when another) and the second tokenizer; the manifest's
+    tokenizer files, relative to `out_dir`."""
+    tok_files = {"json": copy_tokenizer(parts.tokenizer, out_dir, parts.pad_token)}
+    if parts.router_tokenizer is not None:
+        tok_files["router_json"] = copy_tokenizer(parts.router_tokenizer, out_dir, parts.router_pad_token,
+                                                  rel="tokenizer/router/tokenizer.json")
+    if parts.tokenizer_2 is not None:
+        tok_files["json_2"] = copy_tokenizer(parts.tokenizer_2, out_dir, parts.pad_token_2,
+                                             rel="tokenizer_2/tokenizer.json")
+    return tok_files
+
+
+def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, options: ExportOptions,
+                family: Family, tok_files: dict[str, str]) -> list[tuple[str, Any, ExportSpec, Path]]:
+    """(key, graph module, spec, path) of every graph to export: router, text encoder, [VAE decoder], experts,
+    [dense]."""
+
+    def vocab(key: str) -> int:
+        return Tokenizer.from_file(str(out_dir / tok_files[key])).get_vocab_size()
+
+    n_down = len(_unet_config(experts[0]).get("block_out_channels", (0, 0, 0))) - 1
+    unet_batch = unet_batch_range(options.max_batch)
+    dims = family.added_cond_dims(_unet_config(experts[0]))
+
+    def spec_for_unet(u) -> ExportSpec:
+        out_ch = getattr(u, "config", {}).get("out_channels", parts.in_channels)
+        return unet_spec(parts.in_channels, parts.sample_size, parts.text_len, parts.context_dim, batch=unet_batch,
+                         out_channels=out_ch, size_range=options.size_range, size_multiple=2 ** max(n_down, 0),
+                         num_train_timesteps=parts.scheduler_config.get("num_train_timesteps", 1000),
+                         text_embeds_dim=dims[0] if dims else None)
+
+    if family.second_text_encoder:
+        te_graph = DualTextEncoderGraph(parts.text_encoder, parts.text_encoder_2)
+        te_spec = text_encoder_spec(parts.text_len, parts.context_dim, vocab("json"), batch=(1, 2, 64),
+                                    pooled_dim=_pooled_dim(parts), vocab_size_2=vocab("json_2"))
+    else:
+        te_graph = TextEncoderGraph(parts.text_encoder, use_attention_mask=parts.text_encoder_uses_mask)
+        te_spec = text_encoder_spec(parts.text_len, parts.context_dim, vocab("json"), batch=(1, 2, 64))
+    jobs: list[tuple[str, Any, ExportSpec, Path]] = [
+        ("router", RouterGraph(parts.router_encoder, parts.router_head),
+         router_spec(parts.router_max_length, vocab("router_json" if "router_json" in tok_files else "json"),
+                     len(experts), parts.embedding_dim, batch=(1, 2, 64)),
+         out_dir / "router.onnx"),
+        ("text_encoder", te_graph, te_spec, out_dir / "text_encoder.onnx"),
+    ]
+    if parts.vae is not None:
+        jobs.append(("vae_decoder", VaeDecoderGraph(parts.vae),
+                     vae_decoder_spec(parts.in_channels, parts.sample_size, upscale=_vae_factor(parts.vae),
+                                      batch=(1, 1, options.max_batch), out_channels=parts.vae.config.out_channels),
+                     out_dir / "vae_decoder.onnx"))
+    for i, e in enumerate(experts):
+        jobs.append((f"expert_{i:02d}", UNetGraph(e.unet), spec_for_unet(e.unet),
+                     out_dir / "experts" / f"expert_{i:02d}.onnx"))
+    if parts.dense is not None:
+        jobs.append(("dense", UNetGraph(parts.dense.unet), spec_for_unet(parts.dense.unet),
+                     out_dir / "experts" / "dense.onnx"))
+    return jobs

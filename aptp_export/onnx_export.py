@@ -50,6 +50,7 @@ from torch import nn
 from engines.manifest import PRECISIONS, sha256_file
 
 from .export_spec import ExportSpec
+from .families import unet_extra_inputs
 
 DEFAULT_OPSET = 17
 FP32_RTOL = 1e-4
@@ -66,14 +67,16 @@ class ExportVerificationError(RuntimeError):
 class UNetGraph(nn.Module):
     """(sample, timestep [N] float, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample, for any
     diffusers-style UNet (dense or physically pruned) whose forward is `unet(sample, timestep,
-    encoder_hidden_states)`. SDXL-class UNets (`addition_embed_type="text_time"`) take two more inputs,
-    the pooled text embedding [N, P] and the size conditioning time_ids [N, 6], passed as diffusers'
-    `added_cond_kwargs` (`has_added_cond` says which kind a graph is)."""
+    encoder_hidden_states)`. UNets whose family has extra inputs (families.py; SDXL-class,
+    `addition_embed_type="text_time"`) take the pooled text embedding [N, P] and the size conditioning
+    time_ids [N, 6], passed as diffusers' `added_cond_kwargs` (`extra_inputs` names them, `has_added_cond`
+    says whether a graph has any)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.has_added_cond = has_text_time(unet)
+        self.extra_inputs = unet_extra_inputs(getattr(unet, "config", None) or {})
+        self.has_added_cond = bool(self.extra_inputs)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         kwargs = {}
@@ -81,12 +84,6 @@ class UNetGraph(nn.Module):
             kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
         out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)
         return out[0]
-
-
-def has_text_time(unet) -> bool:
-    """Whether `unet` is conditioned on SDXL's pooled text embedding and size ids (added_cond_kwargs)."""
-    config = getattr(unet, "config", None) or {}
-    return config.get("addition_embed_type") == "text_time"
 
 
 def _last_hidden_state(encoder: nn.Module, input_ids, attention_mask):

@@ -122,7 +122,8 @@ class Export:
 def build_export(kind: str = "pixel", precision: str = "fp32", backend: str = "onnx") -> Export:
     """Export the tiny models once per session into a temporary directory (removed at exit)."""
     from aptp_export.export_options import ExportOptions
-    from aptp_export.manifest_writer import ExpertModel, write_export_dir
+    from aptp_export.export_parts import ExpertModel, ExportParts
+    from aptp_export.manifest_writer import write_export_dir
 
     out = Path(tempfile.mkdtemp(prefix=f"aptp_engines_{kind}_{precision}_{backend}_"))
     atexit.register(shutil.rmtree, out, True)
@@ -137,17 +138,16 @@ def build_export(kind: str = "pixel", precision: str = "fp32", backend: str = "o
     params = [sum(p.numel() for p in u.parameters()) for u in unets]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manifest, report = write_export_dir(
-            out, experts=[ExpertModel(u, macs=float(p), share=0.5) for u, p in zip(unets, params, strict=True)],
+        parts = ExportParts(
             text_encoder=encoder, router_encoder=encoder, router_head=head, tokenizer=minilm_dir(),
             scheduler_config=SCHEDULER, sample_size=(size, size), in_channels=in_ch,
             text_len=TEXT_LEN, context_dim=HIDDEN, router_max_length=256, embedding_dim=HIDDEN,
             dense_macs=float(max(params)), budget=0.5, base_model=f"tiny-{kind}", vae=vae,
             vae_scaling_factor=0.3 if latent else None, info={"test": True},
-            codes={"codes": [[1, 0, 1], [0, 1, 1]]},
-            options=ExportOptions(scheduler="ddim", max_batch=4, precision=precision, backend=backend,
-                                  progress=False),
-        )
+            codes={"codes": [[1, 0, 1], [0, 1, 1]]})
+        manifest, report = write_export_dir(
+            out, [ExpertModel(u, macs=float(p), share=0.5) for u, p in zip(unets, params, strict=True)], parts,
+            ExportOptions(scheduler="ddim", max_batch=4, precision=precision, backend=backend, progress=False))
     return Export(out, kind, unets, encoder, head, vae, manifest, report)
 
 

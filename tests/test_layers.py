@@ -192,13 +192,45 @@ def private_access() -> list[str]:
     return found
 
 
+MAX_LINES, MAX_PARAMS = 120, 12
+# offenders allowed (name -> (lines, parameters)): none since issue 21; a function may only join this list
+# with a reason
+KNOWN_LONG: dict[str, tuple[int, int]] = {}
+
+
+def long_functions() -> dict[str, tuple[int, int]]:
+    """'file:Qualified.name' -> (lines, parameters) of every library function over MAX_LINES lines, or public
+    with more than MAX_PARAMS parameters (self/cls not counted)."""
+    found = {}
+    for path in module_files().values():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        stack = [(tree, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.ClassDef):
+                    stack.append((child, f"{prefix}{child.name}."))
+                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    a = child.args
+                    params = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
+                    params -= 1 if a.args and a.args[0].arg in ("self", "cls") else 0
+                    lines = child.end_lineno - child.lineno + 1
+                    if lines > MAX_LINES or (not child.name.startswith("_") and params > MAX_PARAMS):
+                        found[f"{path.relative_to(ROOT)}:{prefix}{child.name}"] = (lines, params)
+                    stack.append((child, f"{prefix}{child.name}."))
+    return found
+
+
 def report() -> str:
     upward, cycles, edges = analyse()
     private = private_access()
+    long = long_functions()
     lines = [f"{len(module_files())} modules, {edges} imports of our own modules read",
              f"upward imports: {len(upward)}", *[f"  {u}" for u in upward],
              f"file cycles: {len(cycles)}", *[f"  {' <-> '.join(c)}" for c in cycles],
-             f"private names of other modules touched: {len(private)}", *[f"  {p}" for p in private]]
+             f"private names of other modules touched: {len(private)}", *[f"  {p}" for p in private],
+             f"functions over {MAX_LINES} lines or public with over {MAX_PARAMS} parameters: {len(long)}",
+             *[f"  {k}: {v[0]} lines, {v[1]} parameters" for k, v in sorted(long.items())]]
     return "\n".join(lines)
 
 
@@ -209,6 +241,12 @@ def test_no_upward_imports_and_no_file_cycles():
 
 def test_no_module_touches_another_modules_private_names():
     assert not private_access(), "\n" + report()
+
+
+def test_no_new_long_functions():
+    grown = {k: v for k, v in long_functions().items()
+             if k not in KNOWN_LONG or v[0] > KNOWN_LONG[k][0] or v[1] > KNOWN_LONG[k][1]}
+    assert not grown, "\n" + report()
 
 
 def test_private_checker_catches_cross_module_access(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from aptp_export.unet_configs import added_cond_dims
+from aptp_export.families import Family, detect_family, get_family
 from engines.errors import UserError
 
 from .text import TextEncoder
@@ -76,12 +76,17 @@ class BaseModel:
     vae: torch.nn.Module | None = None
     latent_channels: int = 0
     scaling_factor: float = 1.0
-    family: str = "pixel"     # engines.manifest.FAMILIES: "pixel" | "sd" | "sdxl"
+    family: str = "pixel"     # aptp_export.families (engines.manifest.FAMILIES): "pixel" | "sd" | "sdxl"
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
     # the model's own scheduler config (scheduler/scheduler_config.json as written, prediction_type resolved):
     # what sampling uses (an export's manifest), as opposed to `scheduler`, the DDPM rebuilt for training,
     # which drops keys DDPM has no use for (set_alpha_to_one) and fills others with DDPM's defaults
     scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def family_info(self) -> Family:
+        """The registry entry of the model's family (aptp_export.families)."""
+        return get_family(self.family)
 
     @property
     def sample_channels(self) -> int:
@@ -97,7 +102,7 @@ class BaseModel:
         image (training.data.collate(..., sizes=True)); None = the training resolution, no crop. Only
         SDXL-class UNets read it. With force_zeros_for_empty_prompt (SDXL) an empty caption gets zeros, the
         unconditional condition the pipeline and the runtime sample with."""
-        if self.family != "sdxl":
+        if not self.family_info.extra_inputs:
             return UNetCond(self.encode_text(captions))
         context, pooled = self.text_encoder.encode_pooled(list(captions))
         if self.force_zeros_for_empty_prompt:  # "" (a dropped caption) is what sampling's zeros stand for
@@ -239,18 +244,19 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
         vae.eval().requires_grad_(False)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        xl = (path / "text_encoder_2").is_dir()
-        if xl != (added_cond_dims(unet.config) is not None):
-            raise UserError(f"{path}: " + ("text_encoder_2/ is there but the UNet does not read text_embeds/time_ids"
-                                           if xl else "the UNet reads SDXL's text_embeds/time_ids but there is no "
-                                           "text_encoder_2/"))
+        family = detect_family(unet.config, has_vae=True)  # decided once, here (aptp_export/families.py)
+        xl = family.second_text_encoder
+        if xl != (path / "text_encoder_2").is_dir():
+            raise UserError(f"{path}: " + ("the UNet reads SDXL's text_embeds/time_ids but there is no "
+                                           "text_encoder_2/" if xl else "text_encoder_2/ is there but the UNet "
+                                           "does not read text_embeds/time_ids"))
         text = (_SdxlClipTokens if xl else _ClipTokens)(path, mcfg.text_max_length, device)
         image_size = int(mcfg.resolution or unet.config.sample_size * factor)
         if image_size % factor:
             raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
         return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size // factor,
                          text.max_length, text, vae, int(vae.config.latent_channels),
-                         float(vae.config.scaling_factor), family="sdxl" if xl else "sd",
+                         float(vae.config.scaling_factor), family=family.name,
                          force_zeros_for_empty_prompt=xl and _force_zeros(path), scheduler_config=sampling_cfg)
     te = json.loads((path / "text_encoder.json").read_text())
     if te.get("type") != "token_states":
@@ -259,4 +265,4 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     text = _MiniLMTokens(max_len, device)
     image_size = int(mcfg.resolution or unet.config.sample_size)
     return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size, max_len, text,
-                     scheduler_config=sampling_cfg)
+                     family=detect_family(unet.config, has_vae=False).name, scheduler_config=sampling_cfg)

@@ -3,8 +3,8 @@
     manifest, report = export_run("runs/toy", "export/toy", with_dense=True)
 
 Loads the run's resolved config, its base model, the router (predictor + codes) and every
-fine-tuned expert file, and hands them to `manifest_writer.write_export_dir`, which exports and
-verifies every graph against torch and writes manifest.json last. Expert MACs come from the
+fine-tuned expert file into an `ExportParts` and hands it to `manifest_writer.write_export_dir`, which
+exports and verifies every graph against torch and writes manifest.json last. Expert MACs come from the
 architecture space at the model's sample size and text length (batch 1, true MACs); `share` is the
 fraction of training prompts the router sent to each expert at the end of the pruning phase.
 """
@@ -21,7 +21,8 @@ from transformers import CLIPTokenizerFast
 from aptp_export import ArchSpace, load_expert
 from aptp_export.expert_io import read_expert_info
 from aptp_export.export_options import ExportOptions
-from aptp_export.manifest_writer import ExpertModel, write_export_dir
+from aptp_export.export_parts import ExpertModel, ExportParts
+from aptp_export.manifest_writer import write_export_dir
 from aptp_export.rounding import pad_expert, round_units
 from engines.errors import UserError
 
@@ -73,52 +74,44 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         macs = space.macs(arch.tolist(), h, w, text_len)
         experts.append(ExpertModel(unet, macs, share=float(shares[i])))
     sentence = SentenceEncoder(cfg.router.sentence_encoder)
-    dense = ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None
-    if base.kind == "pixel":  # the toy layout: MiniLM token states, one tokenizer for both encoders
-        shared = {"text_encoder": base.text_encoder.enc.model, "tokenizer": sentence.model_dir}
-    else:
-        # SD: CLIP text encoder (no attention mask, as the pipelines call it) with its own tokenizer and
-        # padding token; the router keeps the sentence encoder's tokenizer.
-        clip_tok = base.text_encoder.tokenizer
-        shared = {"text_encoder": base.text_encoder.model, "tokenizer": _fast_tokenizer_json(base.path / "tokenizer"),
-                  "pad_token": clip_tok.pad_token, "router_tokenizer": sentence.model_dir,
-                  "text_encoder_uses_mask": False, "vae": base.vae, "vae_scaling_factor": base.scaling_factor}
-        if base.family == "sdxl":  # the second encoder and tokenizer; zeros as the unconditional condition
-            shared.update(text_encoder_2=base.text_encoder.model_2,
-                          tokenizer_2=_fast_tokenizer_json(base.path / "tokenizer_2"),
-                          pad_token_2=base.text_encoder.tokenizer_2.pad_token,
-                          uncond="zeros" if base.force_zeros_for_empty_prompt else "empty_prompt",
-                          image_size=(base.image_size, base.image_size))
+    family = base.family_info
+    te = base.text_encoder
     with tempfile.TemporaryDirectory() as scratch:
-        for key in ("tokenizer", "tokenizer_2"):
-            if isinstance(shared.get(key), _Deferred):
-                shared[key] = shared[key].write(Path(scratch) / key)
-        return write_export_dir(
-            out_dir, experts=experts, router_encoder=sentence.model, router_head=router.scorer(),
-            scheduler_config=dict(base.scheduler_config), sample_size=(h, w),
-            in_channels=base.sample_channels, text_len=text_len, context_dim=int(base.unet.config.cross_attention_dim),
-            router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim, dense_macs=dense_macs,
-            budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"), dense=dense, codes=None,
-            info={"run": str(run_dir), "arch_space": space.to_dict()}, options=options, **shared)
+        # pixel (the toy layout): MiniLM token states, one tokenizer for both encoders. Latent: the pipeline's
+        # CLIP text encoder (no attention mask, as the pipelines call it) with its own tokenizer and padding
+        # token, the router keeping the sentence encoder's tokenizer; SDXL adds the second encoder and its
+        # tokenizer, and zeros as the unconditional condition when the pipeline asks for them.
+        latent, second = family.latent, family.second_text_encoder
+        parts = ExportParts(
+            sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
+            context_dim=int(base.unet.config.cross_attention_dim), dense_macs=dense_macs,
+            scheduler_config=dict(base.scheduler_config),
+            dense=ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None,
+            text_encoder=te.model if latent else te.enc.model,
+            tokenizer=_fast_tokenizer_json(base.path / "tokenizer", scratch) if latent else sentence.model_dir,
+            pad_token=te.tokenizer.pad_token if latent else None,
+            text_encoder_uses_mask=not latent,
+            text_encoder_2=te.model_2 if second else None,
+            tokenizer_2=_fast_tokenizer_json(base.path / "tokenizer_2", scratch) if second else None,
+            pad_token_2=te.tokenizer_2.pad_token if second else None,
+            uncond="zeros" if base.force_zeros_for_empty_prompt else "empty_prompt",
+            image_size=(base.image_size, base.image_size) if family.extra_inputs else None,
+            router_encoder=sentence.model, router_head=router.scorer(),
+            router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim,
+            router_tokenizer=sentence.model_dir if latent else None,
+            vae=base.vae, vae_scaling_factor=base.scaling_factor if latent else None,
+            budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"),
+            info={"run": str(run_dir), "arch_space": space.to_dict()})
+        return write_export_dir(out_dir, experts, parts, options)
 
 
-class _Deferred:
-    """A tokenizer.json to be written into a scratch directory at export time."""
-
-    def __init__(self, tokenizer_dir: Path):
-        self.tokenizer_dir = tokenizer_dir
-
-    def write(self, scratch: Path) -> Path:
-        tok = CLIPTokenizerFast.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
-        tok.save_pretrained(str(scratch))
-        return scratch / "tokenizer.json"
-
-
-def _fast_tokenizer_json(tokenizer_dir: Path):
+def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Path:
     """SD's tokenizer/ as a tokenizers-library file: its tokenizer.json if present, else converted from the
-    slow CLIP files (vocab.json + merges.txt) at export time."""
+    slow CLIP files (vocab.json + merges.txt) into a directory under `scratch`."""
     if (tokenizer_dir / "tokenizer.json").is_file():
         return tokenizer_dir / "tokenizer.json"
     if not (tokenizer_dir / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir}: neither tokenizer.json nor vocab.json + merges.txt")
-    return _Deferred(tokenizer_dir)
+    out = Path(scratch) / tokenizer_dir.name
+    CLIPTokenizerFast.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(str(out))
+    return out / "tokenizer.json"

@@ -34,15 +34,16 @@ def test_missing_tensorrt_names_the_extra(tmp_path):
         Runtime.load(tmp_path, provider="tensorrt")  # refused before the directory is even read
 
     from aptp_export.export_options import ExportOptions
-    from aptp_export.manifest_writer import ExpertModel, write_export_dir
+    from aptp_export.export_parts import ExpertModel, ExportParts
+    from aptp_export.manifest_writer import write_export_dir
 
     out = tmp_path / "export"
     with pytest.raises(TensorRTUnavailable, match="tensorrt"):
-        write_export_dir(out, experts=[ExpertModel(torch.nn.Identity(), 1.0)], text_encoder=None,
-                         router_encoder=None, router_head=None, tokenizer=tmp_path, scheduler_config={},
-                         sample_size=(16, 16), in_channels=3, text_len=16, context_dim=32, router_max_length=64,
-                         embedding_dim=32, dense_macs=1.0,
-                         options=ExportOptions(backend="tensorrt", progress=False))
+        parts = ExportParts(text_encoder=None, router_encoder=None, router_head=None, tokenizer=tmp_path,
+                            scheduler_config={}, sample_size=(16, 16), in_channels=3, text_len=16, context_dim=32,
+                            router_max_length=64, embedding_dim=32, dense_macs=1.0)
+        write_export_dir(out, [ExpertModel(torch.nn.Identity(), 1.0)], parts,
+                         ExportOptions(backend="tensorrt", progress=False))
     assert not out.exists(), "nothing may be exported when the backend cannot be built"
 
 

@@ -22,7 +22,8 @@ PROMPTS = ["a red circle on a blue background", "the letter K in green above a s
 def toy_export(tmp_path_factory):
     from aptp_export import ArchSpace
     from aptp_export.export_options import ExportOptions
-    from aptp_export.manifest_writer import ExpertModel, write_export_dir
+    from aptp_export.export_parts import ExpertModel, ExportParts
+    from aptp_export.manifest_writer import write_export_dir
     from training.text import SentenceEncoder
     from training.toy import load_teacher, teacher_dir
 
@@ -38,14 +39,15 @@ def toy_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_export")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manifest, report = write_export_dir(
-            out, experts=[ExpertModel(unet, dense_macs, share=0.5),
-                          ExpertModel(expert, space.macs(arch, height=32, width=32, text_len=16), share=0.5)],
+        parts = ExportParts(
             text_encoder=text.model, router_encoder=sentence.model, router_head=head, tokenizer=sentence.model_dir,
             scheduler_config=dict(scheduler.config), sample_size=(32, 32), in_channels=3,
             text_len=16, context_dim=384, router_max_length=int(sentence.max_seq_length),
-            embedding_dim=sentence.dim, dense_macs=dense_macs, budget=0.7, base_model=str(teacher_dir()),
-            options=ExportOptions(scheduler="ddim", progress=False))
+            embedding_dim=sentence.dim, dense_macs=dense_macs, budget=0.7, base_model=str(teacher_dir()))
+        manifest, report = write_export_dir(
+            out, [ExpertModel(unet, dense_macs, share=0.5),
+                  ExpertModel(expert, space.macs(arch, height=32, width=32, text_len=16), share=0.5)],
+            parts, ExportOptions(scheduler="ddim", progress=False))
     return out, [unet, expert], text, scheduler, report
 
 

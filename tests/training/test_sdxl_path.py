@@ -150,7 +150,7 @@ def test_sdxl_export_serves_bitwise_through_the_step_batcher(sdxl_run):
 def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run, tmp_path):
     from diffusers import AutoencoderKL
 
-    from aptp_export.manifest_writer import vae_precision
+    from aptp_export.families import MODEL_FAMILIES
     from engines.errors import ManifestError
     from engines.manifest import AddedCondInfo, Manifest
 
@@ -175,8 +175,9 @@ def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run,
     assert AddedCondInfo(16, (768, 1024)).time_ids() == [768, 1024, 0, 0, 768, 1024]
     # fp16 SDXL exports keep a VAE decoder that asks for upcasting (SDXL's VAE overflows in fp16) in fp32
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
-    assert vae.config.force_upcast and vae_precision(vae, "fp16", sdxl=True) == "fp32"
-    assert vae_precision(vae, "fp32", sdxl=True) == "fp32"
-    assert vae_precision(vae, "fp16", sdxl=False) == "fp16"  # SD 1.x / 2.x pipelines decode in fp16
+    sdxl, sd = MODEL_FAMILIES["sdxl"], MODEL_FAMILIES["sd"]
+    assert vae.config.force_upcast and sdxl.vae_precision(vae, "fp16") == "fp32"
+    assert sdxl.vae_precision(vae, "fp32") == "fp32"
+    assert sd.vae_precision(vae, "fp16") == "fp16"  # SD 1.x / 2.x pipelines decode in fp16
     vae.register_to_config(force_upcast=False)  # e.g. madebyollin/sdxl-vae-fp16-fix
-    assert vae_precision(vae, "fp16", sdxl=True) == "fp16"
+    assert sdxl.vae_precision(vae, "fp16") == "fp16"

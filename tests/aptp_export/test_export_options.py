@@ -1,0 +1,23 @@
+"""ExportOptions refuses impossible settings with a one-line UserError naming the option (engines.validation)."""
+
+import pytest
+
+from aptp_export.export_options import ExportOptions
+from engines.errors import UserError
+
+
+@pytest.mark.parametrize("changes, option", [
+    (dict(backend="openvino2"), "backend"), (dict(precision="int3"), "precision"), (dict(max_batch=0), "max_batch"),
+    (dict(max_batch=True), "max_batch"), (dict(size_range=(64, 32)), "size_range"), (dict(size_range=[8, 16]), "size_range"),
+    (dict(round_to=0), "round_to"), (dict(scheduler="lms"), "scheduler"), (dict(exporter="magic"), "exporter"),
+])
+def test_bad_options_name_the_option(changes, option):
+    with pytest.raises(UserError, match=option):
+        ExportOptions(**changes)
+
+
+def test_good_options_and_replace():
+    o = ExportOptions(size_range=(16, 64), max_batch=2, round_to=8)
+    assert o.replace(precision="fp16").precision == "fp16" and o.replace().to_dict() == o.to_dict()
+    with pytest.raises(UserError, match="unknown export option 'colour'"):
+        o.replace(colour="red")
