@@ -20,15 +20,20 @@ Policies (`ServeConfig.batching`):
 - "step": a worker returns its lane after every tick; at each step boundary a lane admits waiting
   tasks of its expert, and each image leaves the lane when its own steps are done. Which lane a free
   worker ticks next: first one that can admit waiting images (oldest waiting first), so a new
-  request waits about one UNet call before its first step; otherwise the running lane holding the
-  oldest image. Ticking running lanes round-robin instead (processor sharing) made every request
-  finish late: at Poisson 0.5x capacity on the 8-expert demo export, p50 latency was 6x request
-  policy's (docs/serving.md).
+  request waits about one UNet call before its first step; otherwise the running lane with the least
+  remaining work, aged: key = remaining UNet calls of its longest image - calls' worth of time its
+  oldest image has waited (ties: oldest first). Without other work this is oldest first, close to
+  run-to-completion; a short request is not held behind a long one (of its expert or another), and a
+  long one waits at most about its own remaining calls. Ticking running lanes round-robin instead
+  (processor sharing) made every request finish late: at Poisson 0.5x capacity on the 8-expert demo
+  export, p50 latency was 6x request policy's (docs/serving.md).
 
 In the step policy at most `workers * max_batch` images are in lanes at once; the others wait in
-their queue (and count against its bound). Lanes of one expert are kept about the same size, ceil(images of the expert / workers) (at most
-`max_batch`): on a CPU, where a larger batch barely lowers the cost per image, that spreads work over
-every worker; with one worker (a GPU) it is one lane of up to `max_batch` per expert.
+their queue (and count against its bound). An expert below its fair share of that cap (the cap divided by
+the experts with work) may still open a lane, so a light request for an idle expert starts at the next
+step boundary however long another expert's backlog is (no expert passes its share that way). Lanes of
+one expert are kept about the same size, ceil(images of the expert / workers) (at most `max_batch`): on
+a CPU, where a larger batch barely lowers the cost per image, that spreads work over every worker; with one worker (a GPU) it is one lane of up to `max_batch` per expert.
 
 Every image is bitwise the image `Runtime.generate` gives for the same prompt, seed and settings
 (see engines/stepping.py for the condition). Admission is bounded in images: more than
@@ -205,6 +210,7 @@ class Batcher:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._image_cost_s: float | None = None  # EWMA of worker-seconds per image
+        self._tick_s: float | None = None  # EWMA of one UNet call's seconds
         self.ready = False
         self.image_size: tuple[int, int] | None = None  # (width, height) of the images, known after warm_up
 
@@ -480,14 +486,22 @@ class Batcher:
             best = None  # (key, lane or expert, take)
             wake = None
             # step policy: images in lanes are capped at workers * max_batch, so the rest really waits
-            # in the (bounded) queue instead of slowing every admitted image down
-            room = workers * cfg.max_batch - sum(len(lane.tasks) for lane in self._lanes)
+            # in the (bounded) queue instead of slowing every admitted image down; but an expert below its
+            # fair share of that cap (cap / experts with work) may admit beyond it, so one expert's backlog
+            # never holds a light request of another expert behind it (head-of-line across experts)
+            tick_s = self._tick_s or 0.05
+            cap = workers * cfg.max_batch
+            room = cap - sum(len(lane.tasks) for lane in self._lanes)
+            working = {lane.expert for lane in self._lanes if lane.tasks} | {e for e in self.experts if self._queues[e]}
+            share = max(1, cap // max(1, len(working)))
+            rooms = {}
             for e in self.experts:
                 q = self._queues[e]
                 lanes = [lane for lane in self._lanes if lane.expert == e]
+                rooms[e] = max(room, share - sum(len(lane.tasks) for lane in lanes))
                 if cfg.batching == "step":
                     free = [lane for lane in lanes if not lane.busy]
-                    if q and room > 0:
+                    if q and rooms[e] > 0:
                         active = sum(len(lane.tasks) for lane in lanes)
                         target = min(cfg.max_batch, math.ceil((len(q) + active) / workers))
                         for lane in free:
@@ -495,9 +509,12 @@ class Batcher:
                                 best = _better(best, (0, q[0].arrived), lane, target - len(lane.tasks))
                         if len(lanes) < workers:
                             best = _better(best, (0, q[0].arrived), e, target)
-                    for lane in free:  # then running lanes, oldest work first (close to run-to-completion)
+                    for lane in free:  # then running lanes: least remaining work first, aged (see the doc)
                         if lane.tasks:
-                            best = _better(best, (1, min(t.arrived for t in lane.tasks)), lane, 0)
+                            remaining = max(t.state.total - t.state.index for t in lane.tasks)
+                            waited = (now - min(t.arrived for t in lane.tasks)) / tick_s
+                            best = _better(best, (1, remaining - waited, min(t.arrived for t in lane.tasks)),
+                                           lane, 0)
                 elif q:
                     ready_at = q[0].arrived + cfg.max_wait_ms / 1000.0
                     if len(q) >= cfg.max_batch or now >= ready_at or not self._accepting:
@@ -517,7 +534,7 @@ class Batcher:
                 self._lanes.append(lane)
             q = self._queues[lane.expert]
             if cfg.batching == "step":
-                take = min(take, max(0, room))
+                take = min(take, max(0, rooms[lane.expert]))
             for _ in range(min(take, len(q))):
                 lane.tasks.append(q.popleft())
                 self._queued -= 1
@@ -542,6 +559,7 @@ class Batcher:
         unet_step(self.runtime.unet(e), [t.state for t in tasks])
         end = time.monotonic()
         self.observer.unet_call(e, len(tasks), end - start)
+        self._tick_s = end - start if self._tick_s is None else 0.9 * self._tick_s + 0.1 * (end - start)
         for t in tasks:
             t.cost += (end - start) / len(tasks)
             t.calls += 1

@@ -108,6 +108,24 @@ def test_mixed_settings_share_a_step_batch(rt):
     assert max(n for _, n in rec.batches) >= 2  # they really shared calls
 
 
+def test_a_light_request_is_not_held_behind_another_experts_backlog(rt):
+    """Two n=8, steps=100 requests fill every lane of expert 0 (workers * max_batch = 16 images); a steps=2
+    request for expert 1 still starts at the next step boundary and finishes long before them."""
+    rec = Recorder()
+    with Batcher(rt, ServeConfig(batching="step", workers=2, max_batch=8, max_steps=100), rec) as b:
+        heavy = [b.submit(ANCHORS[0], n=8, steps=100, expert=0, seed=s) for s in (1, 100)]
+        while sum(n for e, n in rec.batches if e == 0) < 16:  # expert 0's lanes are full and running
+            time.sleep(0.005)
+        light = b.submit(ANCHORS[1], steps=2, expert=1)
+        r = light.result(60)[0]
+        assert not any(t.future.done() for t in heavy), "the light request waited for the heavy ones"
+        calls_before = sum(1 for e, _ in rec.batches if e == 0)
+        for t in heavy:
+            t.cancel("test")
+    assert r.unet_calls == 2 and (1, 1) in rec.batches
+    assert calls_before < 60  # it finished while expert 0 had done well under its 2 x 100 calls
+
+
 def test_step_policy_admits_at_step_boundaries(rt, monkeypatch):
     gate = Gate(monkeypatch)
     rec = Recorder()
