@@ -334,7 +334,42 @@ def scenario_soak(args, base: list[str], out: Path, result: dict) -> None:
     print("soak", {k: v for k, v in s.items() if k != "rss_mb"}, flush=True)
 
 
-SCENARIOS = {"capacity": scenario_capacity, "poisson": scenario_poisson, "burst": scenario_burst, "disconnect": scenario_disconnect, "deadline": scenario_deadline, "sigterm": scenario_sigterm, "soak": scenario_soak}
+def scenario_fairness(args, base: list[str], out: Path, result: dict) -> None:
+    """Two n=8, steps=100 requests on expert 0, then light steps=2 requests on expert 1, one after another:
+    the light ones must not wait for the heavy backlog of another expert (issue 22: served within 10 s)."""
+    srv = Server(args.engines, out / "logs", "fairness", *base, "--max-steps", "100", "--max-queue-images", "64",
+                 "--timeout-s", "600")
+
+    async def go():
+        async with httpx.AsyncClient(timeout=None) as client:
+            heavy = [asyncio.ensure_future(client.post(srv.url + "/v1/images/generations", json={
+                "prompt": PROMPTS[0], "model": "aptp:expert-0", "n": 8, "steps": 100, "seed": s})) for s in (1, 100)]
+            await asyncio.sleep(2.0)  # the heavy images are in the lanes
+            light = []
+            for i in range(5):
+                t0 = time.perf_counter()
+                r = await client.post(srv.url + "/v1/images/generations", json={
+                    "prompt": PROMPTS[1], "model": "aptp:expert-1", "steps": 2, "seed": i})
+                d = r.json()["data"][0] if r.status_code == 200 else {}
+                light.append({"code": r.status_code, "latency_s": time.perf_counter() - t0,
+                              "queued_s": d.get("queued_s"), "heavy_done": sum(h.done() for h in heavy)})
+            t0 = time.perf_counter()
+            codes = [(await h).status_code for h in heavy]
+            return light, codes, time.perf_counter() - t0
+
+    light, heavy_codes, heavy_rest_s = asyncio.run(go())
+    srv.stop()
+    lat = [x["latency_s"] for x in light]
+    result["fairness"] = {"light": light, "heavy_codes": heavy_codes, "heavy_finished_after_light_s": heavy_rest_s,
+                          "light_latency_p50_s": float(np.median(lat)), "light_latency_max_s": max(lat),
+                          "light_first_step_wait_p50_s": float(np.median([x["queued_s"] for x in light
+                                                                          if x["queued_s"] is not None]))}
+    print("fairness", {k: v for k, v in result["fairness"].items() if k != "light"}, flush=True)
+
+
+SCENARIOS = {"capacity": scenario_capacity, "fairness": scenario_fairness, "poisson": scenario_poisson,
+             "burst": scenario_burst, "disconnect": scenario_disconnect, "deadline": scenario_deadline,
+             "sigterm": scenario_sigterm, "soak": scenario_soak}
 
 
 def main(argv=None) -> int:
@@ -348,7 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement")
     ap.add_argument("--cap-s", type=float, default=90.0, help="time cap per measurement")
     ap.add_argument("--soak-s", type=float, default=300.0)
-    ap.add_argument("--only", default="capacity,poisson,burst,disconnect,deadline,sigterm,soak")
+    ap.add_argument("--only", default="capacity,poisson,burst,disconnect,deadline,sigterm,soak",
+                    help="scenarios, comma-separated: " + ", ".join(SCENARIOS))
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

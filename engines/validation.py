@@ -29,8 +29,9 @@ def is_int(v) -> bool:
 
 
 def is_number(v) -> bool:
-    """A finite real number (int or float, numpy too), not a bool."""
-    return (is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+    """A finite real number (int or float, numpy too), not a bool. Never converts an int to float (a
+    400-digit integer is a number, out of any range, not an OverflowError)."""
+    return is_int(v) or (isinstance(v, (float, np.floating)) and math.isfinite(v))
 
 
 class Checks:

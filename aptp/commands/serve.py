@@ -42,6 +42,14 @@ _HELP = {
     "default_guidance_scale": "classifier-free guidance scale when a request gives none",
     "api_key": "require 'Authorization: Bearer KEY' on every endpoint but /healthz and /readyz "
                "(prefer the environment variable APTP_SERVE_API_KEY: flags show in ps)",
+    "allowed_hosts": "Host header names answered, comma-separated ('*': any); default: when bound to a loopback "
+                     "address only localhost, 127.0.0.1, ::1 (a web page cannot reach it by DNS rebinding), else any",
+    "max_route_prompts": "/v1/route: prompts routed at once, all requests together; a request that does not fit "
+                         "gets 503 + Retry-After at once",
+    "header_timeout_s": "close a connection whose request headers are not complete this long after it opened "
+                        "(or after its previous response)",
+    "body_timeout_s": "a request body not received within this many seconds gets 408",
+    "max_connections": "open connections and requests in progress at once; more get 503 from uvicorn",
 }
 _CHOICES = {"provider": PROVIDERS, "batching": POLICIES}
 

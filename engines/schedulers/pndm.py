@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ParamError
 from ._common import COMMON_SCHEMA, Scheduler, alphas_and_final
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -43,8 +44,11 @@ class PNDMScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Timesteps of the PRK warm-up (unless skipped) followed by the PLMS ones, int64."""
         self._check_steps(num_inference_steps)
-        n = self.num_inference_steps = int(num_inference_steps)
         c = self.config
+        if not c["skip_prk_steps"] and num_inference_steps < self.pndm_order:
+            raise ParamError(f"steps must be >= {self.pndm_order} for PNDM with its Runge-Kutta warm-up "
+                             f"(skip_prk_steps false), got {num_inference_steps}", "steps")
+        n = self.num_inference_steps = int(num_inference_steps)
         n_train = c["num_train_timesteps"]
         if c["timestep_spacing"] == "linspace":
             base = np.linspace(0, n_train - 1, n).round().astype(np.int64)

@@ -209,7 +209,7 @@ class Batcher:
         self._accepting = True
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._image_cost_s: float | None = None  # EWMA of worker-seconds per image
+        self._step_cost_s: float | None = None  # EWMA of worker-seconds per image and denoising step
         self._tick_s: float | None = None  # EWMA of one UNet call's seconds
         self.ready = False
         self.image_size: tuple[int, int] | None = None  # (width, height) of the images, known after warm_up
@@ -255,6 +255,11 @@ class Batcher:
         self.image_size = img.size
         self.ready = True
 
+    def alive(self) -> str | None:
+        """None while every started worker and the deadline reaper run, else what died (for /healthz)."""
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        return None if not dead or self._stopping else f"thread(s) {', '.join(dead)} stopped"
+
     def drain(self, timeout: float) -> bool:
         """Stop admitting (new submissions raise UnavailableError "draining") and wait up to `timeout`
         seconds for the admitted work to finish. Returns True if nothing is left."""
@@ -298,11 +303,14 @@ class Batcher:
                     "lanes": len(self._lanes), "accepting": self.accepting, "ready": self.ready}
 
     def retry_after_s(self) -> int:
-        """A client's wait before retrying: the waiting images' work spread over the workers (>= 1 s)."""
-        cost = self._image_cost_s or 1.0
+        """A client's wait before retrying: the waiting images' steps, at the measured cost per image and step,
+        spread over the workers (>= 1 s)."""
         with self._cond:
-            queued = self._queued
-        return max(1, math.ceil(queued * cost / self.config.workers))
+            return self._retry_after()
+
+    def _retry_after(self) -> int:
+        steps = sum(t.state.total - t.state.index for q in self._queues.values() for t in q)
+        return max(1, math.ceil(steps * (self._step_cost_s or 0.05) / self.config.workers))
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, prompt: str, n: int = 1, params: GenerationParams | None = None, *,
@@ -325,7 +333,7 @@ class Batcher:
         if len(prompt) > cfg.max_prompt_chars:
             raise PromptError(f"prompt: {len(prompt)} characters, more than the {cfg.max_prompt_chars} accepted")
         prompts = clean_prompts([prompt])
-        n = _int_arg("n", n, 1, cfg.max_n)
+        n = _int_arg("n", n, 1, min(cfg.max_n, cfg.max_queue_images, cfg.expert_queue_limit))  # more never fits
         if params is None:
             settings = {"steps": cfg.default_steps, "guidance_scale": cfg.default_guidance_scale, **settings}
             if isinstance(settings.get("seed"), list):
@@ -392,9 +400,7 @@ class Batcher:
             what = f"{len(self._queues[expert])} images are waiting for expert {expert} (limit {cfg.expert_queue_limit})"
         if reason:
             self.observer.rejected(reason)
-            cost = self._image_cost_s or 1.0
-            raise UnavailableError(f"the queue is full: {what}; retry later", reason,
-                                   max(1, math.ceil(self._queued * cost / cfg.workers)))
+            raise UnavailableError(f"the queue is full: {what}; retry later", reason, self._retry_after())
 
     # -- dropping requests -----------------------------------------------------------------------
     def _close(self, ticket: Ticket, reason: str, error: BaseException) -> bool:
@@ -581,7 +587,8 @@ class Batcher:
                 ticket.results[t.index] = ImageResult(img, t.index, e, t.seed, t.started - ticket.submitted,
                                                       done_at - ticket.submitted, t.calls)
                 self.observer.image_done(e)
-                self._image_cost_s = t.cost if self._image_cost_s is None else 0.8 * self._image_cost_s + 0.2 * t.cost
+                per_step = t.cost / max(1, t.calls)
+                self._step_cost_s = per_step if self._step_cost_s is None else 0.8 * self._step_cost_s + 0.2 * per_step
                 if all(r is not None for r in ticket.results):
                     ticket.closed, ticket.closed_at = "done", done_at
                     completed.append(ticket)

@@ -15,6 +15,7 @@ from ..errors import EngineError
 from ..validation import Checks
 
 POLICIES = ("request", "step")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ENV_PREFIX = "APTP_SERVE_"
 
 
@@ -42,6 +43,12 @@ class ServeConfig:
     default_steps: int = 25
     default_guidance_scale: float = 7.5
     api_key: str = ""  # non-empty: every request but /healthz and /readyz needs "Authorization: Bearer KEY"
+    allowed_hosts: str = ""  # Host names accepted, comma-separated ("*": any); "" = loopback names when bound
+    #                          to a loopback address (DNS rebinding), any otherwise
+    max_route_prompts: int = 64  # /v1/route: prompts being routed at once, all requests together; more -> 503
+    header_timeout_s: float = 10.0  # a connection that has not sent complete request headers by then is closed
+    body_timeout_s: float = 30.0  # a request body not received by then -> 408
+    max_connections: int = 512  # open connections + requests in progress (uvicorn's limit_concurrency)
 
     def __post_init__(self):
         c = Checks(EngineError, "serve setting ")
@@ -60,8 +67,27 @@ class ServeConfig:
                             ("default_guidance_scale", False)):
             setattr(self, name, c.number(getattr(self, name), name, lo=0, above=above))
         c.string(self.api_key, "api_key", empty=True)
+        c.string(self.allowed_hosts, "allowed_hosts", empty=True)
+        c.integer(self.max_route_prompts, "max_route_prompts", lo=1)
+        c.integer(self.max_connections, "max_connections", lo=1)
+        for name in ("header_timeout_s", "body_timeout_s"):
+            setattr(self, name, c.number(getattr(self, name), name, lo=0, above=True))
         c.require(self.default_steps <= self.max_steps, "default_steps", f"more than max_steps={self.max_steps}",
                   self.default_steps)
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address only (reachable from this machine alone)."""
+        return self.host in LOOPBACK_NAMES or self.host.startswith("127.")
+
+    def host_allow_list(self) -> tuple[str, ...] | None:
+        """The Host header names a request may carry, None for any (see `allowed_hosts`)."""
+        names = tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+        if "*" in names:
+            return None
+        if names:
+            return names
+        return (*LOOPBACK_NAMES, self.host.lower()) if self.loopback else None
 
     @property
     def expert_queue_limit(self) -> int:

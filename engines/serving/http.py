@@ -21,7 +21,7 @@ from .batching import Batcher
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import ApiError, encode_image, image_item, result_error, submit_error
-from .routes import log_event, build_app, configure_logging
+from .routes import RouteBudget, build_app, configure_logging, log_event
 
 try:  # the serving extra
     import uvicorn
@@ -42,6 +42,8 @@ class LocalService:
         self.metrics = batcher.observer
         self.runtime = batcher.runtime
         self.manifest = batcher.runtime.manifest
+        self.warm_up_error: str | None = None
+        self.routing = RouteBudget(batcher.config.max_route_prompts, self.metrics)
 
     @property
     def image_size(self):
@@ -74,14 +76,19 @@ class LocalService:
         except EngineError as e:
             if not isinstance(e, (DeadlineExceededError, RequestCancelledError)):
                 log_event("generation_failed", logging.ERROR, request_id=request_id, error=str(e))
-            raise result_error(e) from None
+            raise result_error(e, request_id) from None
         encoded = await run_in_threadpool(lambda: [encode_image(r.image, args["format"], args["quality"])
                                                    for r in results])
         return [image_item(b, ticket.prompt, r) for r, b in zip(results, encoded, strict=True)]
 
     async def route(self, prompts: list[str]):
         await self.ready()
-        return await run_in_threadpool(self.runtime.route_scores, prompts)
+        with self.routing.admit(len(prompts)):
+            return await self.routing.run(prompts, lambda part: run_in_threadpool(self.runtime.route_scores, part))
+
+    def health(self) -> tuple[int, dict]:
+        problem = self.warm_up_error or self.batcher.alive()
+        return (503, {"status": "unhealthy", "reason": problem}) if problem else (200, {"status": "alive"})
 
     async def readiness(self) -> tuple[int, dict]:
         if not self.batcher.accepting:
@@ -106,6 +113,7 @@ def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True):
         try:
             batcher.warm_up()
         except Exception as e:
+            service.warm_up_error = f"warm-up failed: {type(e).__name__}"  # /healthz answers 503 from now on
             log_event("warm_up_failed", logging.ERROR, error=str(e))
             return
         log_event("ready", seconds=round(time.perf_counter() - t, 3), experts=len(batcher.experts),
@@ -123,6 +131,43 @@ def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True):
     app.state.batcher = batcher
     app.state.metrics = service.metrics
     return app
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete `seconds` after it
+    opened or after its previous response (stalled or slow-loris clients cannot hold sockets forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._started_cycle = None
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not self._started_cycle and self._header_timer is not None:
+                self._header_timer.cancel()  # a new request's headers arrived
+                self._header_timer = None
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._started_cycle = self.cycle
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _headers_too_slow(self):
+            self._header_timer = None
+            if self.cycle is self._started_cycle:
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -161,8 +206,12 @@ def serve(config: ServeConfig) -> int:
     rt = Runtime.load(config.engines, provider=config.provider, threads=config.threads)
     batcher = Batcher(rt, config, ServerMetrics())
     app = create_app(batcher, config)
+    if not config.loopback and not config.api_key:
+        log_event("warning", logging.WARNING, message=f"bound to {config.host} (beyond loopback) without --api-key: "
+                  "anyone who can reach the port can generate images")
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                        lifespan="on", timeout_graceful_shutdown=1, timeout_keep_alive=5)
+                        lifespan="on", timeout_graceful_shutdown=1, timeout_keep_alive=5,
+                        limit_concurrency=config.max_connections, http=header_timeout_protocol(config.header_timeout_s))
     server = DrainingServer(uv, batcher, config.drain_timeout_s)
     log_event("starting", host=config.host, port=config.port, engines=config.engines, settings=config.to_dict())
     server.run()

@@ -7,7 +7,7 @@ from ..errors import BackendError
 from .batching import Batcher, BatchObserver
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 except ImportError as _e:  # pragma: no cover - depends on the install
     raise BackendError(f'`aptp serve` needs prometheus-client ({_e}): pip install "aptp[serve]"') from None
 
@@ -19,6 +19,9 @@ class ServerMetrics(BatchObserver):
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds (Linux)
+        self.in_flight = Gauge("aptp_in_flight_requests", "HTTP requests being answered, by endpoint", ["endpoint"],
+                               registry=r)
         self.requests = Counter("aptp_requests_total", "HTTP requests by endpoint and status code",
                                 ["endpoint", "code"], registry=r)
         self.request_seconds = Histogram("aptp_request_seconds", "HTTP request duration", ["endpoint"],

@@ -15,6 +15,7 @@ import time
 from dataclasses import fields
 
 from ..errors import (
+    BackendError,
     DeadlineExceededError,
     EngineError,
     ParamError,
@@ -39,20 +40,43 @@ _MODEL = re.compile(r"^aptp(?::(?:expert-(\d+)|(dense)))?$")
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 503: "server_error", 504: "timeout"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error",
+             415: "invalid_request_error", 503: "server_error", 504: "timeout"}
+    MAX_MESSAGE = 400  # what a client sent is echoed at most this long
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
+                 retry_after: int | None = None, allow: str | None = None):
+        if len(message) > self.MAX_MESSAGE:
+            message = message[:self.MAX_MESSAGE - 3] + "..."
+        if param is not None and len(param) > 64:
+            param = param[:61] + "..."
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+        self.allow = allow
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        h = {}
+        if self.retry_after is not None:
+            h["Retry-After"] = str(self.retry_after)
+        if self.allow is not None:
+            h["Allow"] = self.allow
+        return h or None
+
+
+def _string(d: dict, key: str, default: str) -> str:
+    """d[key] as a string (default when absent or null); anything else (a list, a number, "") is a 400."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str) or not v:
+        raise ApiError(400, f"{key} must be a non-empty string, got {v!r}", param=key)
+    return v
 
 
 def _integer(d: dict, key: str, default, lo: int, hi: int):
@@ -88,18 +112,18 @@ def parse_generation(d: dict, cfg: ServeConfig, image_size) -> dict:
                        param="prompt")
     if d.get("stream"):
         raise ApiError(400, "streaming is not supported: send stream=false", param="stream")
-    expert = parse_model(d.get("model") or "aptp")
+    expert = parse_model(_string(d, "model", "aptp"))
     n = _integer(d, "n", 1, 1, cfg.max_n)
-    size = d.get("size") or "auto"
+    size = _string(d, "size", "auto")
     w, h = image_size
     if size not in ("auto", f"{w}x{h}"):
         raise ApiError(400, f"size {size!r} is not available: this export makes {w}x{h} images (or say 'auto')",
                        param="size")
-    rf = d.get("response_format") or "b64_json"
+    rf = _string(d, "response_format", "b64_json")
     if rf != "b64_json":
         raise ApiError(400, f"response_format {rf!r} is not supported: this server returns images inline, "
                             "use 'b64_json'", param="response_format")
-    fmt = d.get("output_format") or "png"
+    fmt = _string(d, "output_format", "png")
     if fmt not in OUTPUT_FORMATS:
         raise ApiError(400, f"output_format {fmt!r}: choose from {', '.join(OUTPUT_FORMATS)}", param="output_format")
     quality = _integer(d, "output_compression", 100, 0, 100)
@@ -134,12 +158,17 @@ def submit_error(e: EngineError) -> ApiError:
     return ApiError(400, str(e), param=getattr(e, "param", "prompt" if isinstance(e, PromptError) else None))
 
 
-def result_error(e: EngineError) -> ApiError:
-    """The answer to an error that ended an admitted request: 504 deadline, 503 cancelled, else 500."""
+def result_error(e: EngineError, request_id: str = "") -> ApiError:
+    """The answer to an error that ended an admitted request: 504 deadline, 503 cancelled (a drain cut it off,
+    or the server shut down: retry), else 500 without the backend's internals (file paths, library text),
+    which the server logs in full."""
     if isinstance(e, DeadlineExceededError):
         return ApiError(504, str(e), code="deadline_exceeded")
     if isinstance(e, RequestCancelledError):
         return ApiError(503, str(e), code="cancelled", retry_after=1)
+    if isinstance(e, BackendError):
+        return ApiError(500, f"image generation failed in the inference backend (request id {request_id}; the "
+                             "server log has the details)", code="generation_failed")
     return ApiError(500, str(e), code="generation_failed")
 
 
@@ -161,8 +190,9 @@ def parse_route(d: dict, config: ServeConfig) -> list[str]:
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}", param=unknown[0])
     prompts = d.get("prompt")
-    if isinstance(prompts, list) and len(prompts) > MAX_ROUTE_PROMPTS:
-        raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {MAX_ROUTE_PROMPTS}", param="prompt")
+    most = min(MAX_ROUTE_PROMPTS, config.max_route_prompts)  # more could never be admitted
+    if isinstance(prompts, list) and len(prompts) > most:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts, at most {most}", param="prompt")
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, list) and any(isinstance(p, str) and len(p) > config.max_prompt_chars for p in prompts):

@@ -38,6 +38,7 @@ from .batching import WARM_UP_PROMPT, Batcher
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import ApiError, encode_image, image_item, model_id, result_error, submit_error
+from .routes import RouteBudget
 from .routes import build_app as build_routes
 from .routes import configure_logging
 
@@ -172,6 +173,8 @@ class Ingress:
         self.metrics = ServerMetrics()
         self.image_size: tuple[int, int] | None = None
         self.warm: set = set()
+        self.routing = RouteBudget(cfg.max_route_prompts, self.metrics)
+        self.images_in_flight = 0  # admitted through this ingress replica, bounded by max_queue_images
 
     async def _warm_experts(self) -> None:
         """Ask every expert deployment to warm up (one replica each; later replicas warm on first use)."""
@@ -193,6 +196,18 @@ class Ingress:
 
     async def submit(self, args: dict, request_id: str, log_fields: dict) -> list[dict]:
         sub = dict(args["submit"])
+        n = sub["n"]
+        if self.images_in_flight + n > self.config.max_queue_images:  # cheap refusal, before any routing work
+            self.metrics.rejected("queue_full")
+            raise ApiError(503, f"{self.images_in_flight} images in flight through the ingress (limit "
+                                f"{self.config.max_queue_images}); retry later", code="queue_full", retry_after=1)
+        self.images_in_flight += n
+        try:
+            return await self._submit(sub, args, request_id, log_fields)
+        finally:
+            self.images_in_flight -= n
+
+    async def _submit(self, sub: dict, args: dict, request_id: str, log_fields: dict) -> list[dict]:
         try:
             prompt = clean_prompts([sub["prompt"]])[0]
             expert = sub["expert"]
@@ -220,7 +235,11 @@ class Ingress:
         return [image_item(d["b64_json"], prompt, d) for d in out["data"]]
 
     async def route(self, prompts: list[str]):
-        return await asyncio.to_thread(self.rt.route_scores, prompts)
+        with self.routing.admit(len(prompts)):
+            return await self.routing.run(prompts, lambda part: asyncio.to_thread(self.rt.route_scores, part))
+
+    def health(self) -> tuple[int, dict]:
+        return 200, {"status": "alive"}
 
     async def readiness(self) -> tuple[int, dict]:
         try:

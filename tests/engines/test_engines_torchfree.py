@@ -97,7 +97,7 @@ SERVER_SCRIPT = BLOCKER + textwrap.dedent("""
     from engines.server import create_app
     cfg = ServeConfig(default_steps=2)
     batcher = Batcher(Runtime.load(sys.argv[2]), cfg)
-    with TestClient(create_app(batcher, cfg, warm_up=False)) as client:
+    with TestClient(create_app(batcher, cfg, warm_up=False), base_url="http://127.0.0.1") as client:
         batcher.warm_up()
         r = client.post("/v1/images/generations", json={"prompt": sys.argv[3], "n": 2, "seed": 1})
         codes = [r.status_code, client.get("/readyz").status_code, client.get("/metrics").status_code]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -70,7 +71,7 @@ def app_client(rt):
     def make(**settings):
         cfg = ServeConfig(**{"default_steps": 3, **settings})
         batcher = Batcher(rt, cfg)
-        client = TestClient(create_app(batcher, cfg), raise_server_exceptions=False)
+        client = TestClient(create_app(batcher, cfg), base_url="http://127.0.0.1", raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
         end = time.monotonic() + 60
@@ -82,6 +83,9 @@ def app_client(rt):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+JSON = {"Content-Type": "application/json"}
 
 
 def _error(r, status, param=None):
@@ -115,9 +119,62 @@ def test_bad_requests_answer_400_naming_the_field(app_client):
     _error(post({"prompt": "x", "seed": -1}), 400, "seed")
     _error(post({"prompt": "x", "colour": "red"}), 400, "colour")
     _error(post({"prompt": "x", "stream": True}), 400, "stream")
-    _error(client.post("/v1/images/generations", content=b"{not json"), 400, "body")
-    _error(post({"prompt": "x", "user": "u" * 3000}), 400, "body")
+    _error(client.post("/v1/images/generations", content=b"{not json", headers=JSON), 400, "body")
+    _error(post({"prompt": "x", "user": "u" * 3000}), 413, "body")
     _error(client.get("/v1/nothing"), 404)
+
+
+def _malformed_corpus() -> list[tuple[str, bytes, dict]]:
+    """(path, body, headers) of hostile or broken requests: each must get an OpenAI-shaped JSON 4xx."""
+    gen, route = "/v1/images/generations", "/v1/route"
+    bodies = [
+        {"prompt": "x", "output_format": ["png"]}, {"prompt": "x", "output_format": 0}, {"prompt": "x", "size": 0},
+        {"prompt": "x", "model": ""}, {"prompt": "x", "model": ["aptp"]}, {"prompt": "x", "response_format": {}},
+        {"prompt": "x", "guidance_scale": 10 ** 400}, {"prompt": "x", "guidance_scale": -(10 ** 400)},
+        {"prompt": "x", "guidance_rescale": 10 ** 400}, {"prompt": "x", "steps": 10 ** 400},
+        {"prompt": "x", "seed": 10 ** 400}, {"prompt": "x", "n": 10 ** 400}, {"prompt": "x", "n": "9" * 60000},
+        {"prompt": "x", "scheduler": ["pndm"]}, {"prompt": "x", "scheduler": 7}, {"prompt": "x", "scheduler": ""},
+        {"prompt": "x", "steps": 2.5}, {"prompt": "x", "steps": True}, {"prompt": "x", "seed": [1, 2]},
+        {"prompt": "x", "guidance_scale": None, "steps": "3"}, {"prompt": ["x"]}, {"prompt": {"a": 1}},
+        {"prompt": 5}, {"prompt": None}, {"prompt": "x", "stream": True}, {"prompt": "x", "x" * 5000: 1},
+        {"prompt": "x", "output_compression": 101}, {"prompt": "x", "output_compression": "high"},
+    ]
+    cases = [(gen, json.dumps(b).encode(), JSON) for b in bodies]
+    cases += [(route, json.dumps(b).encode(), JSON) for b in (
+        {"prompt": 5}, {"prompt": [5]}, {"prompt": [["x"]]}, {"prompt": {}}, {"prompt": []}, {"prompt": ""},
+        {"prompt": ["x"] * 65}, {"prompts": "x"}, {"prompt": "x" * 5000})]
+    raw = [b'{"prompt": "\\ud800"}', b'{"\\ud800": 1}',
+           b"[" * 20000 + b"]" * 20000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"\xff\xfe", b"", b"null", b"[]",
+           b'"x"', b"1e999", b'{"prompt": "x",}', b'{"prompt": NaN}', b"{" * 3]
+    cases += [(p, b, JSON) for p in (gen, route) for b in raw]
+    cases += [(gen, b'{"prompt": "x"}', h) for h in ({}, {"Content-Type": "text/plain"},
+                                                      {"Content-Type": "application/x-www-form-urlencoded"})]
+    return cases
+
+
+def test_hostile_and_broken_requests_always_get_openai_shaped_json(app_client, rt):
+    """Issue 22: no request may produce a text/plain 500: every one is answered in OpenAI's error shape with
+    the request id; strict types, bounded integers, bounded depth, valid Unicode, 413/415/405/404."""
+    client, _ = app_client(max_steps=10, default_steps=2, max_body_bytes=65536)
+    corpus = _malformed_corpus()
+    for path, body, headers in corpus:
+        r = client.post(path, content=body, headers={**headers, "X-Request-ID": "hostile"})
+        assert 400 <= r.status_code < 500, (path, body[:80], r.status_code, r.text[:300])
+        assert r.headers["content-type"].startswith("application/json") and r.headers["x-request-id"] == "hostile"
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and len(err["message"]) <= 400
+    assert len(corpus) >= 50
+    # the lone surrogate names its field; PNDM with its warm-up needs 4 steps: a 400 naming steps
+    r = client.post("/v1/images/generations", content=b'{"prompt": "\\ud800"}',
+                    headers=JSON)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    if not rt.manifest.scheduler.config.get("skip_prk_steps", False):
+        _error(client.post("/v1/images/generations", json={"prompt": "x", "scheduler": "pndm", "steps": 2}), 400, "steps")
+    r = client.put("/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["type"]
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
+    # a Host that is not this loopback server's (DNS rebinding from a web page): refused
+    _error(client.post("/v1/images/generations", json={"prompt": "x"}, headers={"Host": "evil.example"}), 403)
 
 
 def test_generation_options_and_request_id(app_client, rt):
@@ -164,7 +221,7 @@ def test_api_key(app_client):
 def test_not_ready_until_warm(rt):
     cfg = ServeConfig()
     batcher = Batcher(rt, cfg)
-    with TestClient(create_app(batcher, cfg, warm_up=False)) as client:
+    with TestClient(create_app(batcher, cfg, warm_up=False), base_url="http://127.0.0.1") as client:
         assert client.get("/readyz").status_code == 503
         err = _error(client.post("/v1/images/generations", json={"prompt": "x"}), 503)
         assert err["code"] == "not_ready"
