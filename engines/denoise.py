@@ -26,13 +26,12 @@ import numpy as np
 
 from .conditioning import TextCondition
 from .errors import EngineError
-from .request import SEED_MAX, GenerationParams, resolve_seeds
+from .request import SEED_MAX, GenerationParams
 from .schedulers import Scheduler
 from .backends import Session
 from .stepping import ImageState, unet_step
 
-__all__ = ["DEFAULT_BATCH_SIZE", "SEED_MAX", "TextCondition", "denoise", "initial_noise", "resolve_seeds",
-           "unet_batch"]
+__all__ = ["DEFAULT_BATCH_SIZE", "SEED_MAX", "TextCondition", "denoise", "initial_noise", "unet_batch"]
 DEFAULT_BATCH_SIZE = 8  # prompts per UNet call of Runtime.generate; export profiles are tuned for it
 
 

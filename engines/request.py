@@ -11,8 +11,7 @@ function (engines/stepping.py). Errors are `ParamError`s whose `param` names the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import ParamError, SchedulerConfigError
 from .schedulers import scheduler_name
@@ -90,18 +89,3 @@ class GenerationParams:
         if self.steps > max_steps:
             raise ParamError(f"steps must be an integer from 1 to {max_steps}, got {self.steps}", "steps")
         return self
-
-    def but(self, **changes) -> GenerationParams:
-        """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return {"steps": self.steps, "guidance_scale": self.guidance_scale, "guidance_rescale": self.guidance_rescale,
-                "seed": list(self.seed) if isinstance(self.seed, tuple) else self.seed, "scheduler": self.scheduler}
-
-
-def resolve_seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    """Per-prompt seeds: `seed + i` for an int, or the list itself (one non-negative int per prompt)."""
-    if isinstance(seed, list):
-        seed = tuple(seed)
-    return GenerationParams(seed=seed).seeds(n)
