@@ -34,6 +34,7 @@ import httpx
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .hostile import corpus
 from .plots import save_figure
 from .timing import machine
 
@@ -367,9 +368,160 @@ def scenario_fairness(args, base: list[str], out: Path, result: dict) -> None:
     print("fairness", {k: v for k, v in result["fairness"].items() if k != "light"}, flush=True)
 
 
+def scenario_malformed(args, base: list[str], out: Path, result: dict) -> None:
+    """The hostile corpus (benchmarks.hostile) over a real socket, on one pooled connection: every answer a JSON
+    4xx in OpenAI's shape with the request id, none a 5xx or text/plain, and a good request after each one
+    still served on the same pool (no connection closed under the client)."""
+    srv = Server(args.engines, out / "logs", "malformed", *base, "--max-body-bytes", "65536")
+    cases = corpus(max_body_bytes=65536)
+    bad, codes = [], {}
+    with httpx.Client(base_url=srv.url, timeout=60) as client:
+        for k, (path, body, headers) in enumerate(cases):
+            r = client.post(path, content=body, headers={**headers, "X-Request-ID": f"hostile-{k}"})
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            shaped = (r.headers.get("content-type", "").startswith("application/json")
+                      and r.headers.get("x-request-id") == f"hostile-{k}"
+                      and set(_json_or_empty(r).get("error", {})) == {"message", "type", "param", "code"})
+            if not (400 <= r.status_code < 500 and shaped):
+                bad.append({"case": k, "path": path, "body": body[:80].decode("latin-1"), "code": r.status_code,
+                            "content_type": r.headers.get("content-type"), "text": r.text[:200]})
+        good = client.post("/v1/images/generations", json={"prompt": PROMPTS[0], "steps": 2}).status_code
+    text = srv.metrics()
+    s = {"requests": len(cases), "codes": codes, "not_openai_shaped_4xx": bad,
+         "text_plain_500s": sum(1 for b in bad if b["code"] >= 500 and "text/plain" in (b["content_type"] or "")),
+         "good_request_after": good, "readyz_after": httpx.get(srv.url + "/readyz").status_code,
+         "server_5xx_in_metrics": sum(metric_sum(text, "aptp_requests_total", code=str(c)) for c in range(500, 505))}
+    srv.stop()
+    result["malformed"] = s
+    print("malformed", {k: v for k, v in s.items() if k != "not_openai_shaped_4xx"}, "bad:", len(bad), flush=True)
+
+
+def _json_or_empty(r) -> dict:
+    try:
+        d = r.json()
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def scenario_route_flood(args, base: list[str], out: Path, result: dict) -> None:
+    """10 concurrent /v1/route requests of 64 prompts x 900 characters (the audit's flood): each gets 200 or a
+    fast 503 within 60 s, the server's resident memory grows < 700 MB, and a flood whose clients leave stops."""
+    srv = Server(args.engines, out / "logs", "route_flood", *base)
+    body = {"prompt": [(f"{i} " + PROMPTS[i % len(PROMPTS)] + " ") * 60 for i in range(64)]}
+    body["prompt"] = [p[:900] for p in body["prompt"]]
+    rss = [srv.rss_mb()]
+
+    async def flood(n: int, timeout: float | None):
+        async def one(i):
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(srv.url + "/v1/route", json=body, timeout=timeout)
+                return {"code": r.status_code, "latency_s": time.perf_counter() - t0,
+                        "retry_after": r.headers.get("retry-after")}
+            except httpx.TimeoutException:
+                return {"code": "client_timeout", "latency_s": time.perf_counter() - t0}
+
+        async def sample():
+            while True:
+                rss.append(srv.rss_mb())
+                await asyncio.sleep(0.2)
+
+        async with httpx.AsyncClient(timeout=None) as client:
+            sampler = asyncio.ensure_future(sample())
+            recs = await asyncio.gather(*[one(i) for i in range(n)])
+            sampler.cancel()
+        return recs
+
+    rounds = []
+    for r in range(3):  # three floods one after another: memory must not ratchet up
+        t0 = time.perf_counter()
+        recs = asyncio.run(flood(10, None))
+        rounds.append({"codes": summarise(recs, 1.0)["codes"], "wall_s": time.perf_counter() - t0,
+                       "latency_max_s": max(x["latency_s"] for x in recs),
+                       "latency_503_max_s": max([x["latency_s"] for x in recs if x["code"] == 503], default=None),
+                       "every_503_has_retry_after": all(x.get("retry_after") for x in recs if x["code"] == 503)})
+        print("route_flood round", r, rounds[-1], flush=True)
+    # clients that leave after 0.3 s: the routing stops after the current chunk
+    text0 = srv.metrics()
+    asyncio.run(flood(10, 0.3))
+    time.sleep(3.0)
+    s = {"rounds": rounds, "rss_start_mb": rss[0], "rss_peak_mb": max(rss), "rss_end_mb": srv.rss_mb(),
+         "rss_growth_peak_mb": max(rss) - rss[0],
+         "routed_prompts_by_leavers": metric_sum(srv.metrics(), "aptp_routed_prompts_total")
+         - metric_sum(text0, "aptp_routed_prompts_total"),
+         "readyz_after": httpx.get(srv.url + "/readyz").status_code}
+    srv.stop()
+    result["route_flood"] = s
+    print("route_flood", {k: v for k, v in s.items() if k != "rounds"}, flush=True)
+
+
+def scenario_stalled(args, base: list[str], out: Path, result: dict) -> None:
+    """20 connections that never finish (silent, half a header block, headers with half a body) and 4 idle
+    keep-alive connections: each must be closed by the server within 60 s while /readyz stays 200."""
+    srv = Server(args.engines, out / "logs", "stalled", *base)
+    port = srv.port
+    head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
+    kinds = ([("silent", b"")] * 6 + [("partial_headers", head)] * 7
+             + [("partial_body", head + b"Content-Length: 1000\r\n\r\n{\"prompt\": \"a")] * 7
+             + [("idle_keepalive", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")] * 4)
+    ready_codes = []
+
+    async def stall(kind: str, data: bytes) -> dict:
+        t0 = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if data:
+            writer.write(data)
+            await writer.drain()
+        got = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), 90)
+                if not chunk:
+                    break
+                got += chunk
+        except (asyncio.TimeoutError, ConnectionError) as e:
+            got += f" <{type(e).__name__}>".encode()
+        writer.close()
+        return {"kind": kind, "closed_after_s": time.perf_counter() - t0, "answer": got[:60].decode("latin-1")}
+
+    async def probe(stop: asyncio.Event):
+        async with httpx.AsyncClient(timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    ready_codes.append((await client.get(srv.url + "/readyz")).status_code)
+                except httpx.HTTPError as e:
+                    ready_codes.append(type(e).__name__)
+                await asyncio.sleep(1.0)
+
+    async def go():
+        stop = asyncio.Event()
+        prober = asyncio.ensure_future(probe(stop))
+        recs = await asyncio.gather(*[stall(k, d) for k, d in kinds])
+        stop.set()
+        await prober
+        return recs
+
+    recs = asyncio.run(go())
+    by_kind: dict = {}
+    for r in recs:
+        by_kind.setdefault(r["kind"], []).append(round(r["closed_after_s"], 2))
+    s = {"connections": len(recs), "closed_after_s": by_kind, "max_closed_after_s": max(r["closed_after_s"] for r in recs),
+         "answers": sorted({r["answer"][:40] for r in recs}), "readyz_codes": summarise(
+             [{"code": c} for c in ready_codes], 1.0)["codes"], "open_fds_after": _open_fds(srv.proc.pid)}
+    srv.stop()
+    result["stalled"] = s
+    print("stalled", s, flush=True)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 SCENARIOS = {"capacity": scenario_capacity, "fairness": scenario_fairness, "poisson": scenario_poisson,
              "burst": scenario_burst, "disconnect": scenario_disconnect, "deadline": scenario_deadline,
-             "sigterm": scenario_sigterm, "soak": scenario_soak}
+             "sigterm": scenario_sigterm, "soak": scenario_soak, "malformed": scenario_malformed,
+             "route_flood": scenario_route_flood, "stalled": scenario_stalled}
 
 
 def main(argv=None) -> int:

@@ -192,8 +192,22 @@ class Scheduler:
         if not is_int(num_inference_steps):
             raise SchedulerConfigError(f"steps must be an integer, got {num_inference_steps!r}")
         n_train = self.config["num_train_timesteps"]
-        if not 1 <= num_inference_steps <= n_train:
-            raise SchedulerConfigError(f"steps must be between 1 and {n_train}, got {num_inference_steps}")
+        if not 1 <= num_inference_steps <= n_train or self._largest_timestep(num_inference_steps) >= n_train:
+            raise SchedulerConfigError(
+                f"steps must be between 1 and {self.max_inference_steps()}, got {num_inference_steps}")
+
+    def _largest_timestep(self, steps: int) -> int:
+        """The largest training timestep `set_timesteps(steps)` would visit (must stay < num_train_timesteps)."""
+        c = self.config
+        if c.get("timestep_spacing") == "leading":  # diffusers' formula overflows when steps_offset > 0
+            return (steps - 1) * (c["num_train_timesteps"] // steps) + c["steps_offset"]
+        return c["num_train_timesteps"] - 1
+
+    def max_inference_steps(self) -> int:
+        """The most steps this configuration can take (num_train_timesteps, less where "leading" spacing
+        with steps_offset would index past the last training timestep, e.g. 999 of 1000 for SD's config)."""
+        n_train = self.config["num_train_timesteps"]
+        return next((n for n in range(n_train, 0, -1) if self._largest_timestep(n) < n_train), 1)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         raise NotImplementedError
@@ -219,8 +233,14 @@ def spaced_timesteps(spacing: str, n_train: int, steps: int, steps_offset: int) 
         step_ratio = n_train // steps
         ts = (np.arange(0, steps) * step_ratio).round()[::-1].copy().astype(np.int64)
         return ts + steps_offset
-    step_ratio = n_train / steps  # trailing
-    return np.round(np.arange(n_train, 0, -step_ratio)).astype(np.int64) - 1
+    return trailing_timesteps(n_train, steps)
+
+
+def trailing_timesteps(n_train: int, steps: int) -> np.ndarray:
+    """diffusers' "trailing" values, n_train - k * n_train/steps rounded, minus 1, for k < steps, descending.
+    diffusers writes np.arange(n_train, 0, -ratio), which for some step counts (961 of 1000, ...) yields one
+    element too many through float error: a timestep -1, which indexes the last alpha. Ours has `steps`."""
+    return np.round(n_train - np.arange(steps) * (n_train / steps)).astype(np.int64) - 1
 
 
 COMMON_SCHEMA: dict[str, tuple[Any, str, tuple | None]] = {

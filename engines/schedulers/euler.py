@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..errors import SchedulerConfigError
-from ._common import COMMON_SCHEMA, Scheduler, alphas_cumprod_f32, make_betas
+from ._common import COMMON_SCHEMA, Scheduler, alphas_cumprod_f32, make_betas, trailing_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "original_sample", "v_prediction")
 
@@ -78,9 +78,7 @@ class EulerDiscreteScheduler(Scheduler):
             timesteps = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.float32)
             timesteps += c["steps_offset"]
         else:
-            step_ratio = n_train / n
-            timesteps = np.arange(n_train, 0, -step_ratio).round().copy().astype(np.float32)
-            timesteps -= 1
+            timesteps = trailing_timesteps(n_train, n).astype(np.float32)
 
         sigmas = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
         log_sigmas = np.log(sigmas)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ParamError
-from ._common import COMMON_SCHEMA, Scheduler, alphas_and_final
+from ._common import COMMON_SCHEMA, Scheduler, alphas_and_final, trailing_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -55,7 +55,7 @@ class PNDMScheduler(Scheduler):
         elif c["timestep_spacing"] == "leading":
             base = (np.arange(0, n) * (n_train // n)).round() + c["steps_offset"]
         else:  # trailing
-            base = np.round(np.arange(n_train, 0, -n_train / n))[::-1].astype(np.int64) - 1
+            base = trailing_timesteps(n_train, n)[::-1].copy()
 
         if c["skip_prk_steps"]:
             self.prk_timesteps = np.array([])

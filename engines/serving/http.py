@@ -196,6 +196,8 @@ class DrainingServer(uvicorn.Server):
         # leave part of the budget (up to 3 s) for the last responses, closing connections and the
         # interpreter's exit (measured ~1.5 s on 2 busy cores), so the process is gone within the timeout
         clean = self.batcher.drain(self.drain_timeout_s - min(3.0, self.drain_timeout_s / 4))
+        if not clean:  # what the drain cut off is answered now (503 + Retry-After), before connections close
+            self.batcher.close(0.0)
         log_event("drained", clean=clean, seconds=round(time.monotonic() - t, 3))
         self.should_exit = True
 

@@ -45,6 +45,7 @@ class ServerMetrics(BatchObserver):
                                        "UNet calls including an image that ended after its request was dropped",
                                        ["reason"], buckets=(0, 1, 2, 5), registry=r)
         self.ready = Gauge("aptp_ready", "1 when ready to serve", registry=r)
+        self.routed = Counter("aptp_routed_prompts_total", "prompts run through the router (/v1/route)", registry=r)
 
     def queue_wait(self, expert, seconds):
         self.queue_wait_seconds.labels(str(expert)).observe(seconds)

@@ -109,6 +109,9 @@ class RouteBudget:
         parts = []
         for i in range(0, len(prompts), self.CHUNK):
             parts.append(await call(prompts[i:i + self.CHUNK]))
+            routed = getattr(self.metrics, "routed", None)
+            if routed is not None:
+                routed.inc(len(parts[-1].expert_ids))
         return RouteResult([e for p in parts for e in p.expert_ids], np.concatenate([p.scores for p in parts]))
 
 

@@ -271,6 +271,29 @@ def test_config_errors_name_the_key():
         s.set_timesteps(1001)
 
 
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler"])
+@pytest.mark.parametrize("spacing,offset,skip_prk", [("leading", 1, True), ("leading", 1, False), ("leading", 7, True),
+                                                     ("trailing", 0, True), ("linspace", 0, False)])
+def test_every_step_count_is_refused_or_stays_in_range(name, spacing, offset, skip_prk):
+    """Every step count either raises SchedulerConfigError naming the real maximum, or visits only training
+    timesteps 0..N-1 (SD's "leading" + steps_offset 1 used to index 1000 of 1000 at steps=1000: an
+    IndexError, a 500 in the server)."""
+    s = make_scheduler(name, {"num_train_timesteps": 1000, "timestep_spacing": spacing, "steps_offset": offset,
+                              "skip_prk_steps": skip_prk})
+    most = s.max_inference_steps()
+    assert most == (1000 if offset == 0 else 1000 - offset) or (offset == 7 and most < 1000)
+    for steps in range(max(1, most - 40), 1001):
+        if steps > most:
+            with pytest.raises(SchedulerConfigError, match=f"between 1 and {most}, got {steps}"):
+                s.set_timesteps(steps)
+            continue
+        if name == "pndm" and not skip_prk and steps < 4:
+            continue
+        s.set_timesteps(steps)
+        ts = np.asarray(s.timesteps)
+        assert ts.min() >= 0 and ts.max() <= 999, (steps, ts.max())
+
+
 def test_report_errors(capsys):
     """Not a check: prints the measured error, noise and margin per sampler/config/seed (-s to see it)."""
     rows = []

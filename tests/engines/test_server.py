@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+import re
 import threading
 import time
 
@@ -18,6 +18,7 @@ from PIL import Image
 from serve_testkit import running_server
 from starlette.testclient import TestClient
 
+from benchmarks.hostile import corpus
 from engines import Runtime
 from engines.serving import batching as batching_mod
 from engines.serving.batching import Batcher
@@ -124,46 +125,18 @@ def test_bad_requests_answer_400_naming_the_field(app_client):
     _error(client.get("/v1/nothing"), 404)
 
 
-def _malformed_corpus() -> list[tuple[str, bytes, dict]]:
-    """(path, body, headers) of hostile or broken requests: each must get an OpenAI-shaped JSON 4xx."""
-    gen, route = "/v1/images/generations", "/v1/route"
-    bodies = [
-        {"prompt": "x", "output_format": ["png"]}, {"prompt": "x", "output_format": 0}, {"prompt": "x", "size": 0},
-        {"prompt": "x", "model": ""}, {"prompt": "x", "model": ["aptp"]}, {"prompt": "x", "response_format": {}},
-        {"prompt": "x", "guidance_scale": 10 ** 400}, {"prompt": "x", "guidance_scale": -(10 ** 400)},
-        {"prompt": "x", "guidance_rescale": 10 ** 400}, {"prompt": "x", "steps": 10 ** 400},
-        {"prompt": "x", "seed": 10 ** 400}, {"prompt": "x", "n": 10 ** 400}, {"prompt": "x", "n": "9" * 60000},
-        {"prompt": "x", "scheduler": ["pndm"]}, {"prompt": "x", "scheduler": 7}, {"prompt": "x", "scheduler": ""},
-        {"prompt": "x", "steps": 2.5}, {"prompt": "x", "steps": True}, {"prompt": "x", "seed": [1, 2]},
-        {"prompt": "x", "guidance_scale": None, "steps": "3"}, {"prompt": ["x"]}, {"prompt": {"a": 1}},
-        {"prompt": 5}, {"prompt": None}, {"prompt": "x", "stream": True}, {"prompt": "x", "x" * 5000: 1},
-        {"prompt": "x", "output_compression": 101}, {"prompt": "x", "output_compression": "high"},
-    ]
-    cases = [(gen, json.dumps(b).encode(), JSON) for b in bodies]
-    cases += [(route, json.dumps(b).encode(), JSON) for b in (
-        {"prompt": 5}, {"prompt": [5]}, {"prompt": [["x"]]}, {"prompt": {}}, {"prompt": []}, {"prompt": ""},
-        {"prompt": ["x"] * 65}, {"prompts": "x"}, {"prompt": "x" * 5000})]
-    raw = [b'{"prompt": "\\ud800"}', b'{"\\ud800": 1}',
-           b"[" * 20000 + b"]" * 20000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"\xff\xfe", b"", b"null", b"[]",
-           b'"x"', b"1e999", b'{"prompt": "x",}', b'{"prompt": NaN}', b"{" * 3]
-    cases += [(p, b, JSON) for p in (gen, route) for b in raw]
-    cases += [(gen, b'{"prompt": "x"}', h) for h in ({}, {"Content-Type": "text/plain"},
-                                                      {"Content-Type": "application/x-www-form-urlencoded"})]
-    return cases
-
-
 def test_hostile_and_broken_requests_always_get_openai_shaped_json(app_client, rt):
     """Issue 22: no request may produce a text/plain 500: every one is answered in OpenAI's error shape with
     the request id; strict types, bounded integers, bounded depth, valid Unicode, 413/415/405/404."""
     client, _ = app_client(max_steps=10, default_steps=2, max_body_bytes=65536)
-    corpus = _malformed_corpus()
-    for path, body, headers in corpus:
+    cases = corpus(max_body_bytes=65536)
+    for path, body, headers in cases:
         r = client.post(path, content=body, headers={**headers, "X-Request-ID": "hostile"})
         assert 400 <= r.status_code < 500, (path, body[:80], r.status_code, r.text[:300])
         assert r.headers["content-type"].startswith("application/json") and r.headers["x-request-id"] == "hostile"
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and len(err["message"]) <= 400
-    assert len(corpus) >= 50
+    assert len(cases) >= 200
     # the lone surrogate names its field; PNDM with its warm-up needs 4 steps: a 400 naming steps
     r = client.post("/v1/images/generations", content=b'{"prompt": "\\ud800"}',
                     headers=JSON)
@@ -175,6 +148,29 @@ def test_hostile_and_broken_requests_always_get_openai_shaped_json(app_client, r
     assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
     # a Host that is not this loopback server's (DNS rebinding from a web page): refused
     _error(client.post("/v1/images/generations", json={"prompt": "x"}, headers={"Host": "evil.example"}), 403)
+
+
+def test_work_a_drain_cuts_off_is_answered_503_json(pixel):
+    """Issue 22: SIGTERM during a request that outlives --drain-timeout-s: the client gets a JSON 503 with
+    Retry-After (retry elsewhere), not uvicorn's text/plain 500, and the process still exits in time."""
+    with running_server(pixel.dir, "--workers", "1", "--drain-timeout-s", "2", "--max-steps", "1000") as server:
+        results = {}
+        worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(
+            server.url + "/v1/images/generations", json={"prompt": ANCHORS[0], "steps": 900, "n": 4},
+            headers={"X-Request-ID": "cut"}, timeout=60)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not re.search(r'aptp_active_images\{expert="\d+"\} [1-9]', httpx.get(server.url + "/metrics").text):
+            assert worker.is_alive(), results["r"].text  # the request must still be running
+            assert time.monotonic() < deadline, "the request never started denoising"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        server.sigterm()
+        worker.join(30)
+        r = results["r"]
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["x-request-id"] == "cut"
+        assert r.json()["error"]["code"] == "cancelled"
+        assert server.proc.wait(20) == 0 and time.monotonic() - t0 < 10
 
 
 def test_generation_options_and_request_id(app_client, rt):
@@ -285,7 +281,10 @@ def test_disconnect_cancels_and_sigterm_drains(pixel):
         worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(
             server.url + "/v1/images/generations", json={"prompt": ANCHORS[0], "steps": 300, "seed": 3}, timeout=60)))
         worker.start()
-        while 'aptp_active_images{expert="0"} 1.0' not in httpx.get(server.url + "/metrics").text:
+        deadline = time.monotonic() + 60
+        while not re.search(r'aptp_active_images\{expert="\d+"\} [1-9]', httpx.get(server.url + "/metrics").text):
+            assert worker.is_alive(), results["r"].text  # the request must still be running
+            assert time.monotonic() < deadline, "the request never started denoising"
             time.sleep(0.02)
         t0 = time.monotonic()
         server.sigterm()
