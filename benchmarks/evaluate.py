@@ -351,7 +351,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         experts.append(rec)
 
     result = {
-        "engines": str(Path(cfg.engines).resolve()), "config": asdict(cfg), "n": cfg.n,
+        "engines": shown_path(cfg.engines), "config": asdict(cfg), "n": cfg.n,
         "data": {"source": cfg.data, "seed_rule": f"caption i uses seed {cfg.seed} + i",
                  **({"toy_seed": TOY_DATA_SEED} if cfg.data == "toy" else {})},
         "metric_models": {"clip": _clip_name(scorer.clip), "cmmd_clip": _clip_name(scorer.cmmd_clip),
@@ -371,7 +371,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 
 def _clip_name(clip) -> str | None:
-    return None if clip is None else str(clip.dir)
+    return None if clip is None else shown_path(clip.dir)
+
+
+def shown_path(path) -> str:
+    """A path as results record it: relative to the source root (the repository, or site-packages) when it
+    lies inside, so a result read on another machine names the packaged toy CLIP, not this machine's /tmp."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -453,7 +463,7 @@ def demo_quality(routed, dense, captions: list[str], clip: str | None = None) ->
     r = emb.image_embeddings(routed)
     d = emb.image_embeddings(dense)
     t = emb.text_embeddings(list(captions))
-    return {"n": len(captions), "clip": str(emb.dir), "clip_score_routed": clip_score_from_embeddings(r, t),
+    return {"n": len(captions), "clip": shown_path(emb.dir), "clip_score_routed": clip_score_from_embeddings(r, t),
             "clip_score_dense": clip_score_from_embeddings(d, t), "cmmd_routed_vs_dense": cmmd(d, r)}
 
 

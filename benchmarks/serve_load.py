@@ -11,7 +11,13 @@ Every scenario sends a fixed number of requests and stops at a time cap; every s
 - disconnect: clients that give up after 0.3 s; the server's cancellation metrics.
 - deadline: 1.5x capacity with a short --timeout-s: 504s and the requests' latency.
 - sigterm: SIGTERM at mid-load: in-flight requests' codes, exit code and time to exit.
-- soak: Poisson at 0.9x for --soak-s seconds: resident memory of the server over time, codes.
+- soak: Poisson at --soak-rate (0.8) x capacity for --soak-s seconds: resident memory of the server over time,
+  live Python blocks, heap returned by malloc_trim, codes.
+- fairness: light steps=2 requests on expert 1 behind two n=8, steps=100 requests on expert 0.
+- malformed: the hostile corpus (benchmarks.hostile) on one connection: JSON 4xx only, nothing text/plain.
+- route_flood: 3 rounds of 10 concurrent /v1/route of 64 x 900 characters (RSS, 200 or fast 503), then
+  clients that leave after 0.3 s (prompts routed for them afterwards).
+- stalled: 20 sockets that never finish a request and 4 idle keep-alive ones: when each is closed, /readyz.
 Writes OUT/serve_load.json and OUT/serve_load.png (latency distributions).
 """
 
@@ -130,12 +136,17 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, steps: int, t
     return rec
 
 
+def count_codes(codes) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in codes:
+        out[str(c)] = out.get(str(c), 0) + 1
+    return out
+
+
 def summarise(recs: list[dict], wall: float) -> dict:
     ok = [r for r in recs if r.get("code") == 200]
     lat = np.array([r["latency_s"] for r in ok]) if ok else np.array([np.nan])
-    codes: dict = {}
-    for r in recs:
-        codes[str(r.get("code"))] = codes.get(str(r.get("code")), 0) + 1
+    codes = count_codes(r.get("code") for r in recs)
     q = np.array([r["queued_s"] for r in ok]) if ok else np.array([np.nan])
     return {"requests": len(recs), "codes": codes, "images_per_s": sum(r.get("images", 0) for r in ok) / wall,
             "wall_s": wall, "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
@@ -311,17 +322,21 @@ def scenario_sigterm(args, base: list[str], out: Path, result: dict) -> None:
 
 
 def scenario_soak(args, base: list[str], out: Path, result: dict) -> None:
-    """0.9 x capacity for soak_s seconds: resident memory over time."""
-    srv = Server(args.engines, out / "logs", "soak", *base, "--max-queue-images", "64")
+    """--soak-rate x capacity for soak_s seconds: resident memory over time, with the server's count of live
+    Python memory blocks (flat when the growth is native heap) and what its malloc_trim gave back."""
+    srv = Server(args.engines, out / "logs", "soak", *base, "--max-queue-images", "64", *args.soak_server_args.split())
     samples = [(0.0, srv.rss_mb())]
-    t0 = time.perf_counter()
+    blocks, t0 = [], time.perf_counter()
 
     def sample(_i):
         now = time.perf_counter() - t0
         if now - samples[-1][0] >= 5:
             samples.append((now, srv.rss_mb()))
+            text = srv.metrics()
+            blocks.append((now, metric_sum(text, "aptp_python_allocated_blocks"),
+                           metric_sum(text, "aptp_heap_trim_released_bytes_total") / 2**20))
 
-    rate = 0.9 * _capacity(result)
+    rate = args.soak_rate * _capacity(result)
     recs, wall = asyncio.run(open_loop(srv.url, rate, int(rate * args.soak_s * 1.2) + 10, args.steps, args.soak_s, seed=4,
                                on_tick=sample))
     samples.append((time.perf_counter() - t0, srv.rss_mb()))
@@ -329,10 +344,12 @@ def scenario_soak(args, base: list[str], out: Path, result: dict) -> None:
     warm = [m for t, m in samples if t >= min(30.0, args.soak_s / 5)]
     s.update(rss_mb=samples, rss_start_mb=samples[0][1], rss_after_warm_mb=warm[0] if warm else None,
              rss_end_mb=samples[-1][1], rss_growth_vs_after_warm=(samples[-1][1] / warm[0] - 1) if warm else None,
-             rss_growth_vs_start=samples[-1][1] / samples[0][1] - 1)
+             rss_growth_vs_start=samples[-1][1] / samples[0][1] - 1, rate_images_per_s=rate,
+             python_blocks=[(t, b) for t, b, _ in blocks], trim_released_mb=blocks[-1][2] if blocks else None,
+             server_args=args.soak_server_args)
     srv.stop()
     result["soak"] = s
-    print("soak", {k: v for k, v in s.items() if k != "rss_mb"}, flush=True)
+    print("soak", {k: v for k, v in s.items() if k not in ("rss_mb", "python_blocks")}, flush=True)
 
 
 def scenario_fairness(args, base: list[str], out: Path, result: dict) -> None:
@@ -390,7 +407,9 @@ def scenario_malformed(args, base: list[str], out: Path, result: dict) -> None:
     s = {"requests": len(cases), "codes": codes, "not_openai_shaped_4xx": bad,
          "text_plain_500s": sum(1 for b in bad if b["code"] >= 500 and "text/plain" in (b["content_type"] or "")),
          "good_request_after": good, "readyz_after": httpx.get(srv.url + "/readyz").status_code,
-         "server_5xx_in_metrics": sum(metric_sum(text, "aptp_requests_total", code=str(c)) for c in range(500, 505))}
+         # /readyz answers 503 while warming up: count the 5xx of every other endpoint
+         "server_5xx_in_metrics": sum(metric_sum(text, "aptp_requests_total", code=str(c)) for c in range(500, 505))
+         - sum(metric_sum(text, "aptp_requests_total", code=str(c), endpoint="/readyz") for c in range(500, 505))}
     srv.stop()
     result["malformed"] = s
     print("malformed", {k: v for k, v in s.items() if k != "not_openai_shaped_4xx"}, "bad:", len(bad), flush=True)
@@ -437,7 +456,7 @@ def scenario_route_flood(args, base: list[str], out: Path, result: dict) -> None
     for r in range(3):  # three floods one after another: memory must not ratchet up
         t0 = time.perf_counter()
         recs = asyncio.run(flood(10, None))
-        rounds.append({"codes": summarise(recs, 1.0)["codes"], "wall_s": time.perf_counter() - t0,
+        rounds.append({"codes": count_codes(x["code"] for x in recs), "wall_s": time.perf_counter() - t0,
                        "latency_max_s": max(x["latency_s"] for x in recs),
                        "latency_503_max_s": max([x["latency_s"] for x in recs if x["code"] == 503], default=None),
                        "every_503_has_retry_after": all(x.get("retry_after") for x in recs if x["code"] == 503)})
@@ -448,8 +467,8 @@ def scenario_route_flood(args, base: list[str], out: Path, result: dict) -> None
     time.sleep(3.0)
     s = {"rounds": rounds, "rss_start_mb": rss[0], "rss_peak_mb": max(rss), "rss_end_mb": srv.rss_mb(),
          "rss_growth_peak_mb": max(rss) - rss[0],
-         "routed_prompts_by_leavers": metric_sum(srv.metrics(), "aptp_routed_prompts_total")
-         - metric_sum(text0, "aptp_routed_prompts_total"),
+         "routed_prompts_by_leavers": metric_sum(srv.metrics(), "aptp_routed_prompts_total", endpoint="/v1/route")
+         - metric_sum(text0, "aptp_routed_prompts_total", endpoint="/v1/route"),
          "readyz_after": httpx.get(srv.url + "/readyz").status_code}
     srv.stop()
     result["route_flood"] = s
@@ -507,8 +526,7 @@ def scenario_stalled(args, base: list[str], out: Path, result: dict) -> None:
     for r in recs:
         by_kind.setdefault(r["kind"], []).append(round(r["closed_after_s"], 2))
     s = {"connections": len(recs), "closed_after_s": by_kind, "max_closed_after_s": max(r["closed_after_s"] for r in recs),
-         "answers": sorted({r["answer"][:40] for r in recs}), "readyz_codes": summarise(
-             [{"code": c} for c in ready_codes], 1.0)["codes"], "open_fds_after": _open_fds(srv.proc.pid)}
+         "answers": sorted({r["answer"][:40] for r in recs}), "readyz_codes": count_codes(ready_codes), "open_fds_after": _open_fds(srv.proc.pid)}
     srv.stop()
     result["stalled"] = s
     print("stalled", s, flush=True)
@@ -535,6 +553,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement")
     ap.add_argument("--cap-s", type=float, default=90.0, help="time cap per measurement")
     ap.add_argument("--soak-s", type=float, default=300.0)
+    ap.add_argument("--soak-rate", type=float, default=0.8, help="soak load as a fraction of measured capacity")
+    ap.add_argument("--soak-server-args", default="",
+                    help="extra `aptp serve` flags for the soak, e.g. '--trim-interval-s 0 --malloc-arenas 0'")
     ap.add_argument("--only", default="capacity,poisson,burst,disconnect,deadline,sigterm,soak",
                     help="scenarios, comma-separated: " + ", ".join(SCENARIOS))
     args = ap.parse_args(argv)

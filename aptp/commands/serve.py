@@ -50,6 +50,12 @@ _HELP = {
                         "(or after its previous response)",
     "body_timeout_s": "a request body not received within this many seconds gets 408",
     "max_connections": "open connections and requests in progress at once; more get 503 from uvicorn",
+    "malloc_arenas": "glibc malloc arenas for the worker threads, set at start (0 = glibc's default of 8 per "
+                     "core; the MALLOC_ARENA_MAX environment variable wins); fewer arenas keep memory flat",
+    "trim_interval_s": "every this many seconds return free heap pages to the system (glibc malloc_trim; "
+                       "0 = never)",
+    "shrink_arena": "1: onnxruntime returns its CPU arena's unused memory after every run (memory stays flat); "
+                    "0: each session keeps the peak of its largest batch (a little faster, memory grows in steps)",
 }
 _CHOICES = {"provider": PROVIDERS, "batching": POLICIES}
 

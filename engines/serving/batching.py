@@ -104,6 +104,9 @@ class BatchObserver:
     def image_done(self, expert) -> None:
         """An image was decoded and handed to its request."""
 
+    def routed(self, prompts: int, endpoint: str = "/v1/images/generations") -> None:
+        """`prompts` prompts went through the router (for generation, or for /v1/route)."""
+
     def rejected(self, reason: str) -> None:
         """A request was refused at admission ("queue_full", "expert_queue_full", "draining")."""
 
@@ -356,7 +359,10 @@ class Batcher:
             e, cond = expert, TextCondition.of(context)
             uncond = rt.uncond() if uncond is None else TextCondition.of(uncond)
         else:
-            e = expert if expert is not None else rt.route(prompts)[0]
+            e = expert
+            if e is None:
+                e = rt.route(prompts)[0]
+                self.observer.routed(len(prompts))
             cond = rt.condition(prompts, clean=False)
             uncond = rt.uncond()
         now = time.monotonic()

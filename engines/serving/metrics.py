@@ -3,11 +3,15 @@ observer hooks and by the HTTP middleware."""
 
 from __future__ import annotations
 
+import time
+
 from ..errors import BackendError
 from .batching import Batcher, BatchObserver
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.parser import text_string_to_metric_families
 except ImportError as _e:  # pragma: no cover - depends on the install
     raise BackendError(f'`aptp serve` needs prometheus-client ({_e}): pip install "aptp[serve]"') from None
 
@@ -45,7 +49,13 @@ class ServerMetrics(BatchObserver):
                                        "UNet calls including an image that ended after its request was dropped",
                                        ["reason"], buckets=(0, 1, 2, 5), registry=r)
         self.ready = Gauge("aptp_ready", "1 when ready to serve", registry=r)
-        self.routed = Counter("aptp_routed_prompts_total", "prompts run through the router (/v1/route)", registry=r)
+        self.heap_trims = Counter("aptp_heap_trim_released_bytes_total",
+                                  "resident memory returned by the periodic malloc_trim", registry=r)
+        self.python_blocks = Gauge("aptp_python_allocated_blocks",
+                                   "live Python memory blocks at the last heap trim (flat unless Python objects "
+                                   "leak)", registry=r)
+        self.routed_prompts = Counter("aptp_routed_prompts_total", "prompts run through the router, by endpoint",
+                                      ["endpoint"], registry=r)
 
     def queue_wait(self, expert, seconds):
         self.queue_wait_seconds.labels(str(expert)).observe(seconds)
@@ -73,3 +83,55 @@ class ServerMetrics(BatchObserver):
             self.queued.labels(str(e)).set(stats["queued"][e])
             self.active.labels(str(e)).set(stats["active"][e])
         self.ready.set(1 if stats["ready"] and stats["accepting"] else 0)
+
+    def routed(self, prompts: int, endpoint: str = "/v1/images/generations") -> None:
+        self.routed_prompts.labels(endpoint).inc(prompts)
+
+    def heap_trimmed(self, info: dict) -> None:
+        """A HeapTrimmer round (engines.serving.memory)."""
+        if info["rss_before"] is not None and info["rss_after"] is not None:
+            self.heap_trims.inc(max(0, info["rss_before"] - info["rss_after"]))
+        self.python_blocks.set(info["python_blocks"])
+
+
+def replica_name(name: str) -> str:
+    """aptp_active_images -> aptp_replica_active_images; process_open_fds -> aptp_replica_process_open_fds."""
+    return "aptp_replica_" + (name[len("aptp_"):] if name.startswith("aptp_") else name)
+
+
+class ReplicaMetrics:
+    """A collector for the Ray ingress's registry: the last exposition each replica of each expert deployment
+    gave (ExpertReplica.stats), renamed aptp_replica_* and labelled {deployment, replica}, so one scrape of the
+    ingress shows the queues, UNet calls and memory of the replicas behind it. A replica not heard from for
+    `stale_s` is dropped; aptp_replica_scrape_ok{deployment} is 0 when its last scrape failed or timed out."""
+
+    def __init__(self, stale_s: float = 60.0):
+        self.stale_s = stale_s
+        self._seen: dict[tuple[str, str], tuple[float, list]] = {}
+        self._ok: dict[str, bool] = {}
+
+    def update(self, deployment: str, answer: dict | None) -> None:
+        """`answer`: {"replica": id, "text": Prometheus exposition}, or None when the scrape failed."""
+        now = time.monotonic()
+        self._ok[deployment] = answer is not None
+        if answer is not None:
+            self._seen[(deployment, str(answer["replica"]))] = (now, list(text_string_to_metric_families(answer["text"])))
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] <= self.stale_s}
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for (deployment, replica), (_, fams) in sorted(self._seen.items()):
+            for f in fams:
+                name = replica_name(f.name)
+                if name not in families:
+                    families[name] = Metric(name, f.documentation, f.type)
+                for s in f.samples:
+                    families[name].add_sample(replica_name(s.name), {**s.labels, "deployment": deployment,
+                                                                     "replica": replica}, s.value)
+        ok = GaugeMetricFamily("aptp_replica_scrape_ok", "1 when the deployment answered the ingress's last scrape",
+                               labels=["deployment"])
+        for deployment, answered in sorted(self._ok.items()):
+            ok.add_metric([deployment], 1.0 if answered else 0.0)
+        yield from families.values()
+        yield ok
+

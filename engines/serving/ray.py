@@ -30,13 +30,15 @@ import signal
 import threading
 from dataclasses import asdict, dataclass, field, fields
 
+from ..backends.ort import shrink_cpu_arena
 from ..errors import BackendError, EngineError
 from ..runtime import Runtime
 from ..tokenization import clean_prompts
 from ..validation import Checks
 from .batching import WARM_UP_PROMPT, Batcher
 from .config import ServeConfig
-from .metrics import ServerMetrics
+from .memory import HeapTrimmer, limit_arenas
+from .metrics import ReplicaMetrics, ServerMetrics
 from .protocol import ApiError, encode_image, image_item, model_id, result_error, submit_error
 from .routes import RouteBudget
 from .routes import build_app as build_routes
@@ -111,10 +113,20 @@ class ExpertReplica:
 
     def __init__(self, engines: str, expert, settings: dict):
         self.config = ServeConfig(**settings)
+        limit_arenas(self.config.malloc_arenas)  # this replica's process: see engines/serving/memory.py
+        shrink_cpu_arena(bool(self.config.shrink_arena))
+        self._trimmer = None
         # the ingress verified every file; this replica re-hashes the files it opens (its expert, the VAE)
         rt = Runtime.load(engines, provider=self.config.provider, threads=self.config.threads, verify=False)
         self.expert = expert
-        self.batcher = Batcher(rt, self.config, experts=[expert]).start()
+        self.metrics = ServerMetrics()  # scraped by the ingress (stats), shown there as aptp_replica_*
+        self.batcher = Batcher(rt, self.config, self.metrics, experts=[expert]).start()
+        self._trimmer = HeapTrimmer(self.config.trim_interval_s, self.metrics.heap_trimmed).start()
+        try:
+            rid = serve.get_replica_context().replica_id
+            self.replica_id = str(getattr(rid, "unique_id", rid))
+        except Exception:  # outside a Serve replica (tests call the class directly)
+            self.replica_id = f"pid{os.getpid()}"
         self._warm = threading.Lock()
 
     def _warm_up(self, uncond) -> None:
@@ -150,10 +162,17 @@ class ExpertReplica:
         return {"data": [{"b64_json": b, "expert": r.expert, "seed": r.seed, "queued_s": r.queued_s,
                           "seconds": r.seconds, "unet_calls": r.unet_calls} for r, b in zip(results, encoded, strict=True)]}
 
+    async def stats(self) -> dict:
+        """This replica's Prometheus exposition (its Batcher's queues, UNet calls, images; its process)."""
+        self.metrics.refresh(self.batcher)
+        return {"replica": self.replica_id, "text": generate_latest(self.metrics.registry).decode()}
+
     def __del__(self):
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.close(0.0)
+        if getattr(self, "_trimmer", None) is not None:
+            self._trimmer.stop()
 
 
 # -- the ingress -----------------------------------------------------------------------------------
@@ -171,6 +190,8 @@ class Ingress:
         rt.condition([WARM_UP_PROMPT])
         self.uncond = rt.uncond()
         self.metrics = ServerMetrics()
+        self.replicas = ReplicaMetrics()
+        self.metrics.registry.register(self.replicas)
         self.image_size: tuple[int, int] | None = None
         self.warm: set = set()
         self.routing = RouteBudget(cfg.max_route_prompts, self.metrics)
@@ -213,6 +234,7 @@ class Ingress:
             expert = sub["expert"]
             if expert is None:
                 expert = (await asyncio.to_thread(self.rt.route, [prompt]))[0]
+                self.metrics.routed(1)
             elif model_id(expert) not in self.handles:
                 raise EngineError(f"model: {model_id(expert)!r} is not served here (see GET /v1/models)")
             context = await asyncio.to_thread(self.rt.condition, [prompt], 64, clean=False)
@@ -248,7 +270,17 @@ class Ingress:
             return 503, {"status": f"experts warming up ({str(e)[:200]})"}
         return 200, {"status": "ready", "deployments": sorted(self.handles)}
 
-    def metrics_text(self) -> tuple[bytes, str]:
+    async def metrics_text(self) -> tuple[bytes, str]:
+        """The ingress's metrics and, as aptp_replica_*, each expert deployment's (one replica per deployment
+        answers each scrape; with several replicas the others' last answers stay for ReplicaMetrics.stale_s)."""
+        async def scrape(model, handle):
+            try:
+                return model, await asyncio.wait_for(asyncio.ensure_future(handle.stats.remote()), 2.0)
+            except Exception:  # busy (Ray queue full), timed out, or the replica died
+                return model, None
+
+        for model, answer in await asyncio.gather(*(scrape(m, h) for m, h in self.handles.items())):
+            self.replicas.update(model, answer)
         return generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
 
     def __serve_build_asgi_app__(self):

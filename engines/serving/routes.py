@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import re
@@ -78,7 +79,7 @@ class Service(Protocol):
         worker died), so an orchestrator restarts it."""
 
     def metrics_text(self) -> tuple[bytes, str]:
-        """(Prometheus exposition, content type) of GET /metrics."""
+        """(Prometheus exposition, content type) of GET /metrics (may be a coroutine function)."""
 
 
 class RouteBudget:
@@ -109,9 +110,7 @@ class RouteBudget:
         parts = []
         for i in range(0, len(prompts), self.CHUNK):
             parts.append(await call(prompts[i:i + self.CHUNK]))
-            routed = getattr(self.metrics, "routed", None)
-            if routed is not None:
-                routed.inc(len(parts[-1].expert_ids))
+            self.metrics.routed(len(parts[-1].expert_ids), "/v1/route")
         return RouteResult([e for p in parts for e in p.expert_ids], np.concatenate([p.scores for p in parts]))
 
 
@@ -365,7 +364,8 @@ def build_app(service: Service, config: ServeConfig, title: str = "aptp serve", 
 
     @app.get("/metrics")
     async def prometheus():
-        text, content_type = service.metrics_text()
+        answer = service.metrics_text()
+        text, content_type = (await answer) if inspect.isawaitable(answer) else answer
         return Response(text, media_type=content_type)
 
     app.add_middleware(RequestContext, api_key=config.api_key, metrics=service.metrics,

@@ -17,6 +17,8 @@ from engines_export_fixture import ANCHORS
 from PIL import Image
 from serve_testkit import free_port
 
+from benchmarks.serve_load import metric_sum
+
 from engines import Runtime
 from engines.errors import EngineError
 from engines.serving.config import ServeConfig
@@ -41,7 +43,9 @@ def ray_app(pixel):
     from ray import serve
 
     port = free_port()
-    config = ServeConfig(engines=str(pixel.dir), workers=1, threads=1, default_steps=STEPS, max_steps=400)
+    # the ingress admits 12 images at once (the burst test below overfills it)
+    config = ServeConfig(engines=str(pixel.dir), workers=1, threads=1, default_steps=STEPS, max_steps=400,
+                         max_queue_images=12)
     # expert 1 takes one request at a time and queues two more in Ray: a fourth concurrent one is refused
     options = ray_serve.RayOptions(num_cpus=0.25, experts={"1": {"max_ongoing_requests": 1, "max_queued_requests": 2}})
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -134,3 +138,44 @@ def test_ray_serve_images_equal_runtime_and_full_queue_answers_503(ray_app, rt):
     r = httpx.post(url + "/v1/images/generations", json={"prompt": ANCHORS[0], "seed": 3, "steps": STEPS}, timeout=60)
     assert r.status_code == 200
     assert np.array_equal(_png(r.json()["data"][0]["b64_json"]), np.asarray(rt.generate(ANCHORS[0], steps=STEPS, seed=3)[0]))
+
+
+@pytest.mark.slow  # part of the Ray module above: one deployment for both tests
+def test_ray_ingress_burst_is_refused_before_routing_and_metrics_show_the_replicas(ray_app):
+    """Issue 22: 24 concurrent requests against an ingress that admits 12 images: the rest get a fast 503
+    queue_full before any routing (the ingress's routed-prompt counter grows by the admitted ones only), and
+    the ingress's /metrics carries every expert replica's own metrics (aptp_replica_*)."""
+    url = ray_app
+    gen = "/v1/images/generations"
+    before = httpx.get(url + "/metrics", timeout=30).text
+
+    def call(i):
+        t = time.monotonic()
+        r = httpx.post(url + gen, json={"prompt": ANCHORS[0], "seed": i, "steps": 400}, timeout=120)
+        return r, time.monotonic() - t
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(call, range(24)))
+    codes = sorted(r.status_code for r, _ in answers)
+    refused = [(r, s) for r, s in answers if r.status_code == 503 and r.json()["error"]["code"] == "queue_full"]
+    assert set(codes) <= {200, 503} and len(refused) >= 6, codes
+    assert all(r.headers["retry-after"] == "1" for r, _ in refused)
+    slowest_refusal = max(s for _, s in refused)
+    fastest_image = min(s for r, s in answers if r.status_code == 200)
+    assert slowest_refusal < fastest_image, (slowest_refusal, fastest_image)
+    after = httpx.get(url + "/metrics", timeout=30).text
+    routed = (metric_sum(after, "aptp_routed_prompts_total", endpoint=gen)
+              - metric_sum(before, "aptp_routed_prompts_total", endpoint=gen))
+    assert routed == 24 - len(refused), (routed, len(refused))
+    assert (metric_sum(after, "aptp_rejections_total", reason="queue_full")
+            - metric_sum(before, "aptp_rejections_total", reason="queue_full")) == len(refused)
+    # the replicas' own counters, seen through the ingress: expert 0 made every image admitted just now
+    made = (metric_sum(after, "aptp_replica_images_total", deployment="aptp:expert-0")
+            - metric_sum(before, "aptp_replica_images_total", deployment="aptp:expert-0"))
+    assert made == codes.count(200), (made, codes)
+    for model in ("aptp:expert-0", "aptp:expert-1"):
+        assert f'aptp_replica_scrape_ok{{deployment="{model}"}} 1.0' in after
+        assert metric_sum(after, "aptp_replica_process_resident_memory_bytes", deployment=model) > 1e7
+    print(f"ingress burst: {codes.count(200)} admitted, {len(refused)} refused within {slowest_refusal:.2f} s "
+          f"(first image after {fastest_image:.2f} s)")
+
