@@ -150,20 +150,26 @@ def test_hostile_and_broken_requests_always_get_openai_shaped_json(app_client, r
     _error(client.post("/v1/images/generations", json={"prompt": "x"}, headers={"Host": "evil.example"}), 403)
 
 
+def _denoising_in_background(server, body: dict, headers: dict | None = None):
+    """POST `body` from a thread and return (thread, results) once the server reports it denoising."""
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(
+        server.url + "/v1/images/generations", json=body, headers=headers or {}, timeout=60)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not re.search(r'aptp_active_images\{expert="\d+"\} [1-9]', httpx.get(server.url + "/metrics").text):
+        assert worker.is_alive(), results["r"].text  # the request must still be running
+        assert time.monotonic() < deadline, "the request never started denoising"
+        time.sleep(0.02)
+    return worker, results
+
+
 def test_work_a_drain_cuts_off_is_answered_503_json(pixel):
     """Issue 22: SIGTERM during a request that outlives --drain-timeout-s: the client gets a JSON 503 with
     Retry-After (retry elsewhere), not uvicorn's text/plain 500, and the process still exits in time."""
     with running_server(pixel.dir, "--workers", "1", "--drain-timeout-s", "2", "--max-steps", "1000") as server:
-        results = {}
-        worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(
-            server.url + "/v1/images/generations", json={"prompt": ANCHORS[0], "steps": 900, "n": 4},
-            headers={"X-Request-ID": "cut"}, timeout=60)))
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not re.search(r'aptp_active_images\{expert="\d+"\} [1-9]', httpx.get(server.url + "/metrics").text):
-            assert worker.is_alive(), results["r"].text  # the request must still be running
-            assert time.monotonic() < deadline, "the request never started denoising"
-            time.sleep(0.02)
+        worker, results = _denoising_in_background(server, {"prompt": ANCHORS[0], "steps": 900, "n": 4},
+                                                   {"X-Request-ID": "cut"})
         t0 = time.monotonic()
         server.sigterm()
         worker.join(30)
@@ -277,15 +283,7 @@ def test_disconnect_cancels_and_sigterm_drains(pixel):
         assert 'aptp_cancel_release_unet_calls_bucket{le="1.0",reason="disconnect"} 2.0' in metrics
         assert 'aptp_active_images{expert="0"} 0.0' in metrics
 
-        results = {}
-        worker = threading.Thread(target=lambda: results.setdefault("r", httpx.post(
-            server.url + "/v1/images/generations", json={"prompt": ANCHORS[0], "steps": 300, "seed": 3}, timeout=60)))
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not re.search(r'aptp_active_images\{expert="\d+"\} [1-9]', httpx.get(server.url + "/metrics").text):
-            assert worker.is_alive(), results["r"].text  # the request must still be running
-            assert time.monotonic() < deadline, "the request never started denoising"
-            time.sleep(0.02)
+        worker, results = _denoising_in_background(server, {"prompt": ANCHORS[0], "steps": 300, "seed": 3})
         t0 = time.monotonic()
         server.sigterm()
         time.sleep(0.3)
