@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import BackendError
 
-_SHRINK = {"on": False}  # see shrink_cpu_arena
+_SHRINK = {"on": False, "options": None}  # see shrink_cpu_arena
 
 
 def shrink_cpu_arena(enabled: bool = True) -> None:
@@ -34,9 +34,11 @@ def shrink_cpu_arena(enabled: bool = True) -> None:
 def _run_options(ort):
     if not _SHRINK["on"]:
         return None
-    ro = ort.RunOptions()
-    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return ro
+    if _SHRINK["options"] is None:  # built once: read-only during runs, shared by the worker threads
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        _SHRINK["options"] = ro
+    return _SHRINK["options"]
 
 
 _ORT_TYPES = {

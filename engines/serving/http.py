@@ -16,11 +16,10 @@ import time
 from contextlib import asynccontextmanager
 
 from ..errors import BackendError, DeadlineExceededError, EngineError, RequestCancelledError
-from ..backends.ort import shrink_cpu_arena
 from ..runtime import Runtime
 from .batching import Batcher
 from .config import ServeConfig
-from .memory import HeapTrimmer, limit_arenas
+from .memory import apply_settings as apply_memory_settings
 from .metrics import ServerMetrics
 from .protocol import ApiError, encode_image, image_item, result_error, submit_error
 from .routes import RouteBudget, build_app, configure_logging, log_event
@@ -207,8 +206,7 @@ class DrainingServer(uvicorn.Server):
 def serve(config: ServeConfig) -> int:
     """Load and verify the export, then serve until SIGTERM/SIGINT (see the module doc). Returns 0."""
     configure_logging()
-    limit_arenas(config.malloc_arenas)  # before any worker or onnxruntime thread exists
-    shrink_cpu_arena(bool(config.shrink_arena))
+    trimmer = apply_memory_settings(config)  # before any worker or onnxruntime thread exists
     rt = Runtime.load(config.engines, provider=config.provider, threads=config.threads)
     batcher = Batcher(rt, config, ServerMetrics())
     app = create_app(batcher, config)
@@ -220,7 +218,8 @@ def serve(config: ServeConfig) -> int:
                         limit_concurrency=config.max_connections, http=header_timeout_protocol(config.header_timeout_s))
     server = DrainingServer(uv, batcher, config.drain_timeout_s)
     log_event("starting", host=config.host, port=config.port, engines=config.engines, settings=config.to_dict())
-    trimmer = HeapTrimmer(config.trim_interval_s, app.state.metrics.heap_trimmed).start()
+    trimmer.on_round = app.state.metrics.heap_trimmed
+    trimmer.start()
     server.run()
     trimmer.stop()
     log_event("stopped")

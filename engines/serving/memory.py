@@ -92,3 +92,15 @@ class HeapTrimmer:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.round()
+
+
+def apply_settings(config, on_round=None) -> HeapTrimmer:
+    """A serving process's memory settings from its ServeConfig (`aptp serve`, each Ray expert replica): the
+    malloc arena limit (call before worker threads start), onnxruntime's arena shrinkage, and the started
+    HeapTrimmer (stop it on shutdown)."""
+    from ..backends.ort import shrink_cpu_arena
+
+    limit_arenas(config.malloc_arenas)
+    shrink_cpu_arena(bool(config.shrink_arena))
+    return HeapTrimmer(config.trim_interval_s, on_round)
+

@@ -30,14 +30,13 @@ import signal
 import threading
 from dataclasses import asdict, dataclass, field, fields
 
-from ..backends.ort import shrink_cpu_arena
 from ..errors import BackendError, EngineError
 from ..runtime import Runtime
 from ..tokenization import clean_prompts
 from ..validation import Checks
 from .batching import WARM_UP_PROMPT, Batcher
 from .config import ServeConfig
-from .memory import HeapTrimmer, limit_arenas
+from .memory import apply_settings as apply_memory_settings
 from .metrics import ReplicaMetrics, ServerMetrics
 from .protocol import ApiError, encode_image, image_item, model_id, result_error, submit_error
 from .routes import RouteBudget
@@ -113,15 +112,14 @@ class ExpertReplica:
 
     def __init__(self, engines: str, expert, settings: dict):
         self.config = ServeConfig(**settings)
-        limit_arenas(self.config.malloc_arenas)  # this replica's process: see engines/serving/memory.py
-        shrink_cpu_arena(bool(self.config.shrink_arena))
-        self._trimmer = None
+        self._trimmer = apply_memory_settings(self.config)  # this replica's process (engines/serving/memory.py)
         # the ingress verified every file; this replica re-hashes the files it opens (its expert, the VAE)
         rt = Runtime.load(engines, provider=self.config.provider, threads=self.config.threads, verify=False)
         self.expert = expert
         self.metrics = ServerMetrics()  # scraped by the ingress (stats), shown there as aptp_replica_*
         self.batcher = Batcher(rt, self.config, self.metrics, experts=[expert]).start()
-        self._trimmer = HeapTrimmer(self.config.trim_interval_s, self.metrics.heap_trimmed).start()
+        self._trimmer.on_round = self.metrics.heap_trimmed
+        self._trimmer.start()
         try:
             rid = serve.get_replica_context().replica_id
             self.replica_id = str(getattr(rid, "unique_id", rid))
