@@ -51,9 +51,9 @@ CATEGORY_KEYS = ("difficulty", "template")
 
 # ------------------------------------------------------------------------------------------ held-out errors
 
-def heldout(n: int, size: int = 32) -> ToyDataset:
-    """The first `n` held-out toy samples (captions never seen in training), images at `size` px."""
-    return ToyDataset(n, seed=toy.EVAL_SEED, size=size)
+def heldout(n: int, size: int = 32, world: str = "v1") -> ToyDataset:
+    """The first `n` held-out toy samples (captions never seen in training) of `world`, at `size` px."""
+    return ToyDataset(n, seed=toy.EVAL_SEED, size=size, world=world)
 
 
 def categories(dataset) -> dict[str, list[str]]:
@@ -148,7 +148,7 @@ def capacity_probe(out: str | Path, fractions=(0.3, 0.4, 0.5, 0.7), n: int = 100
             for f in fractions}
     evs = {f: RunEvaluator(r) for f, r in runs.items()}
     base = next(iter(evs.values())).base
-    data = heldout(n, base.image_size)
+    data = heldout(n, base.image_size, next(iter(evs.values())).cfg.data.toy_world)
     labels = categories(data)
     models = {f"static_{f:.2f}": evs[f].finetuned_experts()[0] for f in fractions}
     macs = {f"static_{f:.2f}": float(evs[f].expert_macs()[0]) for f in fractions}
@@ -267,7 +267,7 @@ def oracle_bound(run: str | Path, out: str | Path, static: str | Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ev = RunEvaluator(run)
-    data = heldout(n, ev.base.image_size)
+    data = heldout(n, ev.base.image_size, ev.cfg.data.toy_world)
     labels = categories(data)
     experts = ev.finetuned_experts()
     k = len(experts)
@@ -378,7 +378,7 @@ def router_health(run: str | Path, out: str | Path, n: int = 1000) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ev = RunEvaluator(run)
-    data = heldout(n, ev.base.image_size)
+    data = heldout(n, ev.base.image_size, ev.cfg.data.toy_world)
     labels = categories(data)
     scores = ev.router.inference_scores(ev.embeddings(data.captions)).double().cpu().numpy()
     k = scores.shape[1]

@@ -173,7 +173,7 @@ def compare(routed_run: str | Path, static_run: str | Path, n: int = 1000, progr
     category (paired: same samples, noise, timesteps). Errors: MSE to the dense teacher's output and
     denoising MSE to the true target (the dense teacher's own figure is its `to_target`)."""
     ev, sev = RunEvaluator(routed_run), RunEvaluator(static_run)
-    data = heldout(n, ev.base.image_size)
+    data = heldout(n, ev.base.image_size, ev.cfg.data.toy_world)
     labels = categories(data)
     a = ev.router.route(ev.embeddings(data.captions)).cpu()
     models = {f"routed/{k}": m for k, m in ev.finetuned_experts().items()}

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    caps = heldout(args.n).captions
+    world = load_config(resolve_config_arg(args.config), overrides=args.set).data.toy_world
+    caps = heldout(args.n, world=world).captions
     results = {"settings": vars(args), "machine": machine(), "seeds": {}}
     path = out / "promise.json"
     if path.is_file():

@@ -68,6 +68,7 @@ class DataConfig:
     text_column: str = "text"
     num_samples: int | None = 4096     # toy: dataset size; others: cap (None = all)
     toy_seed: int = 0
+    toy_world: str = "v1"              # toy: which world (training.toy.world.WORLDS; v2 has the capacity effect)
     random_flip: bool = False          # off by default: captions name positions ("on the left")
     embedding_cache: str | None = None  # dir for cached prompt embeddings; None = RUN_DIR/cache
 
@@ -80,6 +81,7 @@ class DataConfig:
         if self.type == "toy":
             _check(self.num_samples is not None, f"{p}.num_samples", "is required for the toy world", None)
         _check(self.toy_seed >= 0, f"{p}.toy_seed", "must be >= 0", self.toy_seed)
+        _check(self.toy_world in ("v1", "v2"), f"{p}.toy_world", "must be v1|v2", self.toy_world)
 
 
 @dataclass

@@ -76,8 +76,9 @@ def to_tensor(image, size: int, with_size: bool = False):
 class ToyDataset:
     """The first `n` toy-world samples of `seed` (seed >= toy.EVAL_SEED = held-out captions)."""
 
-    def __init__(self, n: int, seed: int = 0, size: int = 32):
-        samples = toy.samples(int(n), seed=int(seed))
+    def __init__(self, n: int, seed: int = 0, size: int = 32, world: str = "v1"):
+        samples = toy.samples(int(n), seed=int(seed), world=world)
+        self.world = world
         self.size = int(size)
         self.images = np.stack([s.image for s in samples])      # uint8 [n, 32, 32, 3]
         self.captions = [s.caption for s in samples]
@@ -237,7 +238,7 @@ def check_data_source(dcfg) -> None:
 def build_dataset(dcfg, size: int):
     """The training dataset of a DataConfig (training/config.py) at image side `size`."""
     if dcfg.type == "toy":
-        return ToyDataset(dcfg.num_samples, seed=dcfg.toy_seed, size=size)
+        return ToyDataset(dcfg.num_samples, seed=dcfg.toy_seed, size=size, world=dcfg.toy_world)
     if dcfg.type == "imagefolder":
         return ImageFolderDataset(dcfg.path, size, text_column=dcfg.text_column, limit=dcfg.num_samples)
     if dcfg.type == "hf":

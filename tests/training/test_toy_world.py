@@ -154,3 +154,65 @@ def test_scorer_background_and_noise_tolerance():
         sc = toy.score(noisy, s.description)
         assert sc.colour and sc.position in (True, None), s.caption
     assert classify(np.array([[PALETTE["orange"]]], np.uint8))[0, 0] == list(PALETTE).index("orange")
+
+
+# ------------------------------------------------------------------------------------------ world v2
+
+def test_v1_is_the_default_and_v2_differs():
+    a = toy.samples(40, seed=5)
+    assert [s.caption for s in a] == [s.caption for s in toy.samples(40, seed=5, world="v1")]
+    b = toy.samples(40, seed=5, world="v2")
+    assert sum(x.caption != y.caption for x, y in zip(a, b, strict=True)) > 20
+    with pytest.raises(ValueError, match="unknown toy world"):
+        toy.sample_at(0, 0, world="v3")
+
+
+def test_v2_grids_and_text_are_drawn_as_captioned():
+    data = toy.samples(400, seed=21, world="v2")
+    grids = [s for s in data if s.description["template"] in ("grid2", "grid3")]
+    texts = [s for s in data if s.description["template"] == "text3"]
+    assert len(grids) > 40 and len(texts) > 30
+    for s in grids:
+        cells = s.description["cells"]
+        n = len(cells)
+        assert s.caption.split(": ")[1].split() == [c for row in cells for c in row]
+        step = 32 // n
+        for r in range(n):
+            for c in range(n):  # the centre pixel of each cell has the cell's colour
+                y, x = r * step + step // 2, c * step + step // 2
+                assert tuple(s.image[y, x]) == PALETTE[cells[r][c]], (s.caption, r, c)
+    for s in texts:
+        chars = [o["char"] for o in s.description["objects"]]
+        assert s.caption.startswith("the text " + " ".join(chars) + " in ")
+        assert [o["bbox"][0] for o in s.description["objects"]] == sorted(o["bbox"][0] for o in s.description["objects"])
+
+
+def test_v2_held_out_has_flat_fields_and_every_difficulty_and_fits_16_tokens():
+    from tokenizers import Tokenizer
+
+    from training.text import default_model_dir
+
+    held = toy.samples(400, seed=toy.EVAL_SEED, world="v2")
+    assert {s.difficulty for s in held} == set(toy.DIFFICULTIES)
+    flat = {s.caption for s in held if s.description["template"] == "background"}
+    assert len(flat) >= 3, flat  # v1's nine background captions all hash to "train"
+    assert all(toy.caption_split(s.caption) == "eval" for s in held)
+    tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    caps = [s.caption for s in held + toy.samples(1000, seed=0, world="v2")]
+    assert max(len(e.ids) for e in tok.encode_batch(caps)) <= 16
+
+
+def test_v2_scorer_ground_truth_full_and_swapped_cell_fails():
+    data = toy.samples(300, seed=22, world="v2")
+    res = toy.score_many([s.image for s in data], [s.description for s in data])
+    assert res["colour"] == 1.0 and res["position"] == 1.0
+    grids = [s for s in data if s.description.get("cells")]
+    rng = np.random.default_rng(0)
+    for s in grids:
+        cells = [row[:] for row in s.description["cells"]]
+        n = len(cells)
+        r, c = int(rng.integers(n)), int(rng.integers(n))
+        cells[r][c] = next(x for x in PALETTE if x != cells[r][c])
+        assert not toy.score(s.image, {**s.description, "cells": cells}).colour, s.caption

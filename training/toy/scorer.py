@@ -7,6 +7,8 @@ penalised for a background the caption did not ask for, and background pixels ar
 - colour: the dominant non-background class inside the main object's box (grown by `margin` pixels) must
   be the described colour, with at least `min_pixels` such pixels. For a plain-background caption the
   dominant class of the whole image must be the described background colour.
+- grids (world v2, `cells` in the description): colour = every cell's dominant class (inside the cell,
+  `margin` pixels in from its edges) is the cell's named colour; position None.
 - position: the centroid of all pixels of the main object's colour must lie in the described region
   (left: x < 13, right: x > 19, top: y < 13, bottom: y > 19, center: 11 <= x, y <= 21); for a relation,
   the subject's colour centroid must be above / left of the object's colour centroid by >= 3 pixels.
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import PALETTE
+from .world import PALETTE, SIZE, _grid_edges
 
 _NAMES = tuple(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)  # [C, 3]
@@ -60,6 +62,8 @@ def score(image: np.ndarray, description: dict, margin: int = 2, min_pixels: int
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
     cls = classify(image)
+    if description.get("cells"):
+        return Score(colour=_grid_ok(cls, description["cells"], margin), position=None)
     objects = description["objects"]
     if not objects:  # plain background
         return Score(colour=_NAMES[_mode(cls)] == description["background"], position=None)
@@ -92,6 +96,17 @@ def score(image: np.ndarray, description: dict, margin: int = 2, min_pixels: int
     else:
         position_ok = None
     return Score(colour=colour_ok, position=position_ok)
+
+
+def _grid_ok(cls: np.ndarray, cells: list[list[str]], margin: int) -> bool:
+    n = len(cells)
+    e = [round(v * cls.shape[0] / SIZE) for v in _grid_edges(n)]
+    for r in range(n):
+        for c in range(n):
+            inner = cls[e[r] + margin:e[r + 1] - margin, e[c] + margin:e[c + 1] - margin]
+            if _mode(inner) != _NAMES.index(cells[r][c]):
+                return False
+    return True
 
 
 def score_many(images, descriptions) -> dict:

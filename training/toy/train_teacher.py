@@ -45,7 +45,7 @@ from engines.fileio import atomic_path, write_json
 from training.text import TextEncoder
 
 from .model import SAMPLING_DEFAULTS, SCHEDULER_CONFIG, TEXT_LEN, make_train_scheduler, make_unet
-from .world import EVAL_SEED, sample_at
+from .world import EVAL_SEED, WORLDS, sample_at
 
 
 def parse_args(argv=None):
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of replacing a caption by ''")
     p.add_argument("--seed", type=int, default=0, help="init / noise seed")
     p.add_argument("--data-seed", type=int, default=0, help="toy world stream seed (< EVAL_SEED)")
+    p.add_argument("--world", default="v1", choices=tuple(WORLDS), help="toy world (training.toy.world)")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--prediction-type", default="v_prediction", choices=("epsilon", "v_prediction"),
                    help="what the UNet predicts (default v_prediction; see the module docstring)")
@@ -119,8 +120,9 @@ def save_checkpoint(ckpt: Path, step: int, unet, ema: dict, opt, params, args) -
     write_json(ckpt / "state.json", {"step": step, "args": vars(args)})
 
 
-def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_prediction") -> None:
-    """Write unet/ (EMA weights), scheduler/ and text_encoder.json into `out`."""
+def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_prediction", world: str = "v1") -> None:
+    """Write unet/ (EMA weights), scheduler/, text_encoder.json and sampling.json (with the toy world the
+    teacher learned) into `out`."""
 
     unet.load_state_dict(ema)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,15 +147,16 @@ def write_teacher(out: Path, unet, ema: dict, prediction_type: str = "v_predicti
         "uncond_prompt": "",
     })
     (out / "text_encoder.json").chmod(0o644)
-    write_json(out / "sampling.json", SAMPLING_DEFAULTS)
+    write_json(out / "sampling.json", {**SAMPLING_DEFAULTS, **({"toy_world": world} if world != "v1" else {})})
     (out / "sampling.json").chmod(0o644)
 
 
 @functools.lru_cache(maxsize=1)
 def _text_encoder(max_length: int):
-    """One MiniLM per process (tests run the recipe several times in one process)."""
+    """One MiniLM per process (tests run the recipe several times in one process). No caption cache: world
+    v2 has millions of distinct captions, and a cache of every one seen would grow by 24 KB per caption."""
 
-    return TextEncoder(max_length=max_length)
+    return TextEncoder(max_length=max_length, cache=False)
 
 
 def main(argv=None) -> int:
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
 
         if not (ckpt / "state.json").is_file():
             raise SystemExit(f"--export-only: no checkpoint in {ckpt}")
-        write_teacher(out, make_unet(args.seed), load_file(str(ckpt / "ema.safetensors")), args.prediction_type)
+        write_teacher(out, make_unet(args.seed), load_file(str(ckpt / "ema.safetensors")), args.prediction_type,
+                      args.world)
         print(f"wrote teacher from {ckpt} (step {json.loads((ckpt / 'state.json').read_text())['step']}) to {out}")
         return 0
 
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     t0, ema_loss = time.time(), None
     for step in bar:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        batch = [sample_at(args.data_seed, step * args.batch + j) for j in range(args.batch)]
+        batch = [sample_at(args.data_seed, step * args.batch + j, args.world) for j in range(args.batch)]
         x0 = torch.from_numpy(__import__("numpy").stack([s.image for s in batch])).permute(0, 3, 1, 2)
         x0 = x0.float() / 127.5 - 1.0
         caps = [s.caption for s in batch]
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
         if args.stop_after is not None and step + 1 >= args.stop_after and step + 1 < args.steps:
             print(f"stopped after step {step + 1}; run again to resume", flush=True)
             return 0
-    write_teacher(out, unet, ema, args.prediction_type)
+    write_teacher(out, unet, ema, args.prediction_type, args.world)
     print(f"wrote teacher to {out}", flush=True)
     return 0
 

@@ -8,6 +8,21 @@ Every sample has an image (uint8 [32, 32, 3]), a caption, a structured descripti
 - hard:   a letter or digit from a 5x7 bitmap font ("the letter K in red"), alone or with a shape
           ("the letter K in red above a small green square").
 
+Worlds
+------
+`world="v1"` (the default; the shipped teacher was trained on it) is the mix above. `world="v2"` keeps v1's
+templates and adds content whose every pixel is named by the caption, so that a network needs capacity in
+proportion to how much the caption says (issue 20: v1 has no prompt category that a pruned network finds
+harder than another):
+
+- easy:   flat colour fields in six phrasings ("a plain blue background", "an empty gray canvas", ...),
+          so that held-out flat fields exist (v1's nine background captions all hash to "train"), and
+          v1's large centred shape.
+- medium: v1's positioned, relation and count templates, one glyph ("the letter K in red"), and a 2x2 grid
+          of named colours ("a grid of four: red blue green white", reading order).
+- hard:   a 3x3 grid of named colours ("a grid of nine: red blue ... orange"), three glyphs side by side
+          ("the text K 7 A in red") and v1's glyph-with-shape relation.
+
 Determinism and hold-out convention
 -----------------------------------
 Sample `i` of the stream with seed `s` is drawn from `np.random.default_rng([s, i, attempt])`, so any
@@ -24,7 +39,8 @@ The description dict (JSON-serialisable):
                   "position": "left"|"right"|"top"|"bottom"|"center"|None,
                   "bbox": [x0, y0, x1, y1]}],        # pixel box, exclusive ends; objects[0] = main object
      "relation": {"type": "above"|"left of", "subject": 0, "object": 1} | None,
-     "count": int|None}
+     "count": int|None,
+     "cells": [[colour name]] | None}     # v2 grids: rows of cell colours (objects is then empty)
 """
 
 from __future__ import annotations
@@ -75,8 +91,25 @@ TEMPLATES: dict[str, tuple[str, float]] = {
     "glyph": ("hard", 0.15),
     "glyph_relation": ("hard", 0.15),
 }
-_TEMPLATE_NAMES = tuple(TEMPLATES)
-_TEMPLATE_P = np.array([w for _, w in TEMPLATES.values()]) / sum(w for _, w in TEMPLATES.values())
+# world v2 (see the module docstring): about 20 % easy, 40 % medium, 40 % hard.
+TEMPLATES_V2: dict[str, tuple[str, float]] = {
+    "background": ("easy", 0.10),
+    "single": ("easy", 0.10),
+    "positioned": ("medium", 0.10),
+    "relation": ("medium", 0.08),
+    "count": ("medium", 0.06),
+    "glyph": ("medium", 0.08),
+    "grid2": ("medium", 0.08),
+    "grid3": ("hard", 0.16),
+    "text3": ("hard", 0.16),
+    "glyph_relation": ("hard", 0.08),
+}
+WORLDS: dict[str, dict[str, tuple[str, float]]] = {"v1": TEMPLATES, "v2": TEMPLATES_V2}
+_CHOICE = {w: (tuple(t), np.array([p for _, p in t.values()]) / sum(p for _, p in t.values()))
+           for w, t in WORLDS.items()}
+BACKGROUND_PHRASES_V2 = ("{a} background", "a plain {c} background", "a solid {c} image", "an empty {c} canvas",
+                         "a flat {c} field", "nothing but {c}")
+GRID_WORDS = {2: "four", 3: "nine"}
 
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5  # pixel centres
 
@@ -156,15 +189,55 @@ def _glyph_pick(rng) -> tuple[str, str]:
     return "digit", DIGITS[int(rng.integers(len(DIGITS)))]
 
 
-def _generate(rng: np.random.Generator) -> Sample:
-    template = _TEMPLATE_NAMES[int(rng.choice(len(_TEMPLATE_NAMES), p=_TEMPLATE_P))]
-    difficulty = TEMPLATES[template][0]
-    jit = lambda a=1.5: float(rng.uniform(-a, a))  # noqa: E731
-    objects, layers, relation, count = [], [], None, None
+def _grid_edges(n: int) -> list[int]:
+    """Cell edges of an n x n grid over the 32-pixel image (3 -> 0, 11, 22, 32)."""
+    return [round(i * SIZE / n + (0.49 if n == 3 else 0)) for i in range(n + 1)]
 
-    if template == "background":
+
+def check_world(world: str) -> str:
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; expected one of {', '.join(WORLDS)}")
+    return world
+
+
+def _generate(rng: np.random.Generator, world: str = "v1") -> Sample:
+    names, p = _CHOICE[world]
+    template = names[int(rng.choice(len(names), p=p))]
+    difficulty = WORLDS[world][template][0]
+    jit = lambda a=1.5: float(rng.uniform(-a, a))  # noqa: E731
+    objects, layers, relation, count, cells = [], [], None, None, None
+
+    if template == "background" and world == "v2":
+        bg = _pick(rng, tuple(PALETTE))
+        phrase = BACKGROUND_PHRASES_V2[int(rng.integers(len(BACKGROUND_PHRASES_V2)))]
+        caption = phrase.format(a=_a(bg), c=bg)
+    elif template == "background":
         bg = _pick(rng, tuple(PALETTE))
         caption = f"{_a(bg)} background"
+    elif template in ("grid2", "grid3"):
+        n = 2 if template == "grid2" else 3
+        names_ = tuple(PALETTE)
+        cells = [[names_[int(rng.integers(len(names_)))] for _ in range(n)] for _ in range(n)]
+        bg = cells[0][0]
+        e = _grid_edges(n)
+        for r in range(n):
+            for c in range(n):
+                m = np.zeros((SIZE, SIZE), dtype=bool)
+                m[e[r]:e[r + 1], e[c]:e[c + 1]] = True
+                layers.append((m, cells[r][c]))
+        caption = f"a grid of {GRID_WORDS[n]}: " + " ".join(c for row in cells for c in row)
+    elif template == "text3":
+        bg = _pick(rng, SCENE_BACKGROUNDS)
+        c = _pick(rng, OBJECT_COLOURS, (bg,))
+        chars = [_glyph_pick(rng)[1] for _ in range(3)]
+        y0 = 9 + int(rng.integers(-1, 2))
+        for i, ch in enumerate(chars):
+            m = glyph_mask(ch, 11 * i, y0, 2)
+            objects.append(_obj("digit" if ch.isdigit() else "letter", c, "small", None, m, char=ch))
+            layers.append((m, c))
+        caption = f"the text {' '.join(chars)} in {c}"
+        if rng.random() < 0.3:
+            caption += f" on {_a(bg)} background"
     elif template == "single":
         bg = _pick(rng, SCENE_BACKGROUNDS)
         c, kind = _pick(rng, OBJECT_COLOURS, (bg,)), _pick(rng, SHAPES)
@@ -253,37 +326,40 @@ def _generate(rng: np.random.Generator) -> Sample:
 
     description = {"difficulty": difficulty, "template": template, "background": bg, "objects": objects,
                    "relation": relation, "count": count}
+    if cells is not None:
+        description["cells"] = cells
     return Sample(_render(bg, layers), caption, description, difficulty)
 
 
-def sample_at(seed: int, index: int) -> Sample:
+def sample_at(seed: int, index: int, world: str = "v1") -> Sample:
     """Sample `index` of the stream with `seed` (see the module docstring for the hold-out rule)."""
     if seed < 0 or index < 0:
         raise ValueError("seed and index must be >= 0")
+    check_world(world)
     want = "eval" if seed >= EVAL_SEED else "train"
     attempt = 0
     while True:
-        s = _generate(np.random.default_rng([seed, index, attempt]))
+        s = _generate(np.random.default_rng([seed, index, attempt]), world)
         if caption_split(s.caption) == want:
             return s
         attempt += 1
 
 
-def stream(seed: int = 0, start: int = 0) -> Iterator[Sample]:
+def stream(seed: int = 0, start: int = 0, world: str = "v1") -> Iterator[Sample]:
     """Endless deterministic stream of samples `start, start+1, ...` for `seed`."""
     i = start
     while True:
-        yield sample_at(seed, i)
+        yield sample_at(seed, i, world)
         i += 1
 
 
-def samples(n: int, seed: int = 0) -> list[Sample]:
+def samples(n: int, seed: int = 0, world: str = "v1") -> list[Sample]:
     """The first `n` samples of the stream for `seed`."""
     if n < 0:
         raise ValueError("n must be >= 0")
-    return [sample_at(seed, i) for i in range(n)]
+    return [sample_at(seed, i, world) for i in range(n)]
 
 
-def captions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def captions(n: int, seed: int = 0, world: str = "v1") -> list[tuple[str, str]]:
     """(caption, difficulty) of the first `n` samples for `seed`; seed >= EVAL_SEED gives held-out captions."""
-    return [(s.caption, s.difficulty) for s in samples(n, seed)]
+    return [(s.caption, s.difficulty) for s in samples(n, seed, world)]
