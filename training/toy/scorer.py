@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import PALETTE, SIZE, _grid_edges
+from .world import PALETTE, SIZE, grid_edges
 
 _NAMES = tuple(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)  # [C, 3]
@@ -100,7 +100,7 @@ def score(image: np.ndarray, description: dict, margin: int = 2, min_pixels: int
 
 def _grid_ok(cls: np.ndarray, cells: list[list[str]], margin: int) -> bool:
     n = len(cells)
-    e = [round(v * cls.shape[0] / SIZE) for v in _grid_edges(n)]
+    e = [round(v * cls.shape[0] / SIZE) for v in grid_edges(n)]
     for r in range(n):
         for c in range(n):
             inner = cls[e[r] + margin:e[r + 1] - margin, e[c] + margin:e[c + 1] - margin]

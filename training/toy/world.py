@@ -189,7 +189,7 @@ def _glyph_pick(rng) -> tuple[str, str]:
     return "digit", DIGITS[int(rng.integers(len(DIGITS)))]
 
 
-def _grid_edges(n: int) -> list[int]:
+def grid_edges(n: int) -> list[int]:
     """Cell edges of an n x n grid over the 32-pixel image (3 -> 0, 11, 22, 32)."""
     return [round(i * SIZE / n + (0.49 if n == 3 else 0)) for i in range(n + 1)]
 
@@ -200,33 +200,29 @@ def check_world(world: str) -> str:
     return world
 
 
-def _generate(rng: np.random.Generator, world: str = "v1") -> Sample:
-    names, p = _CHOICE[world]
-    template = names[int(rng.choice(len(names), p=p))]
-    difficulty = WORLDS[world][template][0]
-    jit = lambda a=1.5: float(rng.uniform(-a, a))  # noqa: E731
-    objects, layers, relation, count, cells = [], [], None, None, None
+_V2_ONLY = ("grid2", "grid3", "text3")
 
-    if template == "background" and world == "v2":
+
+def _v2_content(template: str, rng: np.random.Generator):
+    """(background, caption, objects, layers, cells) of world v2's own templates."""
+    objects, layers, cells = [], [], None
+    if template == "background":
         bg = _pick(rng, tuple(PALETTE))
         phrase = BACKGROUND_PHRASES_V2[int(rng.integers(len(BACKGROUND_PHRASES_V2)))]
         caption = phrase.format(a=_a(bg), c=bg)
-    elif template == "background":
-        bg = _pick(rng, tuple(PALETTE))
-        caption = f"{_a(bg)} background"
     elif template in ("grid2", "grid3"):
         n = 2 if template == "grid2" else 3
         names_ = tuple(PALETTE)
         cells = [[names_[int(rng.integers(len(names_)))] for _ in range(n)] for _ in range(n)]
         bg = cells[0][0]
-        e = _grid_edges(n)
+        e = grid_edges(n)
         for r in range(n):
             for c in range(n):
                 m = np.zeros((SIZE, SIZE), dtype=bool)
                 m[e[r]:e[r + 1], e[c]:e[c + 1]] = True
                 layers.append((m, cells[r][c]))
         caption = f"a grid of {GRID_WORDS[n]}: " + " ".join(c for row in cells for c in row)
-    elif template == "text3":
+    else:  # text3
         bg = _pick(rng, SCENE_BACKGROUNDS)
         c = _pick(rng, OBJECT_COLOURS, (bg,))
         chars = [_glyph_pick(rng)[1] for _ in range(3)]
@@ -238,6 +234,21 @@ def _generate(rng: np.random.Generator, world: str = "v1") -> Sample:
         caption = f"the text {' '.join(chars)} in {c}"
         if rng.random() < 0.3:
             caption += f" on {_a(bg)} background"
+    return bg, caption, objects, layers, cells
+
+
+def _generate(rng: np.random.Generator, world: str = "v1") -> Sample:
+    names, p = _CHOICE[world]
+    template = names[int(rng.choice(len(names), p=p))]
+    difficulty = WORLDS[world][template][0]
+    jit = lambda a=1.5: float(rng.uniform(-a, a))  # noqa: E731
+    objects, layers, relation, count, cells = [], [], None, None, None
+
+    if template in _V2_ONLY or (template == "background" and world == "v2"):
+        bg, caption, objects, layers, cells = _v2_content(template, rng)
+    elif template == "background":
+        bg = _pick(rng, tuple(PALETTE))
+        caption = f"{_a(bg)} background"
     elif template == "single":
         bg = _pick(rng, SCENE_BACKGROUNDS)
         c, kind = _pick(rng, OBJECT_COLOURS, (bg,)), _pick(rng, SHAPES)
