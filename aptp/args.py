@@ -17,8 +17,9 @@ def add_runtime_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt (repeat for several)")
     parser.add_argument("--prompt-file", metavar="FILE", help="a text file with one prompt per line")
-    parser.add_argument("--provider", choices=PROVIDERS, default="cpu",
-                        help="inference backend (default cpu)")
+    parser.add_argument("--provider", choices=PROVIDERS, default=None,
+                        help="inference backend (default: what the export records: openvino for one written by "
+                             "`aptp quantize`, else cpu)")
 
 
 def read_prompts(args) -> list[str]:

@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prune": ("aptp.commands.prune", "pruning phase: train the prompt router and architecture codes"),
     "finetune": ("aptp.commands.finetune", "materialise each expert and fine-tune it on its prompts"),
     "export": ("aptp.commands.export", "export experts, router and shared parts to ONNX / TensorRT"),
+    "quantize": ("aptp.commands.quantize", "int8 OpenVINO engines per expert, calibrated on its own prompts, with a quality guard"),
     "route": ("aptp.commands.route", "route prompts to experts with an export directory"),
     "generate": ("aptp.commands.generate", "generate images with an export directory"),
     "serve": ("aptp.commands.serve", "serve an export over HTTP (OpenAI images API, per-expert batching, metrics)"),

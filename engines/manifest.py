@@ -26,17 +26,24 @@
                                               # text encoder's; router_json: when the router's prompt encoder
                                               # tokenises differently (CLIP UNet + MiniLM router)
       "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
-                   "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?}}, ...],
+                   "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?,
+                             "openvino": FILE?, "openvino_bin": FILE?},   # OpenVINO IR .xml + its .bin
+                   "quantization": null | {"precision": "int8" | "int8_weights" | "fp32", ...}}, ...],
+                                              # what `aptp quantize` chose for the expert's OpenVINO IR and why
+                                              # (calibration, fidelity, guard); format 4
       "dense": null | {"macs": ..., "params": ..., "files": {...}},
       "tensorrt": null | {"version": "10.8.0.43", "gpu": "NVIDIA H200", "compute_capability": "9.0",
                           "tf32": false},     # where the plans were built (required when any is listed)
+      "openvino": null | {"version": "2026.4.1", "nncf": "3.4.0"},  # what wrote the IR files (format 4;
+                                              # required when any is listed)
       "info": {...}                           # free-form provenance (run name, config); not interpreted
     }
 
 Format versions: 2 added `tensorrt` (a plan only deserializes with the TensorRT version that built
 it and only runs on GPUs of the same compute capability, so the runtime checks both before opening
 a plan). 3 added `family`, `added_cond`, `text_encoder.pooled_dim` / `.uncond` and `tokenizer.json_2`
-(SDXL-class UNets). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
+(SDXL-class UNets). 4 added OpenVINO IR files (`openvino`, `openvino_bin`) with per-expert
+`quantization` and the top-level `openvino` (aptp quantize). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
 unchecked until their first call; no `family` before 3: it is "sd" for a latent model, "pixel"
 otherwise, and the unconditional prompt is ""); a version it does not know is refused.
 
@@ -66,12 +73,14 @@ from typing import Any
 from .errors import IntegrityError, ManifestError
 from .validation import Checks
 
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)  # what this reader accepts; what each added: see the module doc
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)  # what this reader accepts; what each added: see the module doc
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt")  # what an export can hold per UNet: ONNX graphs, optionally TensorRT plans
-FILE_KINDS = ("onnx", "onnx_data", "tensorrt")
+FILE_KINDS = ("onnx", "onnx_data", "tensorrt", "openvino", "openvino_bin")
+OPENVINO_KINDS = ("openvino", "openvino_bin")  # an OpenVINO IR: graph (.xml) and weights (.bin), format 4
+QUANT_PRECISIONS = ("int8", "int8_weights", "fp32")  # an expert's IR: weights+activations, weights only, none
 FAMILIES = ("pixel", "sd", "sdxl")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class (text_time)
 UNCOND_KINDS = ("empty_prompt", "zeros")  # the text condition of "", or zeros (SDXL's force_zeros_for_empty_prompt)
 
@@ -202,6 +211,12 @@ class ExpertInfo:
     params: int
     share: float  # fraction of training prompts the router sent to this expert
     files: dict[str, FileRef]
+    quantization: dict[str, Any] | None = None  # aptp quantize's choice for this expert (format 4)
+
+    @property
+    def precision(self) -> str:
+        """"int8" / "int8_weights" when the expert has an OpenVINO IR of that precision, else "fp32"."""
+        return (self.quantization or {}).get("precision", "fp32") if "openvino" in self.files else "fp32"
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,17 @@ class TensorRTInfo:
 
 
 @dataclass(frozen=True)
+class OpenVINOInfo:
+    """What wrote an export's OpenVINO IR files: the openvino and nncf versions."""
+
+    version: str
+    nncf: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     base_model: str
     precision: str
@@ -243,6 +269,7 @@ class Manifest:
     vae_decoder: VaeDecoderInfo | None = None
     dense: DenseInfo | None = None
     tensorrt: TensorRTInfo | None = None
+    openvino: OpenVINOInfo | None = None
     family: str = "pixel"
     added_cond: AddedCondInfo | None = None
     created_by: str = "aptp"
@@ -267,7 +294,7 @@ class Manifest:
                     "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                     "tokenizer", "experts")
         optional = ("vae_decoder", "dense", "created_by", "info") + (("tensorrt",) if version >= 2 else ()) \
-            + (("family", "added_cond") if version >= 3 else ())
+            + (("family", "added_cond") if version >= 3 else ()) + (("openvino",) if version >= 4 else ())
         r.obj(d, "top level", required, optional)
 
         scheduler = _read_scheduler(r, d["scheduler"])
@@ -279,12 +306,13 @@ class Manifest:
         text_encoder, tokenizer = _read_text(r, d, version)
         latent = r.boolean(d["latent"], "latent")
         vae, family, added = _read_family(r, d, latent, text_encoder, tokenizer)
-        experts = _read_experts(r, d["experts"], router)
+        kinds = FILE_KINDS if version >= 4 else tuple(k for k in FILE_KINDS if k not in OPENVINO_KINDS)
+        experts = _read_experts(r, d["experts"], router, kinds, version)
         dense = None
         if d.get("dense") is not None:
             dn = r.obj(d["dense"], "dense", ("macs", "params", "files"))
             dense = DenseInfo(r.number(dn["macs"], "dense.macs", lo=0), r.integer(dn["params"], "dense.params", lo=0),
-                              _read_files(r, dn["files"], "dense.files"))
+                              _read_files(r, dn["files"], "dense.files", allowed=kinds))
         info = d.get("info", {})
         if not isinstance(info, dict):
             r.fail("info", "expected an object")
@@ -293,6 +321,16 @@ class Manifest:
         if version >= 2 and has_plans and tensorrt is None:
             r.fail("tensorrt", "TensorRT plans are listed but not where they were built "
                                "(version, gpu, compute_capability)")
+        openvino = None
+        if d.get("openvino") is not None:
+            o = r.obj(d["openvino"], "openvino", ("version", "nncf"))
+            openvino = OpenVINOInfo(r.string(o["version"], "openvino.version"), r.string(o["nncf"], "openvino.nncf"))
+        parts = [e.files for e in experts] + ([dense.files] if dense is not None else [])
+        for files, where in zip(parts, [f"experts[{e.id}]" for e in experts] + ["dense"]):
+            if ("openvino" in files) != ("openvino_bin" in files):
+                r.fail(f"{where}.files", "an OpenVINO IR needs both openvino (.xml) and openvino_bin (.bin)")
+        if any("openvino" in f for f in parts) and openvino is None:
+            r.fail("openvino", "OpenVINO IR files are listed but not what wrote them (version, nncf)")
 
         manifest = cls(
             base_model=r.string(d["base_model"], "base_model"),
@@ -311,6 +349,7 @@ class Manifest:
             vae_decoder=vae,
             dense=dense,
             tensorrt=tensorrt,
+            openvino=openvino,
             family=family,
             added_cond=added,
             created_by=r.string(d.get("created_by", "aptp"), "created_by"),
@@ -334,7 +373,12 @@ class Manifest:
             del d["text_encoder"]["pooled_dim"]
         order = ["format_version", "base_model", "created_by", "family", "precision", "scheduler", "budget",
                  "dense_macs", "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
-                 "added_cond", "vae_decoder", "tokenizer", "experts", "dense", "tensorrt", "info"]
+                 "added_cond", "vae_decoder", "tokenizer", "experts", "dense", "tensorrt", "openvino", "info"]
+        for e in d["experts"]:
+            if e.get("quantization") is None:
+                e.pop("quantization", None)
+        if self.format_version < 4:
+            order.remove("openvino")
         if self.format_version < 3:  # an older manifest read and written back keeps its keys
             order = [k for k in order if k not in ("family", "added_cond")]
             for k in ("pooled_dim", "uncond"):
@@ -432,20 +476,32 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
     return vae, family, added
 
 
-def _read_experts(r: Checks, value, router: RouterInfo) -> list[ExpertInfo]:
+def _read_quantization(r: Checks, value, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        r.fail(where, "expected an object")
+    r.string(value.get("precision"), f"{where}.precision", QUANT_PRECISIONS)
+    return dict(value)
+
+
+def _read_experts(r: Checks, value, router: RouterInfo, kinds: tuple[str, ...] = FILE_KINDS,
+                  version: int = FORMAT_VERSION) -> list[ExpertInfo]:
     if not isinstance(value, list) or not value:
         r.fail("experts", "expected a non-empty list")
     experts = []
     for i, e in enumerate(value):
         w = f"experts[{i}]"
-        e = r.obj(e, w, ("id", "macs", "macs_fraction", "params", "share", "files"))
+        e = r.obj(e, w, ("id", "macs", "macs_fraction", "params", "share", "files"),
+                  ("quantization",) if version >= 4 else ())
         experts.append(ExpertInfo(
             id=r.integer(e["id"], f"{w}.id", lo=0),
             macs=r.number(e["macs"], f"{w}.macs", lo=0),
             macs_fraction=r.number(e["macs_fraction"], f"{w}.macs_fraction", lo=0),
             params=r.integer(e["params"], f"{w}.params", lo=0),
             share=r.number(e["share"], f"{w}.share", lo=0, hi=1),
-            files=_read_files(r, e["files"], f"{w}.files"),
+            files=_read_files(r, e["files"], f"{w}.files", allowed=kinds),
+            quantization=_read_quantization(r, e.get("quantization"), f"{w}.quantization"),
         ))
     ids = [e.id for e in experts]
     if ids != list(range(len(experts))):

@@ -91,6 +91,7 @@ class Runtime:
     """The deployable APTP runtime over one export directory (see the module doc)."""
 
     def __init__(self, export_dir: str | os.PathLike, manifest: Manifest, provider: str = "cpu", threads: int = 0):
+        # (Runtime.load resolves provider=None to what the manifest records)
         self.export_dir = Path(export_dir)
         self.manifest = manifest
         self.provider = provider
@@ -100,22 +101,25 @@ class Runtime:
         self._tokenizer: PromptTokenizer | None = None
         self._uncond: TextCondition | None = None
         # onnxruntime provider of the graphs without a TensorRT plan (router, text encoder, VAE decoder)
-        self.ort_provider = "cpu" if provider == "cpu" else "cuda"
+        self.ort_provider = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self._device_memory: DeviceMemoryPool | None = None  # TensorRT activations, shared by the plans
         self._lock = threading.RLock()  # guards the lazy caches above (re-entrant: _session -> _recheck)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, export_dir: str | os.PathLike, provider: str = "cpu", verify: bool = True,
+    def load(cls, export_dir: str | os.PathLike, provider: str | None = None, verify: bool = True,
              threads: int = 0) -> Runtime:
         """Read `export_dir/manifest.json`, check its format version and (with `verify`) the size and
         sha256 of every file it lists. Raises ManifestError / IntegrityError naming the file, or
-        BackendError if `provider` ("cpu" | "cuda" | "tensorrt") cannot run here. `threads`:
-        onnxruntime intra-op threads per session (0 = one per core)."""
-        check_provider(provider)
+        BackendError if `provider` ("cpu" | "cuda" | "tensorrt" | "openvino") cannot run here; None = what
+        the export records ("openvino" for an export with OpenVINO IR files, i.e. one `aptp quantize`
+        wrote, else "cpu"). `threads`: intra-op threads per session (0 = one per core)."""
         if not is_int(threads) or threads < 0:
             raise EngineError(f"threads must be a non-negative integer, got {threads!r}")
         manifest = read_manifest(export_dir)
+        if provider is None:
+            provider = default_provider(manifest)
+        check_provider(provider)
         rt = cls(export_dir, manifest, provider, threads)
         if provider == "tensorrt":
             missing = [f"expert {e.id}" for e in manifest.experts if "tensorrt" not in e.files]
@@ -147,15 +151,32 @@ class Runtime:
 
     @property
     def part_providers(self) -> dict[str, str]:
-        """Where each part runs: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu" per part name."""
+        """Where each part runs: "tensorrt", "openvino-int8" (precision of its IR), "onnxruntime-cuda" or
+        "onnxruntime-cpu" per part name ("experts" when all experts run alike, else "expert_00", ...)."""
         ort = f"onnxruntime-{self.ort_provider}"
-        unet = "tensorrt" if self.provider == "tensorrt" else ort
-        parts = {"router": ort, "text_encoder": ort, "experts": unet}
+        parts = {"router": ort, "text_encoder": ort}
+        unets = {f"expert_{e.id:02d}": self._unet_backend(e.files, e.precision) for e in self.manifest.experts}
+        if len(set(unets.values())) == 1:
+            parts["experts"] = next(iter(unets.values()))
+        else:
+            parts.update(unets)
         if self.manifest.vae_decoder is not None:
             parts["vae_decoder"] = ort
         if self.manifest.dense is not None:
-            parts["dense"] = unet
+            parts["dense"] = self._unet_backend(self.manifest.dense.files, "fp32")
         return parts
+
+    def _unet_backend(self, files: dict[str, FileRef], precision: str) -> str:
+        kind = self._unet_kind(files)
+        if kind == "onnx":
+            return f"onnxruntime-{self.ort_provider}"
+        return "tensorrt" if kind == "tensorrt" else f"openvino-{precision}"
+
+    def _unet_kind(self, files: dict[str, FileRef]) -> str:
+        """Which file of a UNet part this runtime opens: a TensorRT plan, an OpenVINO IR or the ONNX graph."""
+        if self.provider in ("tensorrt", "openvino") and self.provider in files:
+            return self.provider
+        return "onnx"
 
     def _verify(self, ref: FileRef) -> None:
         verify_file(self.export_dir, ref)
@@ -180,11 +201,12 @@ class Runtime:
     def _open_session(self, key: str, files: dict[str, FileRef], inputs: tuple[str, ...],
                       outputs: tuple[str, ...]) -> Session:
         if key not in self._sessions:
-            kind = "tensorrt" if self.provider == "tensorrt" and "tensorrt" in files else "onnx"
-            for ref in files.values():
-                if kind == "onnx" and ref is files.get("tensorrt"):
-                    continue
-                self._recheck(ref)
+            kind = self._unet_kind(files)
+            used = {"onnx": ("onnx", "onnx_data"), "tensorrt": ("tensorrt",),
+                    "openvino": ("openvino", "openvino_bin")}[kind]
+            for k, ref in files.items():
+                if k in used:
+                    self._recheck(ref)
             if kind == "tensorrt" and self._device_memory is None:
                 self._device_memory = DeviceMemoryPool()
             self._sessions[key] = open_session(self.export_dir / files[kind].path, self.provider, kind,
@@ -413,6 +435,13 @@ class Runtime:
         if limit < per_prompt:
             raise BackendError(f"the UNet's profile allows batches of at most {limit}, a prompt needs {per_prompt}")
         return max(1, min(int(batch_size), limit // per_prompt))
+
+
+def default_provider(manifest: Manifest) -> str:
+    """The provider an export runs on when the caller names none: "openvino" when it has OpenVINO IR files
+    (written by `aptp quantize`), else "cpu"."""
+    parts = [e.files for e in manifest.experts] + ([manifest.dense.files] if manifest.dense else [])
+    return "openvino" if any("openvino" in f for f in parts) else "cpu"
 
 
 def _check_batch_size(batch_size) -> None:

@@ -9,6 +9,9 @@ denoising loop never sees the backend. Providers (what a user asks `Runtime.load
 - "tensorrt": TensorRT plans for the UNets (engines.backends.tensorrt, CUDA helpers in
   engines.backends.cuda); the other graphs run on onnxruntime's CUDA provider when it works here, else
   on its CPU provider, which `Runtime.part_providers` records and a warning says.
+- "openvino": the OpenVINO IR of each UNet that has one (int8, written by `aptp quantize`;
+  engines.backends.openvino), on the CPU; the other graphs (router, text encoder, VAE decoder, UNets the
+  quality guard kept in fp32) on onnxruntime's CPU provider.
 
 A new backend is one module here and one entry in `OPENERS` (file kind -> opener) and, if users ask for
 it by name, in `PROVIDERS` and `check_provider`. `engines.backends.doctor` reports what works here.
@@ -24,9 +27,10 @@ import numpy as np
 from ..errors import BackendError
 from .cuda import device_info, import_cudart, import_tensorrt
 from .ort import OrtSession, cuda_unavailable_reason, import_ort
+from .openvino import OvSession, check_openvino
 from .tensorrt import TensorRTSession
 
-PROVIDERS = ("cpu", "cuda", "tensorrt")
+PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 
 
 class Session(Protocol):
@@ -49,6 +53,9 @@ def check_provider(provider: str) -> None:
         raise BackendError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if provider == "cpu":
         import_ort()
+    elif provider == "openvino":
+        import_ort()  # the graphs without an IR run on onnxruntime's CPU provider
+        check_openvino()
     elif provider == "cuda":
         reason = cuda_unavailable_reason()
         if reason is not None:
@@ -68,13 +75,18 @@ def _open_tensorrt(path, provider, expected_inputs, expected_outputs, threads, o
                            device_memory=device_memory)
 
 
-OPENERS = {"onnx": _open_onnx, "tensorrt": _open_tensorrt}  # file kind (manifest `files` key) -> opener
+def _open_openvino(path, provider, expected_inputs, expected_outputs, threads, ort_provider, device_memory) -> Session:
+    return OvSession(path, expected_inputs, expected_outputs, threads=threads)
+
+
+OPENERS = {"onnx": _open_onnx, "tensorrt": _open_tensorrt, "openvino": _open_openvino}  # file kind (manifest `files` key) -> opener
 
 
 def open_session(path: str | os.PathLike, provider: str, kind: str = "onnx",
                  expected_inputs: tuple[str, ...] = (), expected_outputs: tuple[str, ...] = (),
                  threads: int = 0, ort_provider: str | None = None, device_memory=None) -> Session:
-    """Open `path` with the backend for file `kind` ("onnx" | "tensorrt"): a TensorRT plan, or an ONNX graph
+    """Open `path` with the backend for file `kind` ("onnx" | "tensorrt" | "openvino"): a TensorRT plan, an
+    OpenVINO IR (.xml, its .bin beside it), or an ONNX graph
     on onnxruntime's `ort_provider` ("cpu" | "cuda"; default: `provider`, which must then be "cpu" or
     "cuda"). `threads` = onnxruntime intra-op threads (0 = its default, one per core); `device_memory`:
     the TensorRT activation memory shared by the plans of one runtime (engines.backends.tensorrt)."""

@@ -26,7 +26,7 @@ class ServeConfig:
     engines: str = ""  # export directory
     host: str = "127.0.0.1"
     port: int = 8000
-    provider: str = "cpu"
+    provider: str = "auto"  # "auto": what the export records (openvino for an `aptp quantize` export, else cpu)
     workers: int = 2  # worker threads running UNet calls (each owns one batch at a time)
     threads: int = 1  # onnxruntime intra-op threads per session (0 = one per core)
     batching: str = "step"  # "request" | "step"
@@ -59,7 +59,7 @@ class ServeConfig:
         c.string(self.engines, "engines", empty=True)
         c.string(self.host, "host")
         c.integer(self.port, "port", 0, 65535)
-        c.string(self.provider, "provider", PROVIDERS)
+        c.string(self.provider, "provider", ("auto", *PROVIDERS))
         c.integer(self.workers, "workers", lo=1)
         c.integer(self.threads, "threads", lo=0)
         c.string(self.batching, "batching", POLICIES)
@@ -122,3 +122,8 @@ class ServeConfig:
         if unknown:
             raise EngineError(f"unknown serve setting(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def runtime_provider(provider: str) -> str | None:
+    """ServeConfig.provider as Runtime.load takes it ("auto" -> None: what the export records)."""
+    return None if provider == "auto" else provider

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from ..errors import BackendError, DeadlineExceededError, EngineError, RequestCancelledError
 from ..runtime import Runtime
 from .batching import Batcher
-from .config import ServeConfig
+from .config import ServeConfig, runtime_provider
 from .memory import apply_settings as apply_memory_settings
 from .metrics import ServerMetrics
 from .protocol import ApiError, encode_image, image_item, result_error, submit_error
@@ -207,7 +207,7 @@ def serve(config: ServeConfig) -> int:
     """Load and verify the export, then serve until SIGTERM/SIGINT (see the module doc). Returns 0."""
     configure_logging()
     trimmer = apply_memory_settings(config)  # before any worker or onnxruntime thread exists
-    rt = Runtime.load(config.engines, provider=config.provider, threads=config.threads)
+    rt = Runtime.load(config.engines, provider=runtime_provider(config.provider), threads=config.threads)
     batcher = Batcher(rt, config, ServerMetrics())
     app = create_app(batcher, config)
     if not config.loopback and not config.api_key:

@@ -35,7 +35,7 @@ from ..runtime import Runtime
 from ..tokenization import clean_prompts
 from ..validation import Checks
 from .batching import WARM_UP_PROMPT, Batcher
-from .config import ServeConfig
+from .config import ServeConfig, runtime_provider
 from .memory import apply_settings as apply_memory_settings
 from .metrics import ReplicaMetrics, ServerMetrics
 from .protocol import ApiError, encode_image, image_item, model_id, result_error, submit_error
@@ -114,7 +114,7 @@ class ExpertReplica:
         self.config = ServeConfig(**settings)
         self._trimmer = apply_memory_settings(self.config)  # this replica's process (engines/serving/memory.py)
         # the ingress verified every file; this replica re-hashes the files it opens (its expert, the VAE)
-        rt = Runtime.load(engines, provider=self.config.provider, threads=self.config.threads, verify=False)
+        rt = Runtime.load(engines, provider=runtime_provider(self.config.provider), threads=self.config.threads, verify=False)
         self.expert = expert
         self.metrics = ServerMetrics()  # scraped by the ingress (stats), shown there as aptp_replica_*
         self.batcher = Batcher(rt, self.config, self.metrics, experts=[expert]).start()
@@ -181,7 +181,7 @@ class Ingress:
     def __init__(self, engines: str, settings: dict, experts: dict):
         configure_logging()
         self.config = cfg = ServeConfig(**settings)
-        self.rt = rt = Runtime.load(engines, provider=cfg.provider, threads=cfg.threads)  # hashes every file
+        self.rt = rt = Runtime.load(engines, provider=runtime_provider(cfg.provider), threads=cfg.threads)  # hashes every file
         self.manifest = rt.manifest
         self.handles = dict(experts)  # model id ("aptp:expert-0", "aptp:dense") -> DeploymentHandle
         rt.route([WARM_UP_PROMPT])

@@ -102,6 +102,8 @@ ENV = {"version": "10.8.0.43", "gpu": "NVIDIA H200", "compute_capability": "9.0"
 def as_version(d: dict, version: int) -> dict:
     """A manifest dict as an older aptp wrote it: without the keys later format versions added."""
     d["format_version"] = version
+    if version < 4:
+        d.pop("openvino", None)
     if version < 3:
         for k in ("family", "added_cond"):
             d.pop(k, None)

@@ -1,0 +1,90 @@
+"""Quantize an export to int8 for CPUs: per expert, NNCF post-training quantization of its graph to an OpenVINO
+IR, calibrated on the prompts the router sends to that expert (their whole denoising trajectory, with
+classifier-free-guidance pairs), kept only if its images stay close to the fp32 expert's (quality guard);
+the layers whose int8 costs the most fidelity are found by measurement and kept in fp32. Writes a complete
+export directory (--out) that `aptp generate/serve/bench/eval` run on OpenVINO by default, with
+quantize_report.md. Needs `pip install -e ".[quantize]"` (openvino, nncf)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aptp.args import add_export_argument
+from engines.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    add_export_argument(parser, help="the fp32 export directory to quantize (written by `aptp export`)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new export directory (must not exist or be empty)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="calibration prompts, one per line (your training captions; default for the toy "
+                             "model: the toy world's training captions)")
+    parser.add_argument("--guard-prompts", metavar="FILE",
+                        help="held-out prompts for the quality guard, one per line (default for the toy model: "
+                             "held-out toy captions)")
+    parser.add_argument("--per-expert", type=int, default=16, help="calibration prompts per expert (default 16)")
+    parser.add_argument("--guard-per-expert", type=int, default=8, help="guard images per expert (default 8)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps of calibration and guard (default 25)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale of calibration and guard (default: the toy teacher's sampling.json "
+                             "for the toy model, else 7.5)")
+    parser.add_argument("--min-psnr", type=float, default=30.0, help="guard: every image >= this many dB (default 30)")
+    parser.add_argument("--mean-psnr", type=float, default=35.0, help="guard: mean >= this many dB (default 35)")
+    parser.add_argument("--experts", default=None, help="comma-separated expert ids (default: all)")
+    parser.add_argument("--random-calibration", action="store_true",
+                        help="calibrate on random prompts of the pool instead of each expert's own (an ablation)")
+    parser.add_argument("--rescan", action="store_true",
+                        help="run the sensitivity scan for every expert that needs it (default: the first one; "
+                             "the others try its order)")
+    parser.add_argument("--threads", type=int, default=0, help="inference threads (0 = one per core)")
+
+
+def _lines(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        lines = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read prompts ({e})") from None
+    if not lines:
+        raise UserError(f"{path}: no prompts in it")
+    return lines
+
+
+def _default_guidance(export: str) -> float:
+    try:
+        base = json.loads((Path(export) / "manifest.json").read_text()).get("base_model", "")
+    except (OSError, ValueError):
+        return 7.5
+    if "toy-teacher" in str(base):
+        from training.toy import teacher_dir
+
+        rec = teacher_dir() / "sampling.json"
+        if rec.is_file():
+            return float(json.loads(rec.read_text()).get("guidance_scale", 7.5))
+    return 7.5
+
+
+def run(args) -> int:
+    from aptp_export.quantize import QuantizeOptions, quantize_export
+
+    for name in ("per_expert", "guard_per_expert", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    experts = None
+    if args.experts:
+        try:
+            experts = [int(x) for x in args.experts.split(",")]
+        except ValueError:
+            raise UserError(f"--experts must be comma-separated integers, got {args.experts!r}") from None
+    opts = QuantizeOptions(prompts=_lines(args.prompts), guard_prompts=_lines(args.guard_prompts),
+                           per_expert=args.per_expert, guard_per_expert=args.guard_per_expert, steps=args.steps,
+                           guidance=args.guidance if args.guidance is not None else _default_guidance(args.export),
+                           min_psnr=args.min_psnr, mean_psnr=args.mean_psnr, experts=experts,
+                           random_calibration=args.random_calibration, rescan=args.rescan, threads=args.threads)
+    report = quantize_export(args.export, args.out, opts)
+    kinds = [e["precision"] for e in report["experts"]]
+    print(f"wrote {args.out}: {kinds.count('int8')} int8, {kinds.count('int8_weights')} int8 weights-only, "
+          f"{kinds.count('fp32')} fp32 experts ({report['seconds']:.0f} s); see {Path(args.out) / 'quantize_report.md'}")
+    return 0
