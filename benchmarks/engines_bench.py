@@ -51,9 +51,15 @@ def models_from_export(export_dir: str | Path, run_dir: str | Path | None = None
     models = [ModelUnderTest("dense", m.dense.macs, 1.0, m.dense.params, export_dir / m.dense.files["onnx"].path,
                              _plan(export_dir, m.dense.files), loaders.get("dense"))]
     for e in m.experts:
+        ir = e.files.get("openvino")
+        extra = {"share": e.share}
+        if e.quantization:
+            extra.update({"guard_psnr_min": e.quantization.get("psnr_min"),
+                          "guard_psnr_mean": e.quantization.get("psnr_mean")})
         models.append(ModelUnderTest(f"expert_{e.id:02d}", e.macs, e.macs_fraction, e.params,
                                      export_dir / e.files["onnx"].path, _plan(export_dir, e.files),
-                                     loaders.get(e.id), {"share": e.share}))
+                                     loaders.get(e.id), extra, None if ir is None else export_dir / ir.path,
+                                     e.precision))
     shape = InputShape(m.in_channels, m.sample_size[0], m.sample_size[1], m.text_len, m.text_encoder.hidden_size)
     return models, shape
 
@@ -139,7 +145,8 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
         why = {"torch": "pass --run (the training run) to time torch eager",
                "tensorrt": "export with --backend tensorrt on a GPU machine",
                "onnxruntime-cuda": "onnxruntime cannot run on CUDA here (see `aptp doctor`)",
-               "onnxruntime": "the export lacks ONNX graphs"}
+               "onnxruntime": "the export lacks ONNX graphs",
+               "openvino-int8": "quantize the export first (aptp quantize) and install openvino"}
         raise UserError("; ".join(f"backend {b} is not available: {why.get(b, 'unknown backend')}" for b in missing))
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -160,6 +167,7 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     result = {
         "export_dir": str(export_dir), "machine": machine, "seconds": time.perf_counter() - t0,
         "shape": shape.__dict__, "rows": rows, "torch_vs_onnxruntime": speedups(rows),
+        "int8_vs_fp32": precision_table(rows),
         "router": {**router, "fraction_of_25_step_generation_dense":
                    router["batched_ms_per_prompt"] / (25 * unet_ms["dense"]) if "dense" in unet_ms else None},
         "throughput": thr,
@@ -168,8 +176,31 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     write_text(out_dir / "bench.csv", rows_to_csv(rows))
     latency_vs_macs([r for r in rows if r["prompts"] == 1], out_dir / "latency_vs_macs.png",
                     title="Latency against MACs (1 prompt, CFG batch 2)")
+    for r in result["int8_vs_fp32"]:
+        if r["batch"] == 2:
+            say(f"  {r['expert']} {r['precision']}: {r['int8_ms']:.1f} ms vs fp32 {r['fp32_ms']:.1f} ms "
+                f"({r['int8_speedup']:.2f}x); over dense fp32 {r['int8_over_dense_fp32']:.2f} (MACs {r['macs_fraction']:.2f})")
     say(f"bench: wrote {out_dir / 'bench.json'} in {result['seconds']:.0f} s")
     return result
+
+
+def precision_table(rows: list[dict]) -> list[dict]:
+    """Per (expert, batch) with an int8 IR: fp32 onnxruntime and int8 OpenVINO medians, the int8 speed-up,
+    and the product "MACs fraction x int8 time over own fp32" (= int8 time over the dense fp32 time if
+    latency followed MACs), beside the measured int8 time over the dense fp32 graph."""
+    idx = {(r["expert"], r["batch"], r["backend"]): r for r in rows}
+    out = []
+    for (name, batch, backend), r in idx.items():
+        f = idx.get((name, batch, "onnxruntime"))
+        if backend != "openvino-int8" or r.get("precision", "fp32") == "fp32" or f is None:
+            continue
+        speed = f["latency_ms_median"] / r["latency_ms_median"]
+        out.append({"expert": name, "batch": batch, "precision": r["precision"], "macs_fraction": r["macs_fraction"],
+                    "fp32_ms": f["latency_ms_median"], "int8_ms": r["latency_ms_median"], "int8_speedup": speed,
+                    "macs_fraction_over_speedup": r["macs_fraction"] / speed,
+                    "int8_over_dense_fp32": r["latency_fraction"],
+                    "guard_psnr_min": r.get("guard_psnr_min"), "guard_psnr_mean": r.get("guard_psnr_mean")})
+    return sorted(out, key=lambda x: (x["batch"], x["expert"]))
 
 
 def _machine() -> dict:

@@ -48,6 +48,8 @@ class ModelUnderTest:
     plan: Path | None = None
     load_torch: Callable[[], object] | None = None   # returns an eval-mode torch UNet
     extra: dict = field(default_factory=dict)
+    ir: Path | None = None         # OpenVINO IR (.xml) written by `aptp quantize`
+    precision: str = "fp32"        # of the IR ("int8" | "int8_weights")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,13 @@ def _ort_cuda_callable(path: Path, feeds: dict):
     return OrtSession(path, "cuda").resident_runner(feeds)
 
 
+def openvino_callable(path: Path, feeds: dict, threads: int = 0):
+    from engines.backends.openvino import OvSession
+
+    sess = OvSession(path, threads=threads)
+    return lambda: sess.run(feeds)
+
+
 def torch_callable(module, feeds: dict):
     args = [torch.from_numpy(feeds[k]) for k in UNET_INPUTS]
     kwargs = {}
@@ -102,7 +111,9 @@ def torch_callable(module, feeds: dict):
     return call
 
 
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "torch", "tensorrt")
+# "openvino-int8": what the runtime runs for a quantized export: each model's OpenVINO IR where it has one,
+# its ONNX graph on onnxruntime (CPU) where it has none (the dense reference, experts the guard kept fp32)
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "torch", "tensorrt", "openvino-int8")
 
 
 def available_backends(models: list[ModelUnderTest]) -> list[str]:
@@ -115,6 +126,8 @@ def available_backends(models: list[ModelUnderTest]) -> list[str]:
         out.append("torch")
     if all(m.plan is not None for m in models):
         out.append("tensorrt")
+    if any(m.ir is not None for m in models) and all(m.onnx is not None for m in models):
+        out.append("openvino-int8")
     return out
 
 
@@ -207,6 +220,9 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
                     fns[m.name] = ort_callable(m.onnx, feeds, threads=threads)
                 elif backend == "onnxruntime-cuda":
                     fns[m.name] = _ort_cuda_callable(m.onnx, feeds)
+                elif backend == "openvino-int8":
+                    fns[m.name] = (openvino_callable(m.ir, feeds, threads) if m.ir is not None
+                                   else ort_callable(m.onnx, feeds, threads=threads))
                 elif backend == "torch":
                     if m.name not in torch_modules:
                         torch_modules[m.name] = m.load_torch()
@@ -223,6 +239,7 @@ def _bench_unets(models, shape, prompts_per_batch, backends, warmup, repeats, se
                 rows.append({
                     "timing": "wall-resident" if backend == "onnxruntime-cuda" else "wall",
                     "expert": m.name, "backend": backend, "batch": 2 * prompts, "prompts": prompts,
+                    "precision": m.precision if backend == "openvino-int8" and m.ir is not None else "fp32",
                     "macs": m.macs, "macs_fraction": m.macs_fraction, "params": m.params,
                     **t.as_dict(), "latency_fraction": t.median_ms / dense,
                     "latency_over_macs": (t.median_ms / dense) / m.macs_fraction,

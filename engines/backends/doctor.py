@@ -23,6 +23,8 @@ from .cuda import device_info, distribution_version, plan_environment, plan_mism
 from ..errors import EngineError
 from ..machine import cpu_info
 from ..manifest import read_manifest
+from .openvino import INSTALL_HINT as OV_HINT
+from .openvino import core, openvino_version
 from .ort import CUDA_EP, import_ort, cuda_unavailable_reason, ort_flavour, probe_provider
 
 _ORT_NAMES = {"CPUExecutionProvider": "cpu", CUDA_EP: "cuda"}
@@ -44,6 +46,8 @@ def _versions() -> dict:
         "platform": platform.platform(),
         "torch": distribution_version("torch"),
         "onnxruntime": ort_flavour(),
+        "openvino": distribution_version("openvino"),
+        "nncf": distribution_version("nncf"),
         "tensorrt": distribution_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11"),
         "cuda-python": distribution_version("cuda-python"),
         "cuda-bindings": distribution_version("cuda-bindings"),
@@ -106,6 +110,25 @@ def _gpu() -> dict:
         return {**driver, "error": _one_line(e)}
 
 
+def _openvino() -> dict:
+    """OpenVINO's CPU device and what its kernels can use here: int8 (VNNI / AMX-INT8) and bf16 (AVX512_BF16
+    / AMX-BF16; OpenVINO would run fp32 layers in bf16 on such CPUs unless told f32, which the runtime does;
+    APTP_OPENVINO_PRECISION=bf16 opts in)."""
+    version = openvino_version()
+    if version is None:
+        return {"error": f"not installed: {OV_HINT}"}
+    try:
+        c = core()
+        devices = list(c.available_devices)
+        caps = list(c.get_property("CPU", "OPTIMIZATION_CAPABILITIES")) if "CPU" in devices else []
+    except Exception as e:  # noqa: BLE001 - a broken install is reported, not raised
+        return {"version": version, "error": _one_line(e)}
+    out = {"version": version, "devices": devices, "cpu_capabilities": caps}
+    if "CPU" not in devices:
+        out["error"] = "no CPU device"
+    return out
+
+
 def _tensorrt() -> dict:
     version = tensorrt_version()
     if version is None:
@@ -130,6 +153,10 @@ def _export(export_dir: str | os.PathLike) -> dict:
         plans.append("dense")
     out.update({"format_version": m.format_version, "precision": m.precision, "experts": len(m.experts),
                 "created_by": m.created_by, "plans": plans})
+    irs = {f"expert {e.id}": e.precision for e in m.experts if "openvino" in e.files}
+    if irs:
+        out["openvino_ir"] = irs
+        out["openvino_written_with"] = m.openvino.to_dict() if m.openvino else None
     if not plans:
         out["plans_match"] = None
         out["note"] = "no TensorRT plans (ONNX only): providers cpu and cuda"
@@ -157,8 +184,8 @@ def collect(export_dir: str | os.PathLike | None = None) -> dict:
     """Everything `aptp doctor` prints, as a JSON-ready dict (sections: versions, onnxruntime, gpu,
     tensorrt, and export when `export_dir` is given). Never raises for a missing package or GPU: the
     section says so."""
-    report = {"versions": _versions(), "cpu": _cpu(), "onnxruntime": _onnxruntime(), "gpu": _gpu(),
-              "tensorrt": _tensorrt()}
+    report = {"versions": _versions(), "cpu": _cpu(), "onnxruntime": _onnxruntime(), "openvino": _openvino(),
+              "gpu": _gpu(), "tensorrt": _tensorrt()}
     if export_dir is not None:
         report["export"] = _export(export_dir)
     report["providers"] = usable_providers(report)
@@ -171,6 +198,8 @@ def usable_providers(report: dict) -> list[str]:
     out = [p for p in ("cpu", "cuda") if p in working]
     if "error" not in report["tensorrt"] and "error" not in report["gpu"]:
         out.append("tensorrt")
+    if "error" not in report.get("openvino", {"error": ""}) and "cpu" in working:
+        out.append("openvino")
     return out
 
 

@@ -163,3 +163,26 @@ def test_quantized_runtime_without_torch(quantized):
     out = _run(ENGINES_SCRIPT, json.dumps([*HEAVY, "aptp_export", "training", "benchmarks", "nncf"]),
                str(quantized["int8"]), json.dumps(list(ANCHORS)))
     assert out["loaded"] == [] and out["experts"] == [0, 1]
+
+
+def test_bench_times_int8_beside_fp32(quantized):
+    from benchmarks.engines_bench import precision_table
+    from benchmarks.unet_latency import InputShape, ModelUnderTest, available_backends, bench_unets
+
+    m = Manifest.from_dict(json.loads((quantized["int8"] / "manifest.json").read_text()))
+    d = quantized["int8"]
+    e0, e1 = m.experts
+    models = [ModelUnderTest("dense", e0.macs, 1.0, onnx=d / e0.files["onnx"].path),  # fp32 reference, no IR
+              ModelUnderTest("expert_01", e1.macs, e1.macs_fraction, onnx=d / e1.files["onnx"].path,
+                             ir=d / e1.files["openvino"].path, precision=e1.precision)]
+    assert available_backends(models) == ["onnxruntime", "openvino-int8"]
+    shape = InputShape(m.in_channels, *m.sample_size, m.text_len, m.text_encoder.hidden_size)
+    rows = bench_unets(models, shape, [1], ["onnxruntime", "openvino-int8"], warmup=1, repeats=3, threads=1)
+    by = {(r["expert"], r["backend"]): r for r in rows}
+    assert by[("expert_01", "openvino-int8")]["precision"] == "int8"
+    assert by[("dense", "openvino-int8")]["precision"] == "fp32"  # ran on onnxruntime, as the runtime would
+    table = precision_table(rows)
+    assert [(t["expert"], t["precision"]) for t in table] == [("expert_01", "int8")]
+    t = table[0]
+    assert t["int8_speedup"] == pytest.approx(t["fp32_ms"] / t["int8_ms"])
+    assert t["macs_fraction_over_speedup"] == pytest.approx(e1.macs_fraction / t["int8_speedup"])
