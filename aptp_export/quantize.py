@@ -94,6 +94,7 @@ class QuantizeOptions:
     scan: bool = True                       # sensitivity scan when plain int8 fails the guard
     max_scan_steps: int = 5                 # most groups added to the fp32 set before weights-only
     scan_calls: int = 8                     # calibration calls per quantization inside the scan
+    fp32_groups: list[str] | None = None    # keep these LAYER_GROUPS in fp32 from the first try (no scan)
     rescan: bool = False                    # scan every expert (default: the first that needs it; the
                                             # others follow its order, their guard still measured)
 
@@ -297,12 +298,15 @@ def quantize_expert(rt: Runtime, k: int, calib: list[str], guard: list[str], opt
         log(f"  expert {k:02d} {label}: PSNR min {lo:.1f} / mean {mean:.1f} dB -> {'kept' if ok else 'refused'}")
         return ok, lo, mean
 
-    chosen, keep = None, []
-    q = _quantize(nncf, model, calib_calls, [])
-    ok, lo, mean = attempt("int8", q, [])
+    chosen, keep = None, list(opts.fp32_groups or [])
+    unknown = [g for g in keep if g not in LAYER_GROUPS]
+    if unknown:
+        raise UserError(f"unknown layer group(s) {', '.join(unknown)} (known: {', '.join(LAYER_GROUPS)})")
+    q = _quantize(nncf, model, calib_calls, [n for g in keep for n in groups.get(g, [])])
+    ok, lo, mean = attempt("int8" + (" + fp32 " + ", ".join(keep) if keep else ""), q, keep)
     if ok:
         chosen = ("int8", q, lo, mean)
-    elif opts.scan and groups:
+    elif opts.scan and groups and not keep:
         if order is None:
             step = max(1, len(calib_calls) // opts.scan_calls)
             sens = sensitivity(nncf, model, groups, calib_calls[::step][:opts.scan_calls], scan_calls, fp32,

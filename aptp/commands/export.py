@@ -4,6 +4,10 @@ Writes OUT/manifest.json (read by the torch-free runtime `engines`), router.onnx
 experts/expert_XX.onnx (and .plan with --backend tensorrt), the tokenizer, and with --with-dense the
 dense UNet as the latency reference. Every graph passes onnx.checker and is compared with its torch
 model on fresh random inputs (fp32: relative error <= 1e-4) or the export fails.
+
+--precision int8 writes the fp32 export to OUT.fp32 (the reference) and then runs `aptp quantize` on it into
+OUT with its defaults (int8 OpenVINO IR per expert; `aptp quantize --help` for the calibration and guard
+settings).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
     parser.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
                         help="onnx (default) or tensorrt (ONNX + TensorRT plans; needs a GPU and aptp[tensorrt])")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="graph precision")
+    parser.add_argument("--precision", choices=(*PRECISIONS, "int8"), default=DEFAULTS.precision,
+                        help="graph precision (int8: fp32 export to OUT.fp32, then aptp quantize into OUT)")
     parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")
     parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=DEFAULTS.scheduler,
                         help="default sampler recorded in the manifest (the runtime can override it)")
@@ -32,9 +37,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    options = ExportOptions(backend=args.backend, precision=args.precision, scheduler=args.scheduler,
-                            max_batch=args.max_batch, with_dense=args.with_dense, round_to=args.round_to)
-    manifest, _ = export_run(args.run, args.out, options)
+    int8 = args.precision == "int8"
+    options = ExportOptions(backend=args.backend, precision="fp32" if int8 else args.precision,
+                            scheduler=args.scheduler, max_batch=args.max_batch, with_dense=args.with_dense,
+                            round_to=args.round_to)
+    out = f"{str(args.out).rstrip('/')}.fp32" if int8 else args.out
+    manifest, _ = export_run(args.run, out, options)
+    if int8:
+        from aptp.commands.quantize import default_guidance
+        from aptp_export.quantize import QuantizeOptions, quantize_export
+
+        report = quantize_export(out, args.out, QuantizeOptions(guidance=default_guidance(out)))
+        kinds = [e["precision"] for e in report["experts"]]
+        print(f"quantized into {args.out}: {kinds.count('int8')} int8, {kinds.count('int8_weights')} weights-only, "
+              f"{kinds.count('fp32')} fp32 experts (fp32 reference export: {out})")
     print(f"exported {len(manifest.experts)} experts to {args.out} ({manifest.precision})")
     for e in manifest.experts:
         print(f"  expert {e.id:2d}: {e.macs / 1e6:8.1f} MMACs ({e.macs_fraction:.2f} of dense), "

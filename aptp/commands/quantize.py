@@ -37,6 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rescan", action="store_true",
                         help="run the sensitivity scan for every expert that needs it (default: the first one; "
                              "the others try its order)")
+    parser.add_argument("--fp32-groups", default=None, metavar="G1,G2",
+                        help="keep these layer groups in fp32 from the start instead of scanning (groups: "
+                             "time_embedding, conv_in, conv_out, attention_scores, cross_attention_kv, resamplers, "
+                             "feed_forward, outer_blocks)")
     parser.add_argument("--threads", type=int, default=0, help="inference threads (0 = one per core)")
 
 
@@ -52,7 +56,7 @@ def _lines(path: str | None) -> list[str] | None:
     return lines
 
 
-def _default_guidance(export: str) -> float:
+def default_guidance(export: str) -> float:
     try:
         base = json.loads((Path(export) / "manifest.json").read_text()).get("base_model", "")
     except (OSError, ValueError):
@@ -80,9 +84,10 @@ def run(args) -> int:
             raise UserError(f"--experts must be comma-separated integers, got {args.experts!r}") from None
     opts = QuantizeOptions(prompts=_lines(args.prompts), guard_prompts=_lines(args.guard_prompts),
                            per_expert=args.per_expert, guard_per_expert=args.guard_per_expert, steps=args.steps,
-                           guidance=args.guidance if args.guidance is not None else _default_guidance(args.export),
+                           guidance=args.guidance if args.guidance is not None else default_guidance(args.export),
                            min_psnr=args.min_psnr, mean_psnr=args.mean_psnr, experts=experts,
-                           random_calibration=args.random_calibration, rescan=args.rescan, threads=args.threads)
+                           random_calibration=args.random_calibration, rescan=args.rescan, threads=args.threads,
+                           fp32_groups=args.fp32_groups.split(",") if args.fp32_groups else None)
     report = quantize_export(args.export, args.out, opts)
     kinds = [e["precision"] for e in report["experts"]]
     print(f"wrote {args.out}: {kinds.count('int8')} int8, {kinds.count('int8_weights')} int8 weights-only, "
