@@ -11,6 +11,7 @@ Seeds >= 1000000 draw held-out (evaluation) captions, seeds below draw training 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--caption-seed", type=int, default=EVAL_SEED,
                        help=f"toy stream seed the captions come from (default {EVAL_SEED}: held out)")
         p.add_argument("--teacher", default=None, help="teacher directory (default: the shipped toy teacher)")
+        p.add_argument("--world", choices=("v1", "v2"), default=None,
+                       help="toy world the captions come from (default: the teacher's, from its sampling.json)")
 
     g = sub.add_parser("grid", help="write a captioned sample grid PNG of the teacher")
     g.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
@@ -87,9 +90,13 @@ def run(args) -> int:
         return 0
 
     unet, scheduler, text = toy.load_teacher(path=args.teacher)
+    world = args.world
+    if world is None:
+        rec = (toy.teacher_dir() if args.teacher is None else Path(args.teacher)) / "sampling.json"
+        world = json.loads(rec.read_text()).get("toy_world", "v1") if rec.is_file() else "v1"
 
     res = evaluate(unet, text, scheduler, n=args.n, steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, caption_seed=args.caption_seed)
+                   seed=args.seed, caption_seed=args.caption_seed, world=world)
     if args.toy_cmd == "grid":
         grid = make_grid(res["images"], res["captions"], scale=args.scale)
         with atomic_path(args.out) as tmp:
@@ -99,8 +106,8 @@ def run(args) -> int:
     print(f"{args.n} captions, {args.steps} DDIM steps, guidance {args.guidance}: "
           f"colour match {fmt(res['colour'])}, position match {fmt(res['position'])} "
           f"(over {res['n_position']} captions with a position)")
-    for d, r in res["by_difficulty"].items():
-        print(f"  {d:6s} n={r['n']:3d}  colour {fmt(r['colour'])}  position {fmt(r['position'])}")
+    for d, r in [*res["by_difficulty"].items(), *res["by_template"].items()]:
+        print(f"  {d:14s} n={r['n']:3d}  colour {fmt(r['colour'])}  position {fmt(r['position'])}")
     if getattr(args, "json", None):
         write_json(args.json, {k: v for k, v in res.items() if k not in ("images", "scores")}
                    | {"steps": args.steps, "guidance": args.guidance, "seed": args.seed,

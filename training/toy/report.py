@@ -42,15 +42,17 @@ def make_grid(images: np.ndarray, captions: list[str], scale: int = 4, cols: int
 
 
 def evaluate(unet, text_encoder, scheduler, n: int = 64, steps: int = 25, guidance_scale: float = 7.5,
-             seed: int = 0, caption_seed: int = EVAL_SEED, batch_size: int = 16, progress: bool = True) -> dict:
+             seed: int = 0, caption_seed: int = EVAL_SEED, batch_size: int = 16, progress: bool = True,
+             world: str = "v1") -> dict:
     """Sample `n` held-out toy captions and score them.
 
     Returns {"colour": rate, "position": rate | None, "n": n, "n_position": int,
-             "by_difficulty": {difficulty: {"colour", "position", "n"}}, "images": uint8 [n, 32, 32, 3],
+             "by_difficulty": {difficulty: {"colour", "position", "n"}}, "by_template": {...},
+             "images": uint8 [n, 32, 32, 3],
              "captions": [...], "scores": [Score]}.
     """
 
-    data = samples(n, caption_seed)
+    data = samples(n, caption_seed, world)
     caps = [s.caption for s in data]
     imgs = []
     for s in tqdm(range(0, n, batch_size), desc="eval", disable=not progress):
@@ -67,5 +69,8 @@ def evaluate(unet, text_encoder, scheduler, n: int = 64, steps: int = 25, guidan
     out = rates(list(range(n)))
     out["by_difficulty"] = {d: rates([i for i, s in enumerate(data) if s.difficulty == d])
                             for d in ("easy", "medium", "hard")}
+    templates = sorted({d.description["template"] for d in data})
+    out["by_template"] = {t: rates([i for i, s in enumerate(data) if s.description["template"] == t])
+                          for t in templates}
     out.update(images=images, captions=caps, scores=scores)
     return out
