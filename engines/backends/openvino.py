@@ -122,6 +122,10 @@ class OvSession:
                                f"(has inputs {self.input_names}, outputs {self.output_names})")
         self._local = threading.local()
 
+    def setting(self, name: str) -> str:
+        """A property of the compiled model as OpenVINO reports it (e.g. "INFERENCE_NUM_THREADS")."""
+        return str(self._compiled.get_property(name))
+
     def _request(self):
         req = getattr(self._local, "request", None)
         if req is None:

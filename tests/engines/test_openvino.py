@@ -61,6 +61,19 @@ def test_openvino_fp32_matches_onnxruntime(pixel):
         assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(a))))
 
 
+def test_session_settings_thread_count_precision_and_disk_cache(pixel, tmp_path, monkeypatch):
+    path = pixel.dir / pixel.manifest.experts[0].files["onnx"].path
+    s = OvSession(path, threads=1, cache_dir=str(tmp_path / "cache"))
+    assert s.setting("INFERENCE_NUM_THREADS") == "1"
+    assert "float32" in s.setting("INFERENCE_PRECISION_HINT")  # not bf16, even on CPUs with AVX512_BF16 / AMX
+    assert any((tmp_path / "cache").iterdir())  # the compiled blob, reused by the next process
+    monkeypatch.setenv("APTP_OPENVINO_PRECISION", "bf16")
+    assert OvSession(path, threads=1, cache_dir="").precision == "bf16"
+    monkeypatch.setenv("APTP_OPENVINO_PRECISION", "int4")
+    with pytest.raises(Exception, match="precision must be one of"):
+        OvSession(path, cache_dir="")
+
+
 def test_quantized_export_is_complete_and_hashed(quantized):
     d = quantized["int8"]
     m = Manifest.from_dict(json.loads((d / "manifest.json").read_text()))
