@@ -8,7 +8,8 @@ What it does, per expert (docs/quantization.md has the measurements behind each 
 1. **Calibration on the expert's own prompts, along the trajectory.** A pool of training prompts (the toy
    world's training captions, or `--prompts FILE`) is routed with the export's own router; each expert is
    calibrated on the first `per_expert` prompts routed to it (topped up with the prompts it scores highest
-   when fewer reach it). Those prompts are denoised with the fp32 expert (the export's scheduler, `steps`,
+   when fewer reach it; `aptp quantize` defaults both pools to the toy world's captions for the toy model).
+   Those prompts are denoised with the fp32 expert (the export's scheduler, `steps`,
    `guidance`), and the UNet's inputs at every step are the calibration set: every timestep the sampler
    visits, each call a classifier-free-guidance pair [uncond; cond], as post-training quantization papers
    for diffusion models do (Q-Diffusion, PTQ4DM). `random_calibration` draws the prompts at random from the
@@ -31,8 +32,7 @@ and their measured share of a generation is in the report (`other_parts`).
 The output is a complete export directory: every file of the input (so `--provider cpu` still runs it in
 fp32) plus `experts/expert_NN.int8.xml/.bin`, with manifest format 4 recording each IR's sha256, precision,
 calibration and guard figures, and the openvino / nncf versions. `Runtime.load(out)` runs the IRs on
-OpenVINO by default. Needs `openvino` and `nncf` (`pip install -e ".[quantize]"`), not torch, except that
-the default prompt pools come from the toy world (training.toy).
+OpenVINO by default. Needs `openvino` and `nncf` (`pip install -e ".[quantize]"`), not torch.
 """
 
 from __future__ import annotations
@@ -76,9 +76,8 @@ LAYER_GROUPS: dict[str, str] = {
 class QuantizeOptions:
     """Settings of `quantize_export` (each is an `aptp quantize` flag)."""
 
-    prompts: list[str] | None = None        # calibration pool; None = toy training captions
-    guard_prompts: list[str] | None = None  # guard pool; None = toy held-out captions
-    pool: int = 1024                        # toy prompts routed to find each expert's own
+    prompts: list[str] | None = None        # calibration pool (training captions), required
+    guard_prompts: list[str] | None = None  # guard pool (held-out captions), required
     per_expert: int = 16                    # calibration prompts per expert
     guard_per_expert: int = 8               # guard images per expert
     steps: int = 25
@@ -127,12 +126,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
-def _toy_pools(n: int) -> tuple[list[str], list[str]]:
-    from training.toy import EVAL_SEED, captions
-
-    return [c for c, _ in captions(n, seed=0)], [c for c, _ in captions(n, seed=EVAL_SEED + 13)]
 
 
 class _Recorder:
@@ -387,10 +380,9 @@ def quantize_export(export_dir, out_dir, opts: QuantizeOptions | None = None, lo
     if any("openvino" in e.files for e in rt.manifest.experts):
         raise UserError(f"{export_dir}: already quantized (its experts have OpenVINO IR files)")
     pool, guard_pool = opts.prompts, opts.guard_prompts
-    if pool is None or guard_pool is None:
-        toy_train, toy_held = _toy_pools(opts.pool)
-        pool = pool if pool is not None else toy_train
-        guard_pool = guard_pool if guard_pool is not None else toy_held
+    if not pool or not guard_pool:
+        raise UserError("quantizing needs calibration prompts (your training captions) and held-out guard prompts: "
+                        "--prompts FILE and --guard-prompts FILE (the toy model has defaults)")
     sampler = _Sampler(rt, opts)
     experts = opts.experts if opts.experts is not None else list(range(len(rt.manifest.experts)))
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from aptp_export.quantize import QuantizeOptions, quantize_export
+from training.toy import EVAL_SEED, captions
 from engines.fileio import write_json, write_text
 
 from .timing import machine
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
     for variant in ("own", "random"):
         tmp = Path(tempfile.mkdtemp(prefix="aptp-ablation-"))
         try:
-            opts = QuantizeOptions(guidance=args.guidance, steps=args.steps, per_expert=args.per_expert,
+            opts = QuantizeOptions(prompts=[c for c, _ in captions(1024, seed=0)],
+                                   guard_prompts=[c for c, _ in captions(1024, seed=EVAL_SEED + 13)],
+                                   guidance=args.guidance, steps=args.steps, per_expert=args.per_expert,
                                    guard_per_expert=args.guard_per_expert, min_psnr=0.0, mean_psnr=0.0,
                                    scan=False, experts=experts, fp32_groups=groups or None,
                                    random_calibration=variant == "random", threads=args.threads)

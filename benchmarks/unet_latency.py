@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from engines.backends.ort import OrtSession, cuda_unavailable_reason
+
+from .names import UNET_BACKENDS
 from engines.backends.tensorrt import DeviceMemoryPool, TensorRTSession
 
 from .timing import interleaved
@@ -111,9 +113,7 @@ def torch_callable(module, feeds: dict):
     return call
 
 
-# "openvino-int8": what the runtime runs for a quantized export: each model's OpenVINO IR where it has one,
-# its ONNX graph on onnxruntime (CPU) where it has none (the dense reference, experts the guard kept fp32)
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "torch", "tensorrt", "openvino-int8")
+BACKENDS = UNET_BACKENDS
 
 
 def available_backends(models: list[ModelUnderTest]) -> list[str]:

@@ -10,10 +10,8 @@ import argparse
 from pathlib import Path
 
 from aptp.args import add_export_argument
-from benchmarks.engines_bench import run_bench
-from benchmarks.unet_latency import BACKENDS
+from benchmarks.names import UNET_BACKENDS as BACKENDS
 from engines.errors import UserError
-from training.rundir import RunDir
 
 
 def _int_list(text: str) -> list[int]:
@@ -49,6 +47,9 @@ def run(args) -> int:
         raise UserError("--repeats must be at least 1")
     if args.threads < 0:
         raise UserError("--threads must be >= 0")
+    from benchmarks.engines_bench import run_bench  # heavy (torch): only when the verb runs
+    from training.rundir import RunDir
+
     if args.run is not None and not RunDir(args.run).has_config():
         raise UserError(f"{args.run}: not a training run directory (no config.yaml)")
 

@@ -8,8 +8,6 @@ so an interrupted demo continues where it stopped (pass --fresh to redo).
 
 from __future__ import annotations
 
-from benchmarks.demo import run_demo
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="aptp-demo", metavar="DIR", help="output directory (default: aptp-demo)")
@@ -30,6 +28,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from benchmarks.demo import run_demo  # heavy (torch): only when the verb runs
+
     run_demo(args.out, overrides=args.set, prompts=args.prompts, per_expert=args.per_expert, steps=args.steps,
              guidance=args.guidance, repeats=args.repeats, bench_threads=args.bench_threads, fresh=args.fresh,
              compare_n=args.compare_n)

@@ -12,7 +12,6 @@ category), the oracle bound of --run's experts (against --static-run), the route
 from __future__ import annotations
 
 from aptp.args import add_export_argument
-from benchmarks.evaluate import EvalConfig, evaluate
 
 
 def add_arguments(parser) -> None:
@@ -86,6 +85,8 @@ def run(args) -> int:
         from engines.errors import UserError
 
         raise UserError("--export DIR is required (or --diagnose for the diagnostics alone)")
+    from benchmarks.evaluate import EvalConfig, evaluate  # heavy (torch): only when the verb runs
+
     cfg = EvalConfig(engines=args.export, data=args.data, n=args.n, models=args.models, static=args.static,
                      clip=args.clip, cmmd_clip=args.cmmd_clip, inception=args.inception, out=args.out,
                      steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,

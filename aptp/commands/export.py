@@ -15,7 +15,6 @@ from __future__ import annotations
 from aptp_export.export_options import ExportOptions
 from engines.manifest import BACKENDS, PRECISIONS
 from engines.schedulers import SCHEDULERS
-from training.export_run import export_run
 
 DEFAULTS = ExportOptions()
 
@@ -37,6 +36,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from training.export_run import export_run  # heavy (torch): only when the verb runs
+
     int8 = args.precision == "int8"
     options = ExportOptions(backend=args.backend, precision="fp32" if int8 else args.precision,
                             scheduler=args.scheduler, max_batch=args.max_batch, with_dense=args.with_dense,
@@ -44,10 +45,12 @@ def run(args) -> int:
     out = f"{str(args.out).rstrip('/')}.fp32" if int8 else args.out
     manifest, _ = export_run(args.run, out, options)
     if int8:
-        from aptp.commands.quantize import default_guidance
+        from aptp.commands.quantize import default_guidance, default_pools
         from aptp_export.quantize import QuantizeOptions, quantize_export
 
-        report = quantize_export(out, args.out, QuantizeOptions(guidance=default_guidance(out)))
+        pool, guard = default_pools(out, None, None)
+        report = quantize_export(out, args.out, QuantizeOptions(prompts=pool, guard_prompts=guard,
+                                                                guidance=default_guidance(out)))
         kinds = [e["precision"] for e in report["experts"]]
         print(f"quantized into {args.out}: {kinds.count('int8')} int8, {kinds.count('int8_weights')} weights-only, "
               f"{kinds.count('fp32')} fp32 experts (fp32 reference export: {out})")

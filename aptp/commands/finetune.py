@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 from engines.errors import UserError
-from training.finetune import run_finetune
 
 
 def add_arguments(parser) -> None:
@@ -22,6 +21,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from training.finetune import run_finetune  # heavy (torch): only when the verb runs
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     experts = None
     if args.experts:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aptp_export.arch_space import ArchSpace
-from aptp_export.unet_configs import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG
 from engines.errors import UserError
-from training.toy.model import TEXT_LEN, UNET_CONFIG
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +47,10 @@ def _read_config(directory: str) -> dict:
 
 
 def run(args) -> int:
+    from aptp_export.arch_space import ArchSpace  # heavy (torch): only when the verb runs
+    from aptp_export.unet_configs import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG
+    from training.toy.model import TEXT_LEN, UNET_CONFIG
+
     text_len = args.text_len
     if args.unet:
         cfg = _read_config(args.unet)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 
-from training.config import load_config, resolve_config_arg
-from training.prune import run_prune
 
 
 def add_arguments(parser) -> None:
@@ -26,6 +24,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from training.config import load_config, resolve_config_arg  # heavy (torch): only when the verb runs
+    from training.prune import run_prune
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(resolve_config_arg(args.config), overrides=args.set)
     summary = run_prune(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)

@@ -56,6 +56,27 @@ def _lines(path: str | None) -> list[str] | None:
     return lines
 
 
+def _is_toy(export: str) -> bool:
+    try:
+        return "toy-teacher" in str(json.loads((Path(export) / "manifest.json").read_text()).get("base_model", ""))
+    except (OSError, ValueError):
+        return False
+
+
+def default_pools(export: str, prompts: list[str] | None, guard: list[str] | None, n: int = 1024):
+    """(calibration pool, guard pool): the given ones, or for the toy model the toy world's training captions
+    and held-out captions (a seed no other evaluation uses); an error for another model without them."""
+    if (prompts is None or guard is None) and not _is_toy(export):
+        raise UserError(f"{export}: not the toy model: give --prompts FILE (training captions) and --guard-prompts "
+                        "FILE (held-out captions)")
+    if prompts is None or guard is None:
+        from training.toy import EVAL_SEED, captions
+
+        prompts = prompts if prompts is not None else [c for c, _ in captions(n, seed=0)]
+        guard = guard if guard is not None else [c for c, _ in captions(n, seed=EVAL_SEED + 13)]
+    return prompts, guard
+
+
 def default_guidance(export: str) -> float:
     try:
         base = json.loads((Path(export) / "manifest.json").read_text()).get("base_model", "")
@@ -82,7 +103,8 @@ def run(args) -> int:
             experts = [int(x) for x in args.experts.split(",")]
         except ValueError:
             raise UserError(f"--experts must be comma-separated integers, got {args.experts!r}") from None
-    opts = QuantizeOptions(prompts=_lines(args.prompts), guard_prompts=_lines(args.guard_prompts),
+    pool, guard = default_pools(args.export, _lines(args.prompts), _lines(args.guard_prompts))
+    opts = QuantizeOptions(prompts=pool, guard_prompts=guard,
                            per_expert=args.per_expert, guard_per_expert=args.guard_per_expert, steps=args.steps,
                            guidance=args.guidance if args.guidance is not None else default_guidance(args.export),
                            min_psnr=args.min_psnr, mean_psnr=args.mean_psnr, experts=experts,

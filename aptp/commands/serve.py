@@ -57,7 +57,7 @@ _HELP = {
     "shrink_arena": "1: onnxruntime returns its CPU arena's unused memory after every run (memory stays flat); "
                     "0: each session keeps the peak of its largest batch (a little faster, memory grows in steps)",
 }
-_CHOICES = {"provider": PROVIDERS, "batching": POLICIES}
+_CHOICES = {"provider": ("auto", *PROVIDERS), "batching": POLICIES}
 
 
 def add_arguments(parser) -> None:

@@ -19,7 +19,6 @@ from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from training import toy
 from training.toy.model import SAMPLING_DEFAULTS
-from training.toy.report import evaluate, make_grid
 from training.toy.world import EVAL_SEED
 
 GUIDANCE = SAMPLING_DEFAULTS["guidance_scale"]  # the toy teacher's recommended CFG scale
@@ -88,6 +87,8 @@ def run(args) -> int:
         toy.write_imagefolder(out, args.n, args.seed)
         print(f"wrote {args.n} samples to {out} (metadata.jsonl + PNG)")
         return 0
+
+    from training.toy.report import evaluate, make_grid
 
     unet, scheduler, text = toy.load_teacher(path=args.teacher)
     world = args.world

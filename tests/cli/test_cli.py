@@ -71,3 +71,28 @@ def test_demo_and_bench_refuse_bad_values_before_any_work(argv, message, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "d").exists()  # nothing was started
+
+
+def test_every_verbs_help_builds_without_heavy_imports():
+    """`aptp VERB --help` stays under a second: building a verb's parser imports no torch, diffusers,
+    transformers, onnx, matplotlib, openvino or nncf (measured as modules loaded, not as wall time)."""
+    import json
+    import subprocess
+    import sys
+
+    from aptp.cli import VERBS
+
+    script = ("import json, sys\nfrom aptp.cli import build_parser\nout = {}\n"
+              "for verb in json.loads(sys.argv[1]):\n"
+              "    build_parser(verb)\n"
+              "heavy = ('torch', 'diffusers', 'transformers', 'onnx', 'matplotlib', 'openvino', 'nncf', 'accelerate')\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))\n")
+    for verb in VERBS:  # one process per verb: one verb's imports must not hide another's
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps([verb])], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], verb
+    # the check can fail: a parser that imports torch is caught
+    proc = subprocess.run([sys.executable, "-c", "import torch\n" + script, json.dumps(["route"])],
+                          capture_output=True, text=True, timeout=120)
+    assert "torch" in json.loads(proc.stdout.strip().splitlines()[-1])

@@ -14,12 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import UNet2DConditionModel
-
 from engines.errors import UserError
-from training.sampling import make_scheduler
-from training.text import TextEncoder
-
 from .imagefolder import read_imagefolder, write_imagefolder
 from .scorer import Score, score, score_many
 from .world import (
@@ -49,6 +44,11 @@ def teacher_dir() -> Path:
 def load_teacher(device="cpu", scheduler: str = "ddim", path: str | Path | None = None):
     """(unet, scheduler, text_encoder) of the shipped teacher (or of a teacher directory written by
     train_teacher at `path`), ready for `training.sampling.sample`."""
+    from diffusers import UNet2DConditionModel  # heavy: the package itself stays torch-free to import
+
+    from training.sampling import make_scheduler
+    from training.text import TextEncoder
+
     d = teacher_dir() if path is None else Path(path)
     for f in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder.json"):
         if not (d / f).is_file():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
-
 TEXT_LEN = 16
 
 # Sampling defaults for the toy teacher (written to teacher/sampling.json). Measured on held-out captions:
@@ -43,10 +40,14 @@ SCHEDULER_CONFIG: dict = {
 
 def make_unet(seed: int = 0):
     """A freshly initialised toy UNet2DConditionModel (deterministic for `seed`)."""
+    import torch
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
 def make_train_scheduler(prediction_type: str | None = None):
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type or SCHEDULER_CONFIG["prediction_type"]})

@@ -8,8 +8,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from training.sampling import sample
-
 from .scorer import score
 from .world import EVAL_SEED, samples
 
@@ -51,6 +49,8 @@ def evaluate(unet, text_encoder, scheduler, n: int = 64, steps: int = 25, guidan
              "images": uint8 [n, 32, 32, 3],
              "captions": [...], "scores": [Score]}.
     """
+
+    from training.sampling import sample  # torch
 
     data = samples(n, caption_seed, world)
     caps = [s.caption for s in data]
