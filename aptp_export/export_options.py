@@ -24,7 +24,7 @@ EXPORTERS = ("torchscript", "dynamo")
 class ExportOptions:
     """How to export a run.
 
-    backend: "onnx", or "tensorrt" (ONNX + a TensorRT plan per UNet; needs a GPU and aptp[tensorrt]).
+    backend: "onnx", or "tensorrt" (ONNX + a TensorRT plan per UNet; needs a GPU and the tensorrt extra).
     precision: "fp32" | "fp16" for the UNets and VAE decoder (router and text encoder stay fp32).
     scheduler: default sampler recorded in the manifest (the runtime can override it).
     max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that);

@@ -37,6 +37,7 @@ OpenVINO by default. Needs `openvino` and `nncf` (`pip install -e ".[quantize]"`
 
 from __future__ import annotations
 
+from engines.install import install_hint
 import dataclasses
 import json
 import math
@@ -115,7 +116,7 @@ def _import_nncf():
     try:
         import nncf
     except ImportError as e:
-        raise UserError('aptp quantize needs nncf and openvino: pip install -e ".[quantize]"') from e
+        raise UserError(f'aptp quantize needs nncf and openvino: {install_hint("quantize")}') from e
     import logging
 
     nncf.set_log_level(logging.ERROR)  # one INFO line per ignored node otherwise

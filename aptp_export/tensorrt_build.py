@@ -16,12 +16,13 @@
   expert (same layer shapes, other widths) is faster. A cache TensorRT refuses (another GPU or
   version) is replaced by an empty one; a cache that cannot be serialised is not written.
 - The plan is written atomically. Needs the `tensorrt` package and an NVIDIA GPU:
-  `pip install "aptp[tensorrt]"`; without them `TensorRTUnavailable` (a BackendError, so a
+  `pip install -e ".[tensorrt]"`; without them `TensorRTUnavailable` (a BackendError, so a
   UserError) says so.
 """
 
 from __future__ import annotations
 
+from engines.install import install_hint
 import os
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from engines.fileio import atomic_path
 
 from .export_spec import ExportSpec
 
-EXTRA = 'pip install "aptp[tensorrt]"'
+EXTRA = install_hint("tensorrt")
 
 
 class TensorRTUnavailable(BackendError):

@@ -24,6 +24,7 @@ real and generated images) before calling, see `benchmarks.evaluate.prepare_imag
 
 from __future__ import annotations
 
+from engines.install import install_hint
 import json
 import os
 from collections.abc import Sequence
@@ -208,7 +209,7 @@ def _fid_metric(weights_path):
         import torch_fidelity  # noqa: F401  (torchmetrics' FID feature extractor)
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as e:
-        raise UserError(f"FID needs the eval extra: pip install 'aptp[eval]' (torchmetrics, torch-fidelity, "
+        raise UserError(f"FID needs the eval extra: {install_hint('eval')} (torchmetrics, torch-fidelity, "
                         f"which needs a torchvision matching your torch) ({e})") from None
     return FrechetInceptionDistance(feature=2048, normalize=False,
                                     feature_extractor_weights_path=str(check_inception_weights(weights_path)))

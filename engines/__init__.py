@@ -5,8 +5,8 @@
     rt.route(["a red circle"])                         # -> expert ids
     images = rt.generate(prompts, steps=25, guidance_scale=7.5, seed=0)
 
-Dependencies: numpy, onnxruntime, tokenizers, pillow (`pip install "aptp[cpu]"`, or "aptp[gpu]"); TensorRT
-plans additionally need `aptp[tensorrt]`. Names are imported lazily so `import engines` is cheap.
+Dependencies: numpy, onnxruntime, tokenizers, pillow (the `cpu` extra, or `gpu`); TensorRT
+plans additionally need the `tensorrt` extra. Names are imported lazily so `import engines` is cheap.
 """
 
 from importlib import import_module

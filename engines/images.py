@@ -7,6 +7,7 @@ through the VAE decoder graph, whose output in [-1, 1] is mapped the same way (d
 
 from __future__ import annotations
 
+from .install import install_hint
 import numpy as np
 
 from .errors import BackendError
@@ -33,7 +34,7 @@ def to_pil(images: np.ndarray) -> list:
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - a runtime dependency
-        raise BackendError('the runtime needs pillow: pip install "aptp[cpu]"') from e
+        raise BackendError(f'the runtime needs pillow: {install_hint("cpu")}') from e
     arr = to_uint8(images)
     if arr.shape[-1] == 1:
         return [Image.fromarray(a[..., 0]) for a in arr]

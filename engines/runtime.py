@@ -116,10 +116,12 @@ class Runtime:
         wrote, else "cpu"). `threads`: intra-op threads per session (0 = one per core)."""
         if not is_int(threads) or threads < 0:
             raise EngineError(f"threads must be a non-negative integer, got {threads!r}")
+        if provider is not None:
+            check_provider(provider)  # a provider that cannot work here is refused before any file is read
         manifest = read_manifest(export_dir)
         if provider is None:
             provider = default_provider(manifest)
-        check_provider(provider)
+            check_provider(provider)
         rt = cls(export_dir, manifest, provider, threads)
         if provider == "tensorrt":
             missing = [f"expert {e.id}" for e in manifest.experts if "tensorrt" not in e.files]

@@ -22,6 +22,7 @@ Prompt rules (`clean_prompts`), documented behaviour rather than silent fixes:
 
 from __future__ import annotations
 
+from .install import install_hint
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -85,7 +86,7 @@ class PromptTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a runtime dependency
-            raise BackendError('the runtime needs `tokenizers`: pip install "aptp[cpu]"') from e
+            raise BackendError(f'the runtime needs `tokenizers`: {install_hint("cpu")}') from e
         self.text_len = int(text_len)
         self.router_max_length = int(router_max_length)
 

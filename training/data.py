@@ -18,6 +18,7 @@ its contiguous slice.
 
 from __future__ import annotations
 
+from engines.install import install_hint
 import io
 import json
 import logging
@@ -169,7 +170,7 @@ def _import_datasets():
     try:
         import datasets
     except ImportError:
-        raise UserError("data.type=hf needs the `datasets` package: pip install 'aptp[data]'") from None
+        raise UserError(f"data.type=hf needs the `datasets` package: {install_hint('data')}") from None
     return datasets
 
 

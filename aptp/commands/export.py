@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="training run directory (after aptp finetune)")
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
     parser.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend,
-                        help="onnx (default) or tensorrt (ONNX + TensorRT plans; needs a GPU and aptp[tensorrt])")
+                        help="onnx (default) or tensorrt (ONNX + TensorRT plans; needs a GPU and the tensorrt extra)")
     parser.add_argument("--precision", choices=(*PRECISIONS, "int8"), default=DEFAULTS.precision,
                         help="graph precision (int8: fp32 export to OUT.fp32, then aptp quantize into OUT)")
     parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")

@@ -4,7 +4,7 @@ request- or step-level batching, bounded queues (503 + Retry-After), deadlines (
 disconnects cancelling work, and draining on SIGTERM. With --ray: the same API on Ray Serve, one
 deployment per expert (autoscaled with --ray-min/max-replicas), on the cluster at RAY_ADDRESS or a local Ray. Every flag can also be set as an environment
 variable APTP_SERVE_<FLAG> (e.g. APTP_SERVE_MAX_QUEUE_IMAGES=64); a flag wins over the variable.
-Needs the serving extra (pip install "aptp[serve]"); runs without torch. See docs/serving.md."""
+Needs the serving extra (pip install -e ".[serve]" from the checkout); runs without torch. See docs/serving.md."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def add_arguments(parser) -> None:
         parser.add_argument(*flags, dest=f.name, type=type(default), default=None,
                             choices=_CHOICES.get(f.name), metavar=None if f.name in _CHOICES else ("DIR" if f.name == "engines" else f.name.upper()),
                             help=f"{_HELP[f.name]} (default {shown}; env APTP_SERVE_{f.name.upper()})")
-    ray = parser.add_argument_group("Ray Serve (--ray; needs pip install \"aptp[ray]\")")
+    ray = parser.add_argument_group("Ray Serve (--ray; needs pip install -e \".[ray]\")")
     ray.add_argument("--ray", action="store_true",
                      help="serve on Ray Serve: an ingress plus one deployment per expert, on the cluster at "
                           "RAY_ADDRESS when set, else on a local Ray instance (docs/serving.md)")

@@ -14,12 +14,13 @@ recorded with this machine.
 
 from __future__ import annotations
 
+from ..install import install_hint
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
 from ..errors import BackendError
 
-TENSORRT_EXTRA = 'pip install "aptp[tensorrt]" (tensorrt and cuda-python; needs an NVIDIA GPU)'
+TENSORRT_EXTRA = f'{install_hint("tensorrt")}: tensorrt and cuda-python; needs an NVIDIA GPU'
 
 
 def import_tensorrt():

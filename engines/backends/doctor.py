@@ -13,6 +13,7 @@ with this machine (TensorRT version, GPU, compute capability).
 
 from __future__ import annotations
 
+from ..install import install_hint
 import os
 import platform
 import sys
@@ -102,7 +103,7 @@ def _driver_version() -> str | None:
 def _gpu() -> dict:
     driver = {"driver": _driver_version()}
     if distribution_version("cuda-python", "cuda-bindings") is None:
-        return {**driver, "error": 'cuda-python is not installed (pip install "aptp[tensorrt]"): the GPU is '
+        return {**driver, "error": f'cuda-python is not installed ({install_hint("tensorrt")}): the GPU is '
                                    "queried through it"}
     try:
         return {**driver, **device_info().to_dict()}
@@ -132,7 +133,7 @@ def _openvino() -> dict:
 def _tensorrt() -> dict:
     version = tensorrt_version()
     if version is None:
-        return {"error": 'not installed: pip install "aptp[tensorrt]"'}
+        return {"error": f'not installed: {install_hint("tensorrt")}'}
     try:
         env = plan_environment()
     except EngineError as e:

@@ -22,6 +22,7 @@ what else is in its batch (tests/engines/test_openvino.py checks this bitwise).
 
 from __future__ import annotations
 
+from ..install import install_hint
 import os
 import threading
 from importlib import metadata
@@ -31,7 +32,7 @@ import numpy as np
 
 from ..errors import BackendError
 
-INSTALL_HINT = 'pip install -e ".[openvino]"'
+INSTALL_HINT = install_hint("openvino")
 PRECISIONS = ("f32", "bf16")
 
 _NP_TYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32}

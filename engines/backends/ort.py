@@ -1,7 +1,7 @@
 """onnxruntime behind the `Session` interface (engines.backends): the "cpu" and "cuda" providers.
 
-- "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `aptp[cpu]`);
-- "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `aptp[gpu]`); the graphs
+- "cpu": onnxruntime's CPUExecutionProvider (package `onnxruntime`, extra `cpu`);
+- "cuda": onnxruntime's CUDAExecutionProvider (package `onnxruntime-gpu`, extra `gpu`); the graphs
   without a TensorRT plan (router, text encoder, VAE decoder) of a "tensorrt" runtime run here too.
 
 Nothing runs on another device than the one asked for without a word: a "cuda" session whose
@@ -12,6 +12,7 @@ onnxruntime silently fell back to the CPU (CUDA/cuDNN libraries not found, no GP
 
 from __future__ import annotations
 
+from ..install import install_hint
 import os
 from importlib import metadata
 from pathlib import Path
@@ -54,13 +55,13 @@ def import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendError('onnxruntime is not installed: pip install "aptp[cpu]" '
-                           '(or "aptp[gpu]" for CUDA)') from e
+        raise BackendError(f'onnxruntime is not installed: {install_hint("cpu")} '
+                           '(or ".[gpu]" for CUDA)') from e
     return ort
 
 
 CUDA_EP = "CUDAExecutionProvider"
-_GPU_EXTRA = 'pip install "aptp[gpu]" (onnxruntime-gpu; in a venv without torch also the nvidia-* CUDA 12 / cuDNN 9 wheels)'
+_GPU_EXTRA = f'{install_hint("gpu")}: onnxruntime-gpu; in a venv without torch also the nvidia-* CUDA 12 / cuDNN 9 wheels'
 
 
 def _installed(dist: str) -> str | None:

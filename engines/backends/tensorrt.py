@@ -1,7 +1,7 @@
 """A TensorRT plan behind the `Session` interface (engines/sessions.py), without torch.
 
 Device memory and copies use `cuda-python` (`cuda.bindings.runtime`); TensorRT itself is the
-`tensorrt` package. Both are the `aptp[tensorrt]` extra, imported through `engines.cuda_device`
+`tensorrt` package. Both are the `tensorrt` extra, imported through `engines.cuda_device`
 only when a TensorRT session is opened. Lifecycle (as TensorRT's demo/Diffusion): deserialize the
 plan once, then per call set the input shapes (checked against the plan's optimisation profile),
 copy inputs to device buffers that grow as needed, `execute_async_v3`, copy outputs back.

@@ -8,6 +8,7 @@ prometheus-client are the `serving` extra.
 
 from __future__ import annotations
 
+from ..install import install_hint
 import asyncio
 import logging
 import signal
@@ -30,7 +31,7 @@ try:  # the serving extra
     from starlette.concurrency import run_in_threadpool
 except ImportError as _e:  # pragma: no cover - exercised by the torch-free test's environment
     raise BackendError(f'`aptp serve` needs fastapi, uvicorn and prometheus-client ({_e}): '
-                       'pip install "aptp[serve]"') from None
+                       + install_hint("serve")) from None
 
 
 class LocalService:

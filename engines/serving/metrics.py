@@ -3,6 +3,7 @@ observer hooks and by the HTTP middleware."""
 
 from __future__ import annotations
 
+from ..install import install_hint
 import time
 
 from ..errors import BackendError
@@ -13,7 +14,7 @@ try:
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.parser import text_string_to_metric_families
 except ImportError as _e:  # pragma: no cover - depends on the install
-    raise BackendError(f'`aptp serve` needs prometheus-client ({_e}): pip install "aptp[serve]"') from None
+    raise BackendError(f'`aptp serve` needs prometheus-client ({_e}): {install_hint("serve")}') from None
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

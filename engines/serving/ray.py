@@ -23,6 +23,7 @@ Ray is imported here only; without it this module raises BackendError naming the
 
 from __future__ import annotations
 
+from ..install import install_hint
 import asyncio
 import math
 import os
@@ -49,7 +50,7 @@ try:  # the one place Ray is imported
     from ray import serve
     from ray.serve.exceptions import BackPressureError
 except ImportError as _e:  # pragma: no cover - depends on the install
-    raise BackendError(f'`aptp serve --ray` needs Ray Serve ({_e}): pip install "aptp[ray]"') from None
+    raise BackendError(f'`aptp serve --ray` needs Ray Serve ({_e}): {install_hint("ray")}') from None
 
 APP_NAME = "aptp"
 INGRESS = "aptp-ingress"

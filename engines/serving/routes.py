@@ -19,6 +19,7 @@ Every response carries X-Request-ID (the client's, or a new one); one JSON log l
 
 from __future__ import annotations
 
+from ..install import install_hint
 import asyncio
 import hmac
 import inspect
@@ -45,7 +46,7 @@ try:  # the serving extra
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _e:  # pragma: no cover - exercised by the torch-free test's environment
     raise BackendError(f'`aptp serve` needs fastapi, uvicorn and prometheus-client ({_e}): '
-                       'pip install "aptp[serve]"') from None
+                       + install_hint("serve")) from None
 
 log = logging.getLogger("aptp.serve")
 

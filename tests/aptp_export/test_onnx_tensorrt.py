@@ -24,13 +24,13 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the missing-extra path cannot be exercised")
 def test_missing_tensorrt_names_the_extra(tmp_path):
     spec = unet_spec(3, (16, 16), 16, 32)
-    with pytest.raises(TensorRTUnavailable, match=r'pip install "aptp\[tensorrt\]"'):
+    with pytest.raises(TensorRTUnavailable, match=r'pip install -e "\.\[tensorrt\]"'):
         build_engine(tmp_path / "x.onnx", spec, tmp_path / "x.plan")
     assert not tensorrt_available()
 
     from engines import BackendError, Runtime
 
-    with pytest.raises(BackendError, match=r'aptp\[tensorrt\]'):
+    with pytest.raises(BackendError, match=r'pip install -e "\.\[tensorrt\]"'):
         Runtime.load(tmp_path, provider="tensorrt")  # refused before the directory is even read
 
     from aptp_export.export_options import ExportOptions

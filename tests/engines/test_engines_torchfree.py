@@ -123,4 +123,4 @@ def test_server_without_the_serving_extra_names_it():
             print(json.dumps({"error": str(e)}))
     """)
     out = _run(script, json.dumps(["fastapi"]))
-    assert 'pip install "aptp[serve]"' in out["error"] and "fastapi" in out["error"]
+    assert 'pip install -e ".[serve]"' in out["error"] and "fastapi" in out["error"]

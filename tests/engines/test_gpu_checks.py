@@ -54,7 +54,7 @@ def test_cuda_without_cuda_build_is_one_clear_line(pixel):
     with pytest.raises(BackendError) as e:
         Runtime.load(pixel.dir, provider="cuda")
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith('provider "cuda" cannot run here') and 'aptp[gpu]' in msg
+    assert "\n" not in msg and msg.startswith('provider "cuda" cannot run here') and 'pip install -e ".[gpu]"' in msg
 
 
 def test_cuda_listed_but_falling_back_to_cpu_is_refused(pixel, cuda_listed):

@@ -98,7 +98,7 @@ def test_hf_dataset_from_save_to_disk(tmp_path):
 
 def test_hf_dataset_without_the_extra_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
-    with pytest.raises(UserError, match=r"pip install 'aptp\[data\]'"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[data\]"'):
         HFDataset("anything", 16)
 
 
