@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("aptp.commands.demo", "end-to-end run on the built-in toy model (CPU, minutes)"),
     "toy": ("aptp.commands.toy", "the built-in toy world: write a dataset or a teacher sample grid"),
     "inspect": ("aptp.commands.inspect", "print the table of prunable units of a UNet"),
+    "config": ("aptp.commands.config", "list the packaged training configs, or show one with the layouts it expects"),
     "prune": ("aptp.commands.prune", "pruning phase: train the prompt router and architecture codes"),
     "finetune": ("aptp.commands.finetune", "materialise each expert and fine-tune it on its prompts"),
     "export": ("aptp.commands.export", "export experts, router and shared parts to ONNX / TensorRT"),

@@ -31,6 +31,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from aptp_export.families import Family, detect_family, get_family
 from engines.errors import UserError
 
+from .data import missing_path_message
 from .text import TextEncoder
 from .toy import teacher_dir
 
@@ -195,20 +196,25 @@ def _force_zeros(path: Path) -> bool:
 def detect_layout(path: Path) -> str:
     """'latent' (Stable Diffusion layout), 'pixel' (toy layout) or raise UserError naming what is missing."""
     if not path.is_dir():
-        raise UserError(f"model directory not found: {path}")
+        raise UserError(missing_path_message("model", path))
     if (path / "vae").is_dir():
         missing = [p for p in SD_PARTS if not (path / p).is_dir()]
         if missing:
-            raise UserError(f"{path}: Stable Diffusion layout is missing {', '.join(missing)}/")
+            raise UserError(f"{path}: a Stable Diffusion pipeline directory (it has vae/) but it lacks "
+                            f"{', '.join(m + '/' for m in missing)}; expected unet/ vae/ text_encoder/ tokenizer/ "
+                            "scheduler/ (`aptp config show sd21_coco_base` prints the layouts)")
         if any((path / p).is_dir() for p in SDXL_PARTS):
             missing = [p for p in SDXL_PARTS if not (path / p).is_dir()]
             if missing:
-                raise UserError(f"{path}: Stable Diffusion XL layout is missing {', '.join(missing)}/")
+                raise UserError(f"{path}: a Stable Diffusion XL pipeline directory but it lacks "
+                                f"{', '.join(m + '/' for m in missing)}; expected also text_encoder_2/ tokenizer_2/ "
+                                "(`aptp config show sdxl_coco_base` prints the layout)")
         return "latent"
     missing = [p for p in ("unet", "scheduler") if not (path / p).is_dir()]
     if missing:
-        raise UserError(f"{path}: not a model directory (missing {', '.join(missing)}/; expected unet/, scheduler/ and "
-                        "text_encoder.json, or the Stable Diffusion layout with vae/, text_encoder/, tokenizer/)")
+        raise UserError(f"{path}: not a model directory: it lacks {' and '.join(m + '/' for m in missing)}. Expected a "
+                        "Stable Diffusion pipeline (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or the toy layout "
+                        "(unet/ scheduler/ text_encoder.json); `aptp config show sd21_coco_base` prints the layouts")
     if not (path / "text_encoder.json").is_file():
         raise UserError(f"{path}: pixel-space model without text_encoder.json (how its captions are encoded)")
     return "pixel"

@@ -102,13 +102,22 @@ class ToyDataset:
         return t, self.captions[i], geometry
 
 
+def missing_path_message(key: str, path) -> str:
+    """The error for a model.path / data.path that does not exist, naming the --set that fixes it."""
+    what = {"data": "an imagefolder directory with metadata.jsonl", "model": "a diffusers model directory"}[key]
+    if "/path/to/" in str(path):
+        return (f"{key}.path is still the config's placeholder {path}: give yours with --set {key}.path=DIR "
+                f"({what}; `aptp config show NAME` prints the layout)")
+    return f"{key} directory not found: {path} (set {key}.path, e.g. --set {key}.path=DIR: {what})"
+
+
 class ImageFolderDataset:
     """`root/metadata.jsonl` rows {"file_name": ..., text_column: ...}; images relative to root."""
 
     def __init__(self, root: str | os.PathLike, size: int, text_column: str = "text", limit: int | None = None):
         root = Path(os.path.expanduser(str(root)))
         if not root.is_dir():
-            raise UserError(f"data directory not found: {root}")
+            raise UserError(missing_path_message("data", root))
         meta = root / "metadata.jsonl"
         if not meta.is_file():
             raise UserError(f"{root}: no metadata.jsonl (imagefolder layout: images + metadata.jsonl with "
@@ -229,7 +238,7 @@ def check_data_source(dcfg) -> None:
     if dcfg.type == "imagefolder":
         root = Path(os.path.expanduser(str(dcfg.path)))
         if not root.is_dir():
-            raise UserError(f"data directory not found: {root}")
+            raise UserError(missing_path_message("data", root))
         if not (root / "metadata.jsonl").is_file():
             raise UserError(f"{root}: no metadata.jsonl (imagefolder layout)")
     elif dcfg.type == "hf":

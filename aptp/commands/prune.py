@@ -14,8 +14,15 @@ import logging
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    from training.config_catalog import catalog_text
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("packaged configs (`aptp config show NAME` prints one with the model and data layouts it needs):\n"
+                     + catalog_text())
     parser.add_argument("--config", default="toy",
-                        help="YAML config file, or the name of a packaged config (toy, sd21_coco_base, ...); default: toy")
+                        help="YAML config file, or the name of a packaged config (listed below); default: toy")
     parser.add_argument("--run-dir", default=None, help="output directory (default: RUNS_DIR/NAME from the config)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -96,3 +96,49 @@ def test_every_verbs_help_builds_without_heavy_imports():
     proc = subprocess.run([sys.executable, "-c", "import torch\n" + script, json.dumps(["route"])],
                           capture_output=True, text=True, timeout=120)
     assert "torch" in json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_packaged_configs_and_their_layouts_from_the_command_line(capsys):
+    from pathlib import Path
+
+    from aptp.cli import main
+
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.yaml"))
+    assert main(["config", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert [ln.split()[0] for ln in listing.strip().splitlines()] == names
+    assert "SD 2.1: APTP-Base on MS-COCO 2014; budget 0.78, 8 experts" in listing
+    assert main(["config", "show", "sdxl_coco_base"]) == 0
+    shown = capsys.readouterr().out
+    assert "name: sdxl_coco_base" in shown and "text_encoder_2/" in shown and "tokenizer_2/" in shown
+    assert '{"file_name": "0001.jpg", "text": "a caption"}' in shown and "--set model.path=" in shown
+    assert main(["config", "show", "nope"]) == 2
+    assert "no packaged config 'nope'" in capsys.readouterr().err
+
+
+def test_prune_help_lists_the_packaged_configs(capsys):
+    import pytest
+
+    from aptp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    assert "packaged configs" in out and "sd21_coco_base" in out and "aptp config show NAME" in out
+
+
+def test_placeholder_and_missing_model_paths_name_the_fix(tmp_path, capsys):
+    from aptp.cli import main
+
+    assert main(["prune", "--config", "sd21_coco_base"]) == 2
+    err = capsys.readouterr().err
+    assert "placeholder /path/to/coco2014" in err and "--set data.path=DIR" in err and "\n" not in err.strip()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    empty = tmp_path / "model"
+    empty.mkdir()
+    assert main(["prune", "--config", "sd21_coco_base", "--set", f"data.path={data}",
+                 "--set", f"model.path={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "lacks unet/ and scheduler/" in err and "vae/ text_encoder/ tokenizer/" in err
