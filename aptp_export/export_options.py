@@ -15,7 +15,7 @@ from engines.denoise import DEFAULT_BATCH_SIZE
 from engines.errors import UserError
 from engines.manifest import BACKENDS, PRECISIONS
 from engines.schedulers import SCHEDULERS, scheduler_name
-from engines.validation import Checks, is_int
+from engines.validation import Checks, is_int, is_number
 
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -34,6 +34,8 @@ class ExportOptions:
     with_dense: also export the dense UNet as the latency reference (experts/dense.onnx).
     round_to: round every expert's kept channels per width group up to a multiple of this (1 = off).
     exporter: torch.onnx exporter. progress: show a progress bar.
+    steps / guidance_scale: the sampling defaults recorded in the manifest (None: the model's own
+        sampling.json, else 25 steps and guidance 7.5).
     """
 
     backend: str = "onnx"
@@ -45,6 +47,8 @@ class ExportOptions:
     round_to: int = 1
     exporter: str = "torchscript"
     progress: bool = True
+    steps: int | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         c = Checks(UserError, sep=" ")
@@ -57,6 +61,10 @@ class ExportOptions:
             isinstance(self.size_range, tuple) and len(self.size_range) == 2
             and all(is_int(v) and v >= 1 for v in self.size_range) and self.size_range[0] <= self.size_range[1]),
             "size_range", "must be None or a pair (min, max) of integers 1 <= min <= max", self.size_range)
+        c.require(self.steps is None or (is_int(self.steps) and self.steps >= 1), "steps",
+                  "must be None or an integer >= 1", self.steps)
+        c.require(self.guidance_scale is None or (is_number(self.guidance_scale) and 0 <= self.guidance_scale <= 100),
+                  "guidance_scale", "must be None or a number in [0, 100]", self.guidance_scale)
         c.require(is_int(self.round_to) and self.round_to >= 1, "round_to", "must be an integer >= 1 (1 = no rounding)",
                   self.round_to)
 

@@ -54,8 +54,9 @@ class ExportParts:
         codes: JSON-able architecture codes written next to the router (router_codes.json).
     VAE (latent models): vae (diffusers AutoencoderKL) and vae_scaling_factor; image_size: pixels (h, w) of the
         images, from which the runtime builds SDXL's time_ids (default: sample_size times the VAE factor).
-    Sampling and record: scheduler_config (diffusers scheduler config dict); budget, base_model and info
-        (recorded in the manifest as given).
+    Sampling and record: scheduler_config (diffusers scheduler config dict); sampling: the model's recommended
+        {"num_inference_steps", "guidance_scale"} (its sampling.json, None when it has none); budget,
+        base_model and info (recorded in the manifest as given).
     """
 
     sample_size: tuple[int, int]
@@ -86,6 +87,7 @@ class ExportParts:
     budget: float | None = None
     base_model: str = "unet"
     info: dict | None = None
+    sampling: dict | None = None
 
     def __post_init__(self):
         if (self.vae is None) != (self.vae_scaling_factor is None):

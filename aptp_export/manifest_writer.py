@@ -37,12 +37,15 @@ from engines.backends.cuda import plan_environment
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
 from engines.manifest import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_STEPS,
     MANIFEST_NAME,
     DenseInfo,
     ExpertInfo,
     FileRef,
     Manifest,
     RouterInfo,
+    SamplingInfo,
     SchedulerInfo,
     TensorRTInfo,
     TextEncoderInfo,
@@ -203,6 +206,7 @@ def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], par
         created_by=_aptp_version(),
         precision=options.precision,
         scheduler=SchedulerInfo(name, dict(parts.scheduler_config)),
+        sampling=sampling_info(options, parts.sampling),
         budget=None if parts.budget is None else float(parts.budget),
         dense_macs=float(parts.dense_macs),
         text_len=int(parts.text_len),
@@ -333,3 +337,12 @@ def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, o
         jobs.append(("dense", UNetGraph(parts.dense.unet), spec_for_unet(parts.dense.unet),
                      out_dir / "experts" / "dense.onnx"))
     return jobs
+
+
+def sampling_info(options, recommended: dict | None) -> SamplingInfo:
+    """The manifest's sampling defaults: the export flags, else the model's sampling.json, else 25 / 7.5."""
+    rec = recommended or {}
+    steps = options.steps if options.steps is not None else rec.get("num_inference_steps", DEFAULT_STEPS)
+    guidance = options.guidance_scale if options.guidance_scale is not None else rec.get("guidance_scale",
+                                                                                          DEFAULT_GUIDANCE_SCALE)
+    return SamplingInfo(int(steps), float(guidance))

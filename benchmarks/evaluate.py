@@ -68,8 +68,8 @@ class EvalConfig:
     cmmd_clip: str | None = None       # CLIP for CMMD (default: clip)
     inception: str | None = None       # FID Inception weights file
     out: str = "eval"
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int | None = None           # None: the export's recommended steps (manifest `sampling`)
+    guidance: float | None = None      # None: the export's recommended guidance scale
     scheduler: str | None = None
     seed: int = 0
     batch_size: int = 8
@@ -84,7 +84,9 @@ class EvalConfig:
         self.models = tuple(self.models)
         c = Checks(UserError, sep=" ")
         c.require(self.n >= 2, "-n", "must be >= 2", self.n)
-        for opt, v, lo in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1),
+        c.require(self.steps is None or (is_int(self.steps) and self.steps >= 1), "--steps",
+                  "must be an integer >= 1", self.steps)
+        for opt, v, lo in (("--batch-size", self.batch_size, 1),
                            ("--threads", self.threads, 0), ("--seed", self.seed, 0)):
             c.require(is_int(v) and v >= lo, opt, f"must be an integer >= {lo}", v)
         for m in self.models:
@@ -302,6 +304,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     except EngineError as e:
         raise UserError(str(e)) from None
     m = rt.manifest
+    d = m.sampling_defaults  # what a caller who names no steps / guidance gets, as generate and serve do
+    cfg.steps = d.steps if cfg.steps is None else cfg.steps
+    cfg.guidance = d.guidance_scale if cfg.guidance is None else cfg.guidance
     if "dense" in cfg.models and m.dense is None:
         raise UserError(f"--engines {cfg.engines}: no dense model was exported (export with --with-dense)")
     for model in cfg.models:

@@ -8,6 +8,8 @@
       "created_by": "aptp 0.1.0",
       "precision": "fp32" | "fp16",           # of the graphs' internals; graph inputs/outputs stay fp32
       "scheduler": {"name": "pndm", "config": {...diffusers scheduler config...}},
+      "sampling": null | {"steps": 25, "guidance_scale": 3.0},  # what a caller who names none gets (format 4;
+                                              # from the model's sampling.json at export, or the export flags)
       "budget": 0.6 | null,                   # target MACs fraction of the pruning run
       "dense_macs": 1.23e9,                   # MACs of one dense UNet call, batch 1, at sample_size
       "text_len": 16,                         # token length of the UNet's text context
@@ -43,7 +45,8 @@ Format versions: 2 added `tensorrt` (a plan only deserializes with the TensorRT 
 it and only runs on GPUs of the same compute capability, so the runtime checks both before opening
 a plan). 3 added `family`, `added_cond`, `text_encoder.pooled_dim` / `.uncond` and `tokenizer.json_2`
 (SDXL-class UNets). 4 added OpenVINO IR files (`openvino`, `openvino_bin`) with per-expert
-`quantization` and the top-level `openvino` (aptp quantize). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
+`quantization`, the top-level `openvino` (aptp quantize) and `sampling` (the model's recommended
+steps and guidance scale, used when a caller gives none). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
 unchecked until their first call; no `family` before 3: it is "sd" for a latent model, "pixel"
 otherwise, and the unconditional prompt is ""); a version it does not know is refused.
 
@@ -240,6 +243,19 @@ class TensorRTInfo:
         return asdict(self)
 
 
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default; an export without `sampling` uses these
+
+
+@dataclass(frozen=True)
+class SamplingInfo:
+    """The sampling settings an export recommends: denoising steps and classifier-free guidance scale (its
+    scheduler is `Manifest.scheduler.name`)."""
+
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+
+
 @dataclass(frozen=True)
 class OpenVINOInfo:
     """What wrote an export's OpenVINO IR files: the openvino and nncf versions."""
@@ -270,6 +286,7 @@ class Manifest:
     dense: DenseInfo | None = None
     tensorrt: TensorRTInfo | None = None
     openvino: OpenVINOInfo | None = None
+    sampling: SamplingInfo | None = None
     family: str = "pixel"
     added_cond: AddedCondInfo | None = None
     created_by: str = "aptp"
@@ -294,7 +311,7 @@ class Manifest:
                     "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                     "tokenizer", "experts")
         optional = ("vae_decoder", "dense", "created_by", "info") + (("tensorrt",) if version >= 2 else ()) \
-            + (("family", "added_cond") if version >= 3 else ()) + (("openvino",) if version >= 4 else ())
+            + (("family", "added_cond") if version >= 3 else ()) + (("openvino", "sampling") if version >= 4 else ())
         r.obj(d, "top level", required, optional)
 
         scheduler = _read_scheduler(r, d["scheduler"])
@@ -325,6 +342,11 @@ class Manifest:
         if d.get("openvino") is not None:
             o = r.obj(d["openvino"], "openvino", ("version", "nncf"))
             openvino = OpenVINOInfo(r.string(o["version"], "openvino.version"), r.string(o["nncf"], "openvino.nncf"))
+        sampling = None
+        if d.get("sampling") is not None:
+            sm = r.obj(d["sampling"], "sampling", ("steps", "guidance_scale"))
+            sampling = SamplingInfo(r.integer(sm["steps"], "sampling.steps", lo=1),
+                                    r.number(sm["guidance_scale"], "sampling.guidance_scale", lo=0, hi=100))
         parts = [e.files for e in experts] + ([dense.files] if dense is not None else [])
         for files, where in zip(parts, [f"experts[{e.id}]" for e in experts] + ["dense"]):
             if ("openvino" in files) != ("openvino_bin" in files):
@@ -350,6 +372,7 @@ class Manifest:
             dense=dense,
             tensorrt=tensorrt,
             openvino=openvino,
+            sampling=sampling,
             family=family,
             added_cond=added,
             created_by=r.string(d.get("created_by", "aptp"), "created_by"),
@@ -371,7 +394,7 @@ class Manifest:
             d["added_cond"]["image_size"] = list(self.added_cond.image_size)
         if d["text_encoder"]["pooled_dim"] is None:
             del d["text_encoder"]["pooled_dim"]
-        order = ["format_version", "base_model", "created_by", "family", "precision", "scheduler", "budget",
+        order = ["format_version", "base_model", "created_by", "family", "precision", "scheduler", "sampling", "budget",
                  "dense_macs", "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                  "added_cond", "vae_decoder", "tokenizer", "experts", "dense", "tensorrt", "openvino", "info"]
         for e in d["experts"]:
@@ -379,6 +402,7 @@ class Manifest:
                 e.pop("quantization", None)
         if self.format_version < 4:
             order.remove("openvino")
+            order.remove("sampling")
         if self.format_version < 3:  # an older manifest read and written back keeps its keys
             order = [k for k in order if k not in ("family", "added_cond")]
             for k in ("pooled_dim", "uncond"):
@@ -388,6 +412,11 @@ class Manifest:
         return {k: d[k] for k in order}
 
     # -- queries ---------------------------------------------------------------------------------
+    @property
+    def sampling_defaults(self) -> SamplingInfo:
+        """The recorded sampling settings, or the defaults (25 steps, guidance 7.5) of an export without them."""
+        return self.sampling or SamplingInfo()
+
     def all_files(self) -> list[FileRef]:
         """Every file the manifest lists, each once, in a stable order."""
         groups = [self.router.files, self.text_encoder.files, self.tokenizer.files]

@@ -338,7 +338,7 @@ class Runtime:
         return self.route_scores(prompts, batch_size).expert_ids
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
+    def generate(self, prompts: str | Sequence[str], steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | Sequence[int] = 0, scheduler: str | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None,
                  guidance_rescale: float = 0.0) -> list:
@@ -346,7 +346,8 @@ class Runtime:
         return self.generate_with_info(prompts, steps, guidance_scale, seed, scheduler, batch_size, expert,
                                        guidance_rescale=guidance_rescale).images
 
-    def generate_with_info(self, prompts: str | Sequence[str], steps: int = 25, guidance_scale: float = 7.5,
+    def generate_with_info(self, prompts: str | Sequence[str], steps: int | None = None,
+                           guidance_scale: float | None = None,
                            seed: int | Sequence[int] = 0, scheduler: str | None = None,
                            batch_size: int = DEFAULT_BATCH_SIZE, expert: int | str | None = None, progress=None,
                            guidance_rescale: float = 0.0, params: GenerationParams | None = None) -> GenerationResult:
@@ -354,7 +355,8 @@ class Runtime:
 
         Args:
             prompts: a string or list of strings (validated, see engines.tokenization).
-            steps, guidance_scale, seed, scheduler, guidance_rescale: the sampler settings, checked as an
+            steps, guidance_scale, seed, scheduler, guidance_rescale: the sampler settings (steps and
+                guidance_scale None: the export's recommended ones, `sampling_defaults`), checked as an
                 engines.request.GenerationParams (or pass `params`, which then replaces them): steps >= 1;
                 guidance_scale in [0, 100] (<= 1 disables guidance); seed int s (prompt i uses s + i) or one
                 int per prompt; scheduler "ddim" | "pndm" | "euler", or None for the manifest's.
@@ -367,7 +369,9 @@ class Runtime:
         t0 = time.perf_counter()
         prompts = clean_prompts(prompts)
         if params is None:
-            params = GenerationParams(steps, guidance_scale, guidance_rescale,
+            d = self.manifest.sampling_defaults
+            params = GenerationParams(d.steps if steps is None else steps,
+                                      d.guidance_scale if guidance_scale is None else guidance_scale, guidance_rescale,
                                       tuple(seed) if isinstance(seed, list) else seed, scheduler)
         seeds = params.seeds(len(prompts))
         _check_batch_size(batch_size)

@@ -85,7 +85,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         parts = ExportParts(
             sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
             context_dim=int(base.unet.config.cross_attention_dim), dense_macs=dense_macs,
-            scheduler_config=dict(base.scheduler_config),
+            scheduler_config=dict(base.scheduler_config), sampling=_recommended_sampling(base.path),
             dense=ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None,
             text_encoder=te.model if latent else te.enc.model,
             tokenizer=_fast_tokenizer_json(base.path / "tokenizer", scratch) if latent else sentence.model_dir,
@@ -115,3 +115,15 @@ def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Pat
     out = Path(scratch) / tokenizer_dir.name
     CLIPTokenizerFast.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(str(out))
     return out / "tokenizer.json"
+
+
+def _recommended_sampling(model_dir) -> dict | None:
+    """The model's sampling.json (the toy teacher ships one: guidance 3.0), None when it has none."""
+    path = Path(model_dir) / "sampling.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON") from None
+    return rec if isinstance(rec, dict) else None

@@ -36,8 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cmmd-clip", metavar="DIR", help="CLIP for CMMD (default: --clip; the paper uses ViT-L/14@336)")
     parser.add_argument("--inception", metavar="FILE", help="FID InceptionV3 weights file (needs the eval extra)")
     parser.add_argument("--out", default="eval", metavar="DIR", help="output directory (default: eval)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the export's; 7.5 when it records none)")
     parser.add_argument("--scheduler", choices=("ddim", "pndm", "euler"), default=None,
                         help="sampler (default: the one in the manifest; the paper uses pndm)")
     parser.add_argument("--seed", type=int, default=0, help="caption i uses seed SEED + i (default 0)")

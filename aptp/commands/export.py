@@ -29,6 +29,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")
     parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=DEFAULTS.scheduler,
                         help="default sampler recorded in the manifest (the runtime can override it)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps recorded as the export's default (default: the model's sampling.json, else 25)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale recorded as the export's default (default: the model's sampling.json, "
+                             "else 7.5)")
     parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="most prompts per UNet call the profiles allow")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to, metavar="N",
                         help="round every expert's kept channels per layer up to a multiple of N (added channels "
@@ -41,7 +46,7 @@ def run(args) -> int:
     int8 = args.precision == "int8"
     options = ExportOptions(backend=args.backend, precision="fp32" if int8 else args.precision,
                             scheduler=args.scheduler, max_batch=args.max_batch, with_dense=args.with_dense,
-                            round_to=args.round_to)
+                            round_to=args.round_to, steps=args.steps, guidance_scale=args.guidance)
     out = f"{str(args.out).rstrip('/')}.fp32" if int8 else args.out
     manifest, _ = export_run(args.run, out, options)
     if int8:

@@ -17,8 +17,10 @@ from engines.schedulers import SCHEDULERS
 def add_arguments(parser) -> None:
     add_runtime_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for PNGs and images.json")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's, e.g. 25)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the export's, e.g. 3.0 for the toy model; "
+                             "7.5 for an export that records none)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="most prompts per UNet call (default 8)")
     parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=None,

@@ -193,7 +193,7 @@ class Batcher:
     def __init__(self, runtime: Runtime, config: ServeConfig | None = None, observer: BatchObserver | None = None,
                  experts: list | None = None):
         self.runtime = runtime
-        self.config = config or ServeConfig()
+        self.config = (config or ServeConfig()).for_export(runtime.manifest)
         self.observer = observer or BatchObserver()
         m = runtime.manifest
         self.experts: list = [e.id for e in m.experts] + (["dense"] if m.dense is not None else [])

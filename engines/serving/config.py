@@ -7,6 +7,7 @@ Defaults and the measurements behind them are in docs/serving.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -40,8 +41,8 @@ class ServeConfig:
     max_steps: int = 100  # most denoising steps per request
     max_prompt_chars: int = 4000
     max_body_bytes: int = 65536
-    default_steps: int = 25
-    default_guidance_scale: float = 7.5
+    default_steps: int = 0  # 0: the export's recommended steps (manifest `sampling`; 25 when it records none)
+    default_guidance_scale: float = -1.0  # < 0: the export's recommended guidance scale (7.5 when it records none)
     api_key: str = ""  # non-empty: every request but /healthz and /readyz needs "Authorization: Bearer KEY"
     allowed_hosts: str = ""  # Host names accepted, comma-separated ("*": any); "" = loopback names when bound
     #                          to a loopback address (DNS rebinding), any otherwise
@@ -64,12 +65,14 @@ class ServeConfig:
         c.integer(self.threads, "threads", lo=0)
         c.string(self.batching, "batching", POLICIES)
         for name in ("max_batch", "max_queue_images", "max_n", "max_steps", "max_prompt_chars",
-                     "max_body_bytes", "default_steps"):
+                     "max_body_bytes"):
             c.integer(getattr(self, name), name, lo=1)
+        c.integer(self.default_steps, "default_steps", lo=0)
         c.integer(self.max_queue_images_per_expert, "max_queue_images_per_expert", lo=0)
         for name, above in (("max_wait_ms", False), ("timeout_s", True), ("drain_timeout_s", False),
-                            ("default_guidance_scale", False)):
+                            ):
             setattr(self, name, c.number(getattr(self, name), name, lo=0, above=above))
+        self.default_guidance_scale = c.number(self.default_guidance_scale, "default_guidance_scale", hi=100)
         c.string(self.api_key, "api_key", empty=True)
         c.string(self.allowed_hosts, "allowed_hosts", empty=True)
         c.integer(self.max_route_prompts, "max_route_prompts", lo=1)
@@ -81,6 +84,13 @@ class ServeConfig:
             setattr(self, name, c.number(getattr(self, name), name, lo=0, above=True))
         c.require(self.default_steps <= self.max_steps, "default_steps", f"more than max_steps={self.max_steps}",
                   self.default_steps)
+
+    def for_export(self, manifest) -> ServeConfig:
+        """This config with the export's recommended steps / guidance where it says "the export's" (0 / < 0)."""
+        d = manifest.sampling_defaults
+        steps = self.default_steps or min(d.steps, self.max_steps)
+        guidance = d.guidance_scale if self.default_guidance_scale < 0 else self.default_guidance_scale
+        return dataclasses.replace(self, default_steps=steps, default_guidance_scale=guidance)
 
     @property
     def loopback(self) -> bool:

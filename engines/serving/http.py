@@ -108,6 +108,7 @@ class LocalService:
 def create_app(batcher: Batcher, config: ServeConfig, warm_up: bool = True):
     """The FastAPI app over a Batcher (started, and warmed up in a thread, by the app's lifespan).
     The Batcher's observer becomes the app's ServerMetrics unless it already is one."""
+    config = config.for_export(batcher.runtime.manifest)  # requests naming no steps / guidance get the export's
     service = LocalService(batcher)
 
     def _warm():
@@ -209,6 +210,7 @@ def serve(config: ServeConfig) -> int:
     configure_logging()
     trimmer = apply_memory_settings(config)  # before any worker or onnxruntime thread exists
     rt = Runtime.load(config.engines, provider=runtime_provider(config.provider), threads=config.threads)
+    config = config.for_export(rt.manifest)  # default steps / guidance: the export's where not set
     batcher = Batcher(rt, config, ServerMetrics())
     app = create_app(batcher, config)
     if not config.loopback and not config.api_key:

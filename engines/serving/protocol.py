@@ -211,11 +211,13 @@ def route_body(manifest, prompts: list[str], res) -> dict:
 
 
 def models_body(manifest) -> dict:
+    d = manifest.sampling_defaults
     data = [{"id": "aptp", "object": "model", "created": 0, "owned_by": "aptp", "routed": True,
-             "base_model": manifest.base_model, "experts": len(manifest.experts)}]
+             "base_model": manifest.base_model, "experts": len(manifest.experts),
+             "sampling": {"steps": d.steps, "guidance_scale": d.guidance_scale, "scheduler": manifest.scheduler.name}}]
     for e in manifest.experts:
         data.append({"id": model_id(e.id), "object": "model", "created": 0, "owned_by": "aptp", "expert": e.id,
-                     "macs_fraction": e.macs_fraction, "share": e.share, "params": e.params})
+                     "macs_fraction": e.macs_fraction, "share": e.share, "params": e.params, "precision": e.precision})
     if manifest.dense is not None:
         data.append({"id": "aptp:dense", "object": "model", "created": 0, "owned_by": "aptp", "expert": "dense",
                      "macs_fraction": 1.0})

@@ -112,10 +112,11 @@ class ExpertReplica:
     """One replica of one expert's deployment: a Batcher over that expert alone."""
 
     def __init__(self, engines: str, expert, settings: dict):
-        self.config = ServeConfig(**settings)
+        self.config = ServeConfig(**settings)  # made for_export below, once the manifest is read
         self._trimmer = apply_memory_settings(self.config)  # this replica's process (engines/serving/memory.py)
         # the ingress verified every file; this replica re-hashes the files it opens (its expert, the VAE)
         rt = Runtime.load(engines, provider=runtime_provider(self.config.provider), threads=self.config.threads, verify=False)
+        self.config = self.config.for_export(rt.manifest)
         self.expert = expert
         self.metrics = ServerMetrics()  # scraped by the ingress (stats), shown there as aptp_replica_*
         self.batcher = Batcher(rt, self.config, self.metrics, experts=[expert]).start()
@@ -183,6 +184,7 @@ class Ingress:
         configure_logging()
         self.config = cfg = ServeConfig(**settings)
         self.rt = rt = Runtime.load(engines, provider=runtime_provider(cfg.provider), threads=cfg.threads)  # hashes every file
+        self.config = cfg = cfg.for_export(rt.manifest)
         self.manifest = rt.manifest
         self.handles = dict(experts)  # model id ("aptp:expert-0", "aptp:dense") -> DeploymentHandle
         rt.route([WARM_UP_PROMPT])

@@ -10,6 +10,7 @@ from engines.errors import UserError
     (dict(backend="openvino2"), "backend"), (dict(precision="int3"), "precision"), (dict(max_batch=0), "max_batch"),
     (dict(max_batch=True), "max_batch"), (dict(size_range=(64, 32)), "size_range"), (dict(size_range=[8, 16]), "size_range"),
     (dict(round_to=0), "round_to"), (dict(scheduler="lms"), "scheduler"), (dict(exporter="magic"), "exporter"),
+    (dict(steps=0), "steps"), (dict(guidance_scale=-1.0), "guidance_scale"), (dict(guidance_scale=101), "guidance_scale"),
 ])
 def test_bad_options_name_the_option(changes, option):
     with pytest.raises(UserError, match=option):
@@ -21,3 +22,15 @@ def test_good_options_and_replace():
     assert o.replace(precision="fp16").precision == "fp16" and o.replace().to_dict() == o.to_dict()
     with pytest.raises(UserError, match="unknown export option 'colour'"):
         o.replace(colour="red")
+
+
+def test_sampling_defaults_recorded_at_export():
+    """The manifest's sampling: the export flags, else the model's sampling.json, else 25 / 7.5."""
+    from aptp_export.manifest_writer import sampling_info
+    from engines.manifest import SamplingInfo
+
+    toy = {"scheduler": "ddim", "num_inference_steps": 25, "guidance_scale": 3.0}
+    assert sampling_info(ExportOptions(), toy) == SamplingInfo(25, 3.0)
+    assert sampling_info(ExportOptions(), None) == SamplingInfo(25, 7.5)
+    assert sampling_info(ExportOptions(steps=10, guidance_scale=5.0), toy) == SamplingInfo(10, 5.0)
+    assert sampling_info(ExportOptions(guidance_scale=0.0), toy) == SamplingInfo(25, 0.0)

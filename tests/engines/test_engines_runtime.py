@@ -172,7 +172,7 @@ def test_cuda_provider_without_gpu_names_the_extra(pixel):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu with CUDA is available here")
-    with pytest.raises(EngineError, match=r'aptp\[gpu\]'):
+    with pytest.raises(EngineError, match=r'pip install -e "\.\[gpu\]"'):
         Runtime.load(pixel.dir, provider="cuda")
 
 
@@ -276,3 +276,38 @@ def test_fp16_export_runs_and_stays_close(pixel):
     values = [psnr(_arr(x), _arr(y)) for x, y in zip(a.images, b.images, strict=True)]
     print("fp16 vs fp32 PSNR (dB):", [round(float(v), 1) for v in values])
     assert min(values) >= 30
+
+
+def test_sampling_defaults_travel_with_the_export(pixel, tmp_path):
+    """An export's recorded steps / guidance are what Runtime.generate, the batcher and /v1/models use when
+    the caller names none (an export without them: 25 steps, guidance 7.5)."""
+    import json
+    import shutil
+
+    from engines.serving.batching import Batcher
+    from engines.serving.config import ServeConfig
+    from engines.serving.protocol import models_body
+
+    d = tmp_path / "export"
+    shutil.copytree(pixel.dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["sampling"] == {"steps": 25, "guidance_scale": 7.5}  # the fixture's model has no sampling.json
+    m["sampling"] = {"steps": 3, "guidance_scale": 2.0}
+    (d / "manifest.json").write_text(json.dumps(m))
+    rt = Runtime.load(d, threads=1)
+    prompts = [ANCHORS[0], ANCHORS[1]]
+    got = rt.generate_with_info(prompts, seed=3)
+    assert (got.steps, got.guidance_scale) == (3, 2.0)
+    ref = rt.generate(prompts, steps=3, guidance_scale=2.0, seed=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got.images, ref, strict=True))
+    assert not np.array_equal(np.asarray(got.images[0]), np.asarray(rt.generate(prompts, seed=3, steps=4)[0]))
+    cfg = Batcher(rt, ServeConfig(workers=1)).config
+    assert (cfg.default_steps, cfg.default_guidance_scale) == (3, 2.0)
+    cfg = Batcher(rt, ServeConfig(workers=1, default_steps=5, default_guidance_scale=0.0)).config
+    assert (cfg.default_steps, cfg.default_guidance_scale) == (5, 0.0)  # what the operator set wins
+    assert models_body(rt.manifest)["data"][0]["sampling"] == {"steps": 3, "guidance_scale": 2.0,
+                                                                "scheduler": rt.manifest.scheduler.name}
+    m["sampling"] = {"steps": 0, "guidance_scale": 2.0}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="sampling.steps"):
+        Runtime.load(d)

@@ -104,6 +104,7 @@ def as_version(d: dict, version: int) -> dict:
     d["format_version"] = version
     if version < 4:
         d.pop("openvino", None)
+        d.pop("sampling", None)
     if version < 3:
         for k in ("family", "added_cond"):
             d.pop(k, None)
