@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -86,6 +87,8 @@ def _selected_verb(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not sys.stderr.isatty():  # a log file: progress bars every 60 s instead of a carriage return per update
+        os.environ.setdefault("TQDM_MININTERVAL", "60")
     verb = _selected_verb(argv)
     prog = f"aptp {verb}" if verb else "aptp"
     try:

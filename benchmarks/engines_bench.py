@@ -176,6 +176,10 @@ def run_bench(export_dir: str | Path, out_dir: str | Path, run_dir: str | Path |
     write_text(out_dir / "bench.csv", rows_to_csv(rows))
     latency_vs_macs([r for r in rows if r["prompts"] == 1], out_dir / "latency_vs_macs.png",
                     title="Latency against MACs (1 prompt, CFG batch 2)")
+    say("  batch 2 (one prompt with CFG), median ms and fraction of the dense model's, per backend:")
+    for r in sorted((r for r in rows if r["prompts"] == 1), key=lambda r: (r["backend"], r["expert"])):
+        say(f"    {r['backend']:16s} {r['expert']:10s} MACs {r['macs_fraction']:.3f}  {r['latency_ms_median']:8.2f} ms"
+            f"  latency {r['latency_fraction']:.3f}")
     for r in result["int8_vs_fp32"]:
         if r["batch"] == 2:
             say(f"  {r['expert']} {r['precision']}: {r['int8_ms']:.1f} ms vs fp32 {r['fp32_ms']:.1f} ms "

@@ -27,7 +27,9 @@ def _int_list(text: str) -> list[int]:
 def add_arguments(p):
     add_export_argument(p, help="export directory (with manifest.json and the dense model, `aptp export --with-dense`)")
     p.add_argument("--run", default=None, help="training run the export came from (enables torch eager timing)")
-    p.add_argument("--out", default=None, help="output directory (default: ENGINES/../bench)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: EXPORT.bench beside the export, e.g. aptp-demo/export.bench; "
+                        "the demo's own bench/ is left alone)")
     p.add_argument("--backend", action="append", choices=list(BACKENDS),
                    help="backend to time (repeatable; default: every one available)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8],
@@ -53,7 +55,7 @@ def run(args) -> int:
     if args.run is not None and not RunDir(args.run).has_config():
         raise UserError(f"{args.run}: not a training run directory (no config.yaml)")
 
-    out = Path(args.out) if args.out else engines.parent / "bench"
+    out = Path(args.out) if args.out else engines.parent / f"{engines.resolve().name}.bench"
     run_bench(engines, out, run_dir=args.run, backends=args.backend, prompts_per_batch=args.batch_sizes,
               repeats=args.repeats, throughput_steps=args.throughput_steps, threads=args.threads)
     return 0

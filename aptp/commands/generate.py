@@ -74,7 +74,7 @@ def run(args) -> int:
         rec["file"] = f"{rec['index']:03d}_expert{rec['expert']}.png"
         with atomic_path(out / rec["file"]) as tmp:
             img.save(tmp, format="PNG")
-    write_json(out / "images.json", {"engines": str(Path(args.export).resolve()), "images": records,
+    write_json(out / "images.json", {"export": str(Path(args.export).resolve()), "images": records,
                                      "seconds": round(result.seconds, 3)})
     for rec in records:
         print(f"{out / rec['file']}  expert {rec['expert']}  seed {rec['seed']}  {rec['prompt']}")

@@ -18,6 +18,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--sd21", action="store_true", help="the Stable Diffusion 2.1 UNet architecture")
     src.add_argument("--sd15", action="store_true", help="the Stable Diffusion 1.5 UNet architecture")
     src.add_argument("--sdxl", action="store_true", help="the Stable Diffusion XL base 1.0 UNet architecture")
+    src.add_argument("--export", metavar="DIR",
+                     help="an export directory instead: its experts (MACs, precision, share) and sampling defaults")
     parser.add_argument("--depth-blocks", choices=("last", "all", "none"), default="last",
                         help="which blocks get a depth unit (default: last = last ResBlock and transformer of "
                              "each down/up block)")
@@ -46,7 +48,37 @@ def _read_config(directory: str) -> dict:
     raise UserError(f"{d}: no config.json or unet/config.json")
 
 
+def _inspect_export(path: str, as_json: bool) -> int:
+    from engines.errors import EngineError
+    from engines.manifest import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except EngineError as e:
+        raise UserError(str(e)) from None
+    d = m.sampling_defaults
+    info = {"base_model": m.base_model, "family": m.family, "format_version": m.format_version,
+            "sample_size": list(m.sample_size), "dense_gmacs": m.dense_macs / 1e9,
+            "sampling": {"steps": d.steps, "guidance_scale": d.guidance_scale, "scheduler": m.scheduler.name,
+                         "recorded": m.sampling is not None},
+            "experts": [{"id": e.id, "macs_fraction": e.macs_fraction, "share": e.share, "precision": e.precision,
+                         "params": e.params} for e in m.experts], "dense": m.dense is not None}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rec = "" if m.sampling is not None else " (not recorded: the defaults)"
+    print(f"{path}: {m.base_model} ({m.family}), {len(m.experts)} experts, dense {info['dense_gmacs']:.3f} GMACs at "
+          f"{m.sample_size[0]}x{m.sample_size[1]}, manifest format {m.format_version}")
+    print(f"sampling: {d.steps} steps, guidance {d.guidance_scale}, {m.scheduler.name}{rec}")
+    print("expert  MACs    share  precision  params")
+    for e in info["experts"]:
+        print(f"{e['id']:6d}  {e['macs_fraction']:.3f}  {e['share']:.3f}  {e['precision']:9s}  {e['params'] / 1e6:.2f} M")
+    return 0
+
+
 def run(args) -> int:
+    if args.export:
+        return _inspect_export(args.export, args.json)
     from aptp_export.arch_space import ArchSpace  # heavy (torch): only when the verb runs
     from aptp_export.unet_configs import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG
     from training.toy.model import TEXT_LEN, UNET_CONFIG

@@ -220,7 +220,7 @@ def serve(config: ServeConfig) -> int:
                         lifespan="on", timeout_graceful_shutdown=1, timeout_keep_alive=5,
                         limit_concurrency=config.max_connections, http=header_timeout_protocol(config.header_timeout_s))
     server = DrainingServer(uv, batcher, config.drain_timeout_s)
-    log_event("starting", host=config.host, port=config.port, engines=config.engines, settings=config.to_dict())
+    log_event("starting", host=config.host, port=config.port, export=config.engines, settings=config.to_dict())
     trimmer.on_round = app.state.metrics.heap_trimmed
     trimmer.start()
     server.run()
