@@ -300,10 +300,14 @@ def quantize_expert(rt: Runtime, k: int, calib: list[str], guard: list[str], opt
     ok, lo, mean = attempt("int8" + (" + fp32 " + ", ".join(keep) if keep else ""), q, keep)
     if ok:
         chosen = ("int8", q, lo, mean)
-    elif opts.scan and groups and not keep:
+    elif opts.scan and groups:
+        if keep:  # the given groups were not enough: scan the others, tried after them
+            groups_left = {g: n for g, n in groups.items() if g not in keep}
+        else:
+            groups_left = groups
         if order is None:
             step = max(1, len(calib_calls) // opts.scan_calls)
-            sens = sensitivity(nncf, model, groups, calib_calls[::step][:opts.scan_calls], scan_calls, fp32,
+            sens = sensitivity(nncf, model, groups_left, calib_calls[::step][:opts.scan_calls], scan_calls, fp32,
                                opts.threads)
             res.calibration["sensitivity"] = sens  # fraction of the int8 output error each group removes
             order = [g for g, v in sens.items() if v > 0]
@@ -311,7 +315,7 @@ def quantize_expert(rt: Runtime, k: int, calib: list[str], guard: list[str], opt
         else:
             res.calibration["sensitivity_order_from_earlier_expert"] = list(order)
         res.calibration["scan_order"] = list(order)
-        for g in [g for g in order if g in groups][:opts.max_scan_steps]:
+        for g in [g for g in order if g in groups and g not in keep][:opts.max_scan_steps]:
             keep.append(g)
             q = _quantize(nncf, model, calib_calls, [n for x in keep for n in groups[x]])
             ok, lo, mean = attempt("int8 + fp32 " + ", ".join(keep), q, keep)

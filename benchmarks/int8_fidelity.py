@@ -67,6 +67,8 @@ def main(argv=None) -> int:
            "psnr_min": float(values.min()), "psnr_mean": float(values.mean()), "psnr_median": float(np.median(values)),
            "clip_fp32": clip_fp32, "clip_int8": clip_int8, "clip_delta": clip_int8 - clip_fp32,
            "per_expert": per_expert, "parts": int8.part_providers, "machine": machine(),
+           "images": [{"caption": c, "expert": int(e), "psnr": float(v)}
+                      for c, e, v in zip(caps, ra.expert_ids, values, strict=True)],
            "seconds": time.perf_counter() - t0}
     res["passed"] = bool(res["psnr_min"] >= 30 and res["psnr_mean"] >= 35 and abs(res["clip_delta"]) <= 1.0
                          and len(caps) >= 64)

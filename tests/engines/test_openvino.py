@@ -199,3 +199,21 @@ def test_bench_times_int8_beside_fp32(quantized):
     t = table[0]
     assert t["int8_speedup"] == pytest.approx(t["fp32_ms"] / t["int8_ms"])
     assert t["macs_fraction_over_speedup"] == pytest.approx(e1.macs_fraction / t["int8_speedup"])
+
+
+@pytest.mark.slow  # a sensitivity scan: ~9 NNCF quantizations (2 min on 2 busy cores)
+def test_ladder_goes_on_after_the_given_fp32_groups(tmp_path):
+    """--fp32-groups is where the ladder starts: when the guard still refuses, the scanned groups are added
+    one by one, then weights-only int8, then fp32 — each attempt recorded."""
+    opts = QuantizeOptions(prompts=PROMPTS, guard_prompts=PROMPTS[::-1], per_expert=2, guard_per_expert=2, steps=3,
+                           guidance=3.0, threads=1, min_psnr=500.0, mean_psnr=500.0, experts=[0],
+                           fp32_groups=["conv_in"], max_scan_steps=2)
+    rep = quantize_export(build_export("pixel").dir, tmp_path / "q", opts, log=lambda *_: None)
+    e = rep["experts"][0]
+    names = [t["candidate"] for t in e["tried"]]
+    assert names[0] == "int8 + fp32 conv_in" and names[-1] == "int8 weights only" and len(names) == 4, names
+    assert all(n.startswith("int8 + fp32 conv_in, ") for n in names[1:3])
+    assert "conv_in" not in e["calibration"]["sensitivity"] and e["precision"] == "fp32"
+    with pytest.raises(Exception, match="unknown layer group"):
+        quantize_export(build_export("pixel").dir, tmp_path / "q2",
+                        QuantizeOptions(**{**opts.__dict__, "fp32_groups": ["conv_inn"]}), log=lambda *_: None)
