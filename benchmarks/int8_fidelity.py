@@ -15,12 +15,12 @@ Writes OUT/int8_fidelity.json and .md.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
+from aptp_export.quantize import psnr
 from engines import Runtime
 from engines.fileio import write_json, write_text
 from training.toy import EVAL_SEED, captions
@@ -28,11 +28,6 @@ from training.toy.clip import clip_dir
 
 from .metrics import clip_score
 from .timing import machine
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def main(argv=None) -> int:
