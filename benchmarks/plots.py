@@ -22,16 +22,18 @@ def latency_vs_macs(rows: list[dict], path: str | Path, title: str = "Latency ag
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
     lo = min([r["macs_fraction"] for r in sel] + [r["latency_fraction"] for r in sel] + [0.3])
     ax.plot([lo * 0.9, 1.05], [lo * 0.9, 1.05], "k--", lw=1, label="latency = MACs")
-    markers = {"onnxruntime": "o", "onnxruntime-cuda": "D", "torch": "s", "tensorrt": "^"}
+    markers = {"onnxruntime": "o", "onnxruntime-cuda": "D", "torch": "s", "tensorrt": "^", "openvino-int8": "v"}
     for backend in sorted({r["backend"] for r in sel}):
         for b in sorted({r["batch"] for r in sel}):
             pts = [r for r in sel if r["backend"] == backend and r["batch"] == b]
             ax.scatter([r["macs_fraction"] for r in pts], [r["latency_fraction"] for r in pts],
                        marker=markers.get(backend, "x"), label=f"{backend}, UNet batch {b}")
-            for r in pts:
-                if r["expert"] != "dense":
-                    ax.annotate(str(r["expert"]).replace("expert_", "e"), (r["macs_fraction"], r["latency_fraction"]),
-                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+            # labels of neighbouring points (sorted by MACs) take turns around their point, so they do not overlap
+            offsets = ((4, 4), (4, -10), (-16, 4), (-16, -10))
+            named = sorted((r for r in pts if r["expert"] != "dense"), key=lambda r: r["macs_fraction"])
+            for i, r in enumerate(named):
+                ax.annotate(str(r["expert"]).replace("expert_", "e"), (r["macs_fraction"], r["latency_fraction"]),
+                            fontsize=7, xytext=offsets[i % len(offsets)], textcoords="offset points")
     ax.set_xlabel("MACs / dense MACs")
     ax.set_ylabel("median latency / dense median latency")
     ax.set_title(title)
