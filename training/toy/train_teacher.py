@@ -21,6 +21,12 @@ The shipped teacher (training/toy/teacher) was made in two runs (times on the sh
 i.e. the EMA weights at step 200 of the v-prediction run (measured: 89 % colour match on 64 held-out
 captions at guidance 3; the same run's EMA at step 500 scored 58 %, not yet understood).
 
+The world-v2 teacher (issue 20; training.toy.world, `--world v2`) warm-starts from the shipped one:
+    python -m training.toy.train_teacher --out runs/teacher_v2 --world v2 --init training/toy/teacher \
+        --steps 3000 --lr 1e-3 --warmup 50 --ema-decay 0.999 --data-seed 2 --ckpt-every 250 --threads 1
+about 1.6-2.1 s per step on one thread of a shared 2-core AMD EPYC (105 min for 3000 steps, other jobs on the
+second core); sampling.json then records "toy_world": "v2".
+
 Outputs in --out: checkpoint/ (model, ema, optimizer as safetensors + state.json; resumed automatically),
 and at the end unet/ (EMA weights, diffusers save_pretrained layout), scheduler/, text_encoder.json.
 """
