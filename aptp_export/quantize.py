@@ -391,7 +391,8 @@ def quantize_export(export_dir, out_dir, opts: QuantizeOptions | None = None, lo
     sampler = _Sampler(rt, opts)
     experts = opts.experts if opts.experts is not None else list(range(len(rt.manifest.experts)))
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # renamed into place at the end
     try:
         for ref in rt.manifest.all_files():
             dst = tmp / ref.path
