@@ -220,7 +220,12 @@ def detect_layout(path: Path) -> str:
     return "pixel"
 
 
+BUILTIN_TEACHERS = {"builtin:toy-teacher": "v1", "builtin:toy-teacher-v2": "v2"}  # model.path names
+
+
 def resolve_model_path(path: str | None) -> Path:
+    if path in BUILTIN_TEACHERS:
+        return teacher_dir(BUILTIN_TEACHERS[path])
     if path is None:
 
         d = teacher_dir()

@@ -36,9 +36,16 @@ __all__ = [
 ]
 
 
-def teacher_dir() -> Path:
-    """Directory of the shipped toy teacher: unet/, scheduler/, text_encoder.json."""
-    return Path(__file__).resolve().parent / "teacher"
+TEACHERS = {"v1": "teacher", "v2": "teacher_v2"}  # toy world -> the shipped teacher trained on it
+
+
+def teacher_dir(world: str = "v1") -> Path:
+    """Directory of the shipped toy teacher of `world`: unet/, scheduler/, text_encoder.json, sampling.json.
+    v1: the default teacher (training/toy/teacher); v2: the world-v2 teacher of issue 20 (3000 warm-started
+    steps, train_teacher's docstring has the recipe), `model.path: builtin:toy-teacher-v2` in a config."""
+    if world not in TEACHERS:
+        raise UserError(f"no shipped toy teacher for world {world!r} (have {', '.join(TEACHERS)})")
+    return Path(__file__).resolve().parent / TEACHERS[world]
 
 
 def load_teacher(device="cpu", scheduler: str = "ddim", path: str | Path | None = None):
