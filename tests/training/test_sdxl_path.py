@@ -74,11 +74,11 @@ def test_sdxl_conditioning_from_data_and_defaults(tmp_path):
 
 
 def test_sdxl_export_manifest(sdxl_run):
-    from engines.manifest import read_manifest
+    from engines.manifest import FORMAT_VERSION, read_manifest
 
     _, _, out, manifest, report, _ = sdxl_run
     m = read_manifest(out)
-    assert m.family == "sdxl" and m.format_version == 3
+    assert m.family == "sdxl" and m.format_version == FORMAT_VERSION
     assert m.added_cond.text_embeds_dim == 16 and m.added_cond.image_size == (16, 16)
     assert m.text_encoder.pooled_dim == 16 and m.text_encoder.uncond == "zeros"
     assert m.text_encoder.hidden_size == 56 and "json_2" in m.tokenizer.files
@@ -159,7 +159,7 @@ def test_older_manifests_load_with_their_family_and_vae_precision_rule(sdxl_run,
         Manifest.from_dict({k: v for k, v in d.items() if k != "added_cond"})
     with pytest.raises(ManifestError, match="pooled_dim"):
         Manifest.from_dict(dict(d, text_encoder=dict(d["text_encoder"], pooled_dim=7)))
-    v2 = {k: v for k, v in d.items() if k not in ("family", "added_cond")}
+    v2 = {k: v for k, v in d.items() if k not in ("family", "added_cond", "openvino", "sampling")}
     v2["format_version"], v2["text_encoder"] = 2, {"files": d["text_encoder"]["files"],
                                                    "hidden_size": d["text_encoder"]["hidden_size"]}
     v2["tokenizer"] = {"files": {"json": d["tokenizer"]["files"]["json"]}}
