@@ -41,6 +41,7 @@ from engines.install import install_hint
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -317,7 +318,7 @@ def quantize_expert(rt: Runtime, k: int, calib: list[str], guard: list[str], opt
         res.calibration["scan_order"] = list(order)
         for g in [g for g in order if g in groups and g not in keep][:opts.max_scan_steps]:
             keep.append(g)
-            q = _quantize(nncf, model, calib_calls, [n for x in keep for n in groups[x]])
+            q = _quantize(nncf, model, calib_calls, [n for x in keep for n in groups.get(x, [])])
             ok, lo, mean = attempt("int8 + fp32 " + ", ".join(keep), q, keep)
             if ok:
                 chosen = ("int8", q, lo, mean)
@@ -390,6 +391,9 @@ def quantize_export(export_dir, out_dir, opts: QuantizeOptions | None = None, lo
                         "--prompts FILE and --guard-prompts FILE (the toy model has defaults)")
     sampler = _Sampler(rt, opts)
     experts = opts.experts if opts.experts is not None else list(range(len(rt.manifest.experts)))
+    bad = [k for k in experts if not 0 <= k < len(rt.manifest.experts)]
+    if bad or len(set(experts)) != len(experts):
+        raise UserError(f"experts {experts}: ids must be distinct, in 0..{len(rt.manifest.experts) - 1}")
     t0 = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # renamed into place at the end
@@ -434,6 +438,9 @@ def quantize_export(export_dir, out_dir, opts: QuantizeOptions | None = None, lo
                   "seconds": time.perf_counter() - t0}
         write_json(tmp / "quantize_report.json", report)
         write_text(tmp / "quantize_report.md", report_markdown(report))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700: readable by others as an export must be
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

@@ -82,7 +82,8 @@ MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnx", "tensorrt")  # what an export can hold per UNet: ONNX graphs, optionally TensorRT plans
 FILE_KINDS = ("onnx", "onnx_data", "tensorrt", "openvino", "openvino_bin")
-OPENVINO_KINDS = ("openvino", "openvino_bin")  # an OpenVINO IR: graph (.xml) and weights (.bin), format 4
+OPENVINO_KINDS = ("openvino", "openvino_bin")
+GRAPH_KINDS = ("onnx", "onnx_data")  # router, text encoder, VAE decoder: ONNX only (plans and IRs are the UNets')  # an OpenVINO IR: graph (.xml) and weights (.bin), format 4
 QUANT_PRECISIONS = ("int8", "int8_weights", "fp32")  # an expert's IR: weights+activations, weights only, none
 FAMILIES = ("pixel", "sd", "sdxl")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class (text_time)
 UNCOND_KINDS = ("empty_prompt", "zeros")  # the text condition of "", or zeros (SDXL's force_zeros_for_empty_prompt)
@@ -447,7 +448,7 @@ def _read_scheduler(r: Checks, value) -> SchedulerInfo:
 def _read_router(r: Checks, value) -> RouterInfo:
     rt = r.obj(value, "router", ("files", "max_length", "num_experts", "embedding_dim"), ("codes",))
     return RouterInfo(
-        files=_read_files(r, rt["files"], "router.files"),
+        files=_read_files(r, rt["files"], "router.files", allowed=GRAPH_KINDS),
         max_length=r.integer(rt["max_length"], "router.max_length", lo=2),
         num_experts=r.integer(rt["num_experts"], "router.num_experts", lo=1),
         embedding_dim=r.integer(rt["embedding_dim"], "router.embedding_dim", lo=1),
@@ -459,7 +460,7 @@ def _read_text(r: Checks, d: dict, version: int) -> tuple[TextEncoderInfo, Token
     te = r.obj(d["text_encoder"], "text_encoder", ("files", "hidden_size"),
                ("pooled_dim", "uncond") if version >= 3 else ())
     text_encoder = TextEncoderInfo(
-        _read_files(r, te["files"], "text_encoder.files"),
+        _read_files(r, te["files"], "text_encoder.files", allowed=GRAPH_KINDS),
         r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1),
         None if te.get("pooled_dim") is None else r.integer(te["pooled_dim"], "text_encoder.pooled_dim", lo=1),
         r.string(te.get("uncond", "empty_prompt"), "text_encoder.uncond", UNCOND_KINDS))
@@ -476,7 +477,7 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
     vae = None
     if d.get("vae_decoder") is not None:
         v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"))
-        vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files"),
+        vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files", allowed=GRAPH_KINDS),
                              r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12))
     if latent and vae is None:
         r.fail("vae_decoder", "a latent model needs a vae_decoder")

@@ -121,7 +121,15 @@ class Runtime:
         manifest = read_manifest(export_dir)
         if provider is None:
             provider = default_provider(manifest)
-            check_provider(provider)
+            try:
+                check_provider(provider)
+            except BackendError as e:
+                if provider != "openvino":
+                    raise
+                provider = "cpu"  # the export's ONNX graphs still run; say why the int8 IRs do not
+                warnings.warn(f"{export_dir}: its int8 OpenVINO engines cannot run here ({e}); running its fp32 "
+                              "ONNX graphs on onnxruntime instead", RuntimeWarning, stacklevel=2)
+                check_provider(provider)
         rt = cls(export_dir, manifest, provider, threads)
         if provider == "tensorrt":
             missing = [f"expert {e.id}" for e in manifest.experts if "tensorrt" not in e.files]

@@ -12,7 +12,10 @@ settings).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aptp_export.export_options import ExportOptions
+from engines.errors import UserError
 from engines.manifest import BACKENDS, PRECISIONS
 from engines.schedulers import SCHEDULERS
 
@@ -44,18 +47,27 @@ def run(args) -> int:
     from training.export_run import export_run  # heavy (torch): only when the verb runs
 
     int8 = args.precision == "int8"
+    if int8:
+        from training.config import load_config
+
+        cfg_file = Path(args.run) / "config.yaml"
+        path = load_config(cfg_file).model.path if cfg_file.is_file() else None
+        if path not in (None, "builtin:toy-teacher", "builtin:toy-teacher-v2"):
+            raise UserError("--precision int8 picks calibration prompts only for the toy model; for your own model "
+                            "export in fp32, then run aptp quantize --prompts FILE --guard-prompts FILE")
     options = ExportOptions(backend=args.backend, precision="fp32" if int8 else args.precision,
                             scheduler=args.scheduler, max_batch=args.max_batch, with_dense=args.with_dense,
                             round_to=args.round_to, steps=args.steps, guidance_scale=args.guidance)
     out = f"{str(args.out).rstrip('/')}.fp32" if int8 else args.out
     manifest, _ = export_run(args.run, out, options)
     if int8:
-        from aptp.commands.quantize import default_guidance, default_pools
+        from aptp.commands.quantize import default_pools, default_sampling
         from aptp_export.quantize import QuantizeOptions, quantize_export
 
         pool, guard = default_pools(out, None, None)
-        report = quantize_export(out, args.out, QuantizeOptions(prompts=pool, guard_prompts=guard,
-                                                                guidance=default_guidance(out)))
+        steps, guidance = default_sampling(out)
+        report = quantize_export(out, args.out, QuantizeOptions(prompts=pool, guard_prompts=guard, steps=steps,
+                                                                guidance=guidance))
         kinds = [e["precision"] for e in report["experts"]]
         print(f"quantized into {args.out}: {kinds.count('int8')} int8, {kinds.count('int8_weights')} weights-only, "
               f"{kinds.count('fp32')} fp32 experts (fp32 reference export: {out})")

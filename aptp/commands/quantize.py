@@ -25,10 +25,10 @@ def add_arguments(parser) -> None:
                              "held-out toy captions)")
     parser.add_argument("--per-expert", type=int, default=16, help="calibration prompts per expert (default 16)")
     parser.add_argument("--guard-per-expert", type=int, default=8, help="guard images per expert (default 8)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps of calibration and guard (default 25)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of calibration and guard (default: the export's, as the runtime uses)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="guidance scale of calibration and guard (default: the toy teacher's sampling.json "
-                             "for the toy model, else 7.5)")
+                        help="guidance scale of calibration and guard (default: the export's, as the runtime uses)")
     parser.add_argument("--min-psnr", type=float, default=30.0, help="guard: every image >= this many dB (default 30)")
     parser.add_argument("--mean-psnr", type=float, default=35.0, help="guard: mean >= this many dB (default 35)")
     parser.add_argument("--experts", default=None, help="comma-separated expert ids (default: all)")
@@ -56,44 +56,59 @@ def _lines(path: str | None) -> list[str] | None:
     return lines
 
 
-def _is_toy(export: str) -> bool:
+def _manifest(export: str) -> dict:
     try:
-        return "toy-teacher" in str(json.loads((Path(export) / "manifest.json").read_text()).get("base_model", ""))
+        return json.loads((Path(export) / "manifest.json").read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def toy_world(export: str) -> str | None:
+    """The toy world of an export of a built-in toy teacher ("v1" / "v2"), None for another model."""
+    base = str(_manifest(export).get("base_model", ""))
+    if "toy-teacher-v2" in base:
+        return "v2"
+    return "v1" if "toy-teacher" in base else None
 
 
 def default_pools(export: str, prompts: list[str] | None, guard: list[str] | None, n: int = 1024):
     """(calibration pool, guard pool): the given ones, or for the toy model the toy world's training captions
     and held-out captions (a seed no other evaluation uses); an error for another model without them."""
-    if (prompts is None or guard is None) and not _is_toy(export):
+    world = toy_world(export)
+    if (prompts is None or guard is None) and world is None:
         raise UserError(f"{export}: not the toy model: give --prompts FILE (training captions) and --guard-prompts "
                         "FILE (held-out captions)")
     if prompts is None or guard is None:
         from training.toy import EVAL_SEED, captions
 
-        prompts = prompts if prompts is not None else [c for c, _ in captions(n, seed=0)]
-        guard = guard if guard is not None else [c for c, _ in captions(n, seed=EVAL_SEED + 13)]
+        prompts = prompts if prompts is not None else [c for c, _ in captions(n, seed=0, world=world)]
+        guard = guard if guard is not None else [c for c, _ in captions(n, seed=EVAL_SEED + 13, world=world)]
     return prompts, guard
 
 
-def default_guidance(export: str) -> float:
-    try:
-        base = json.loads((Path(export) / "manifest.json").read_text()).get("base_model", "")
-    except (OSError, ValueError):
-        return 7.5
-    if "toy-teacher" in str(base):
+def default_sampling(export: str) -> tuple[int, float]:
+    """(steps, guidance) that the runtime uses for this export when a caller names none: the manifest's
+    `sampling`; for a toy export written before format 4, its teacher's sampling.json; else 25 / 7.5."""
+    rec = _manifest(export).get("sampling")
+    if isinstance(rec, dict):
+        return int(rec["steps"]), float(rec["guidance_scale"])
+    world = toy_world(export)
+    if world is not None:
         from training.toy import teacher_dir
 
-        rec = teacher_dir() / "sampling.json"
-        if rec.is_file():
-            return float(json.loads(rec.read_text()).get("guidance_scale", 7.5))
-    return 7.5
+        f = teacher_dir(world) / "sampling.json"
+        if f.is_file():
+            s = json.loads(f.read_text())
+            return int(s.get("num_inference_steps", 25)), float(s.get("guidance_scale", 7.5))
+    return 25, 7.5
 
 
 def run(args) -> int:
     from aptp_export.quantize import QuantizeOptions, quantize_export
 
+    steps, guidance = default_sampling(args.export)
+    args.steps = steps if args.steps is None else args.steps
+    args.guidance = guidance if args.guidance is None else args.guidance
     for name in ("per_expert", "guard_per_expert", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -106,7 +121,7 @@ def run(args) -> int:
     pool, guard = default_pools(args.export, _lines(args.prompts), _lines(args.guard_prompts))
     opts = QuantizeOptions(prompts=pool, guard_prompts=guard,
                            per_expert=args.per_expert, guard_per_expert=args.guard_per_expert, steps=args.steps,
-                           guidance=args.guidance if args.guidance is not None else default_guidance(args.export),
+                           guidance=args.guidance,
                            min_psnr=args.min_psnr, mean_psnr=args.mean_psnr, experts=experts,
                            random_calibration=args.random_calibration, rescan=args.rescan, threads=args.threads,
                            fp32_groups=args.fp32_groups.split(",") if args.fp32_groups else None)

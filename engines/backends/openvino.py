@@ -25,6 +25,7 @@ from __future__ import annotations
 from ..install import install_hint
 import os
 import threading
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -106,7 +107,12 @@ class OvSession:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         cache = default_cache_dir() if cache_dir is None else cache_dir
         if cache:
-            config["CACHE_DIR"] = cache
+            try:
+                os.makedirs(cache, exist_ok=True)
+                config["CACHE_DIR"] = cache
+            except OSError as e:  # a read-only home: compile every time rather than fail
+                warnings.warn(f"OpenVINO compiled-model cache {cache} is not writable ({e}); compiling without it "
+                              "(set APTP_OPENVINO_CACHE to a writable directory)", RuntimeWarning, stacklevel=2)
         try:
             model = ov_core.read_model(str(self.path))
             self._compiled = ov_core.compile_model(model, "CPU", config)

@@ -217,3 +217,30 @@ def test_ladder_goes_on_after_the_given_fp32_groups(tmp_path):
     with pytest.raises(Exception, match="unknown layer group"):
         quantize_export(build_export("pixel").dir, tmp_path / "q2",
                         QuantizeOptions(**{**opts.__dict__, "fp32_groups": ["conv_inn"]}), log=lambda *_: None)
+
+
+def test_without_openvino_a_quantized_export_runs_its_fp32_graphs(quantized, monkeypatch):
+    import engines.runtime as runtime_mod
+    from engines.errors import BackendError
+
+    real = runtime_mod.check_provider
+
+    def no_openvino(provider):
+        if provider == "openvino":
+            raise BackendError('openvino is not installed: pip install -e ".[openvino]"')
+        real(provider)
+
+    monkeypatch.setattr(runtime_mod, "check_provider", no_openvino)
+    with pytest.warns(RuntimeWarning, match="int8 OpenVINO engines cannot run here"):
+        rt = Runtime.load(quantized["int8"], threads=1)
+    assert rt.provider == "cpu" and rt.part_providers["experts"] == "onnxruntime-cpu"
+    with pytest.raises(BackendError, match="openvino is not installed"):
+        Runtime.load(quantized["int8"], provider="openvino")  # asked for by name: refused, not replaced
+
+
+def test_only_unets_may_list_openvino_files(quantized):
+    d = json.loads((quantized["int8"] / "manifest.json").read_text())
+    bad = json.loads(json.dumps(d))
+    bad["router"]["files"]["openvino"] = bad["experts"][0]["files"]["openvino"]
+    with pytest.raises(ManifestError, match="router.files"):
+        Manifest.from_dict(bad)
