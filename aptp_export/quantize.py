@@ -55,7 +55,9 @@ import numpy as np
 from engines import Runtime
 from engines.denoise import denoise, initial_noise
 from engines.errors import UserError
+from engines.backends.openvino import OvSession
 from engines.fileio import write_json, write_text
+from engines.images import psnr
 from engines.manifest import MANIFEST_NAME, FileRef, Manifest, OpenVINOInfo
 from engines.request import GenerationParams
 from engines.schedulers import make_scheduler
@@ -122,12 +124,6 @@ def _import_nncf():
 
     nncf.set_log_level(logging.ERROR)  # one INFO line per ignored node otherwise
     return nncf
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 class _Recorder:
@@ -208,31 +204,9 @@ def _quantize(nncf, model, calls: list[dict], ignored: list[str]):
                          model_type=nncf.ModelType.TRANSFORMER, ignored_scope=scope)
 
 
-def _compile(model, threads: int):
-    from engines.backends.openvino import core
-
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    return core().compile_model(model, "CPU", config)
-
-
-class _CompiledSession:
-    """A compiled in-memory OpenVINO model behind the Session interface (the guard runs candidates before
-    any is saved)."""
-
-    max_batch = None
-
-    def __init__(self, compiled):
-        self._c = compiled
-        self._req = compiled.create_infer_request()
-        self.input_names = tuple(p.get_any_name() for p in compiled.inputs)
-        self.output_names = tuple(p.get_any_name() for p in compiled.outputs)
-
-    def run(self, feeds):
-        self._req.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()
-                         if k in self.input_names})
-        return {n: self._req.get_output_tensor(i).data.copy() for i, n in enumerate(self.output_names)}
+def _session(model, threads: int) -> OvSession:
+    """An in-memory candidate compiled as the runtime would run it (f32 for its non-int8 layers)."""
+    return OvSession(None, threads=threads, precision="f32", model=model)
 
 
 def _output_error(session, reference, calls: list[dict]) -> float:
@@ -251,12 +225,12 @@ def sensitivity(nncf, model, groups: dict[str, list[str]], calib_calls: list[dic
                 reference, threads: int) -> dict[str, float]:
     """Per layer group: the fraction of the int8 graph's UNet-output error (MSE against fp32 on held-out
     calls) that keeping the group in fp32 removes."""
-    base = _output_error(_CompiledSession(_compile(_quantize(nncf, model, calib_calls, []), threads)), reference,
+    base = _output_error(_session(_quantize(nncf, model, calib_calls, []), threads), reference,
                          scan_calls)
     out = {}
     for g, nodes in groups.items():
         q = _quantize(nncf, model, calib_calls, nodes)
-        err = _output_error(_CompiledSession(_compile(q, threads)), reference, scan_calls)
+        err = _output_error(_session(q, threads), reference, scan_calls)
         out[g] = (base - err) / base if base > 0 else 0.0
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -285,7 +259,7 @@ def quantize_expert(rt: Runtime, k: int, calib: list[str], guard: list[str], opt
     groups = _node_groups(model)
 
     def attempt(label: str, qmodel, fp32_groups: list[str]):
-        s = _CompiledSession(_compile(qmodel, opts.threads))
+        s = _session(qmodel, opts.threads)
         lo, mean = _guard(sampler, s, ref_images, guard, opts.seed + 10_000)
         ok = lo >= opts.min_psnr and mean >= opts.mean_psnr
         res.tried.append({"candidate": label, "fp32_groups": list(fp32_groups), "psnr_min": round(lo, 2),

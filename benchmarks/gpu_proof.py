@@ -35,6 +35,7 @@ from engines import Runtime
 from engines.backends.cuda import device_info
 from engines.backends.doctor import collect, format_report
 from engines.errors import EngineError, UserError
+from engines.images import psnr
 from engines.fileio import write_json
 from training.export_run import export_run
 from training.rundir import RunDir
@@ -48,11 +49,6 @@ TIME_BUDGET_S = 8 * 60
 GPU_TESTS = ("tests/aptp_export/test_onnx_tensorrt.py", "tests/engines/test_engines_gpu.py")
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 class Checks:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aptp_export.quantize import psnr
 from engines import Runtime
 from engines.fileio import write_json, write_text
+from engines.images import psnr
 from training.toy import EVAL_SEED, captions
 from training.toy.clip import clip_dir
 

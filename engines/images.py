@@ -7,8 +7,9 @@ through the VAE decoder graph, whose output in [-1, 1] is mapped the same way (d
 
 from __future__ import annotations
 
-from .install import install_hint
 import numpy as np
+
+from .install import install_hint
 
 from .errors import BackendError
 from .manifest import VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS
@@ -39,3 +40,9 @@ def to_pil(images: np.ndarray) -> list:
     if arr.shape[-1] == 1:
         return [Image.fromarray(a[..., 0]) for a in arr]
     return [Image.fromarray(a) for a in arr]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))

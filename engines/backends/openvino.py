@@ -93,10 +93,12 @@ class OvSession:
 
     max_batch = None
 
-    def __init__(self, path: str | os.PathLike, expected_inputs: tuple[str, ...] = (),
+    def __init__(self, path: str | os.PathLike | None, expected_inputs: tuple[str, ...] = (),
                  expected_outputs: tuple[str, ...] = (), threads: int = 0, precision: str | None = None,
-                 cache_dir: str | None = None):
-        self.path = Path(path)
+                 cache_dir: str | None = None, model=None):
+        """`model`: an in-memory openvino.Model to compile instead of reading `path` (aptp quantize's
+        candidates, judged before any is saved; nothing is cached for them)."""
+        self.path = Path(path) if path is not None else Path("<in-memory model>")
         precision = precision or os.environ.get("APTP_OPENVINO_PRECISION", "f32")
         if precision not in PRECISIONS:
             raise BackendError(f"openvino precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -105,7 +107,7 @@ class OvSession:
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        cache = default_cache_dir() if cache_dir is None else cache_dir
+        cache = "" if model is not None else default_cache_dir() if cache_dir is None else cache_dir
         if cache:
             try:
                 os.makedirs(cache, exist_ok=True)
@@ -114,7 +116,8 @@ class OvSession:
                 warnings.warn(f"OpenVINO compiled-model cache {cache} is not writable ({e}); compiling without it "
                               "(set APTP_OPENVINO_CACHE to a writable directory)", RuntimeWarning, stacklevel=2)
         try:
-            model = ov_core.read_model(str(self.path))
+            if model is None:
+                model = ov_core.read_model(str(self.path))
             self._compiled = ov_core.compile_model(model, "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long messages
             raise BackendError(f"{self.path}: OpenVINO cannot load this graph ({str(e).strip()[:300]})") from None
