@@ -170,10 +170,44 @@ def capacity_probe(out: str | Path, fractions=(0.3, 0.4, 0.5, 0.7), n: int = 100
               "dense_by_template": by_category(dense, labels["template"]), "rows": rows,
               "seconds": time.perf_counter() - t0, "machine": machine()}
     result["contrast"] = {key: _contrast(rows, key) for key in CATEGORY_KEYS}
+    names = sorted(macs, key=macs.get)
+    e = np.stack([errs[m]["to_teacher"] for m in names], axis=1)
+    result["allocation"] = allocation_bound(e, np.array([macs[m] for m in names]), labels["template"])
     write_json(out / "probe.json", result)
     write_text(out / "probe.md", probe_markdown(result))
     plot_probe(result, out / "probe.png")
     return result
+
+
+def allocation_bound(err: np.ndarray, macs: np.ndarray, labels: list[str]) -> list[dict]:
+    """What routing could gain if its experts were as good as static networks: for each probed static network
+    (budget = its MACs), the best per-category choice among all probed static networks, mean MACs <= budget,
+    against that one network. err [N, F] (MSE to the teacher of prompt n through static network f, the
+    dense teacher appended with MACs 1 and error 0), macs [F], labels [N] (the caption template).
+
+    "category": each template's prompts all take one network (the choice minimises the category's mean
+    error + lambda x MACs; at lambda's breakpoint a category may split, so the figure is the Lagrangian
+    bound of category routing); "prompt": each prompt its own best network (an oracle: it also exploits
+    per-prompt noise, so it overstates what any router can get)."""
+    err = np.concatenate([err, np.zeros((len(err), 1))], axis=1)
+    macs = np.concatenate([macs, [1.0]])
+    lab = np.asarray(labels)
+    cat_err = np.empty_like(err)
+    for c in set(labels):
+        cat_err[lab == c] = err[lab == c].mean(0)
+    rows = np.arange(len(err))
+    out = []
+    for f in range(len(macs) - 1):
+        rec = {"static_macs": float(macs[f]), "static": float(err[:, f].mean())}
+        for name, e in (("category", cat_err), ("prompt", err)):
+            choice, _ = oracle_choice(e, macs, float(macs[f]))
+            got = float(err[rows, choice].mean())
+            rec[name] = {"macs": float(macs[choice].mean()), "to_teacher": got,
+                         "gain": 1 - got / rec["static"] if rec["static"] > 0 else 0.0}
+            if name == "category":
+                rec[name]["macs_by_template"] = {c: float(macs[choice[lab == c]].mean()) for c in sorted(set(labels))}
+        out.append(rec)
+    return out
 
 
 def _contrast(rows: list[dict], key: str) -> list[dict]:
@@ -208,6 +242,18 @@ def probe_markdown(res: dict) -> str:
             lines.append(f"| {r['model']} | {r['macs']:.3f} | " + " | ".join(
                 f"{r[f'increase_by_{key}'][x]:.4f} ({r[f'to_teacher_by_{key}'][x]:.4f})" for x in cats)
                 + f" | {c['ratio']:.2f} ({c['hardest']} / {c['easiest']}); to teacher {c['teacher_ratio']:.2f} |")
+        lines.append("")
+    if res.get("allocation"):
+        lines += ["## What routing could gain over static (experts as good as the static networks)", "",
+                  "Per static network: the best choice among all probed static networks (and the dense teacher) "
+                  "per caption template, and per prompt (an oracle that also exploits noise), at mean MACs <= "
+                  "the network's.", "",
+                  "| static MACs | static MSE | per template: MSE (MACs) | gain | per prompt: MSE (MACs) | gain |",
+                  "|---|---|---|---|---|---|"]
+        for a in res["allocation"]:
+            c, p = a["category"], a["prompt"]
+            lines.append(f"| {a['static_macs']:.3f} | {a['static']:.5f} | {c['to_teacher']:.5f} ({c['macs']:.3f}) | "
+                         f"{c['gain']:+.1%} | {p['to_teacher']:.5f} ({p['macs']:.3f}) | {p['gain']:+.1%} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -98,19 +98,19 @@ class EvalConfig:
             self.models = (*self.models, "static")
         if not self.models:
             raise UserError("--models: give at least one model")
-        if self.data != "toy" and not (Path(self.data) / "metadata.jsonl").is_file():
-            raise UserError(f"--data {self.data}: not 'toy' nor an imagefolder directory with metadata.jsonl")
+        if toy_world_of(self.data) is None and not (Path(self.data) / "metadata.jsonl").is_file():
+            raise UserError(f"--data {self.data}: not 'toy', 'toy-v2' nor an imagefolder directory with metadata.jsonl")
         if self.inception is not None:
             check_inception_weights(self.inception)
-        if self.clip is None and self.data == "toy":
-            self.clip = str(toy_clip_dir())
+        if self.clip is None and toy_world_of(self.data):
+            self.clip = str(toy_clip_dir(toy_world_of(self.data)))
         if self.cmmd_clip is None:
             self.cmmd_clip = self.clip
         for opt, d in (("--clip", self.clip), ("--cmmd-clip", self.cmmd_clip)):
             if d is not None and not (Path(d) / "config.json").is_file():
                 raise UserError(f"{opt} {d}: not a CLIP model directory (no config.json)")
         if self.resize == -1:
-            self.resize = None if self.data == "toy" else 256
+            self.resize = None if toy_world_of(self.data) else 256
         c.require(self.resize is None or self.resize >= 0, "--resize", "must be >= 0", self.resize)
         self.resize = self.resize or None
 
@@ -131,12 +131,18 @@ class EvalData:
     source: list[str]  # "toy:SEED:INDEX" or the imagefolder file name of row i
 
 
+def toy_world_of(data: str) -> str | None:
+    """"toy" -> "v1", "toy-v2" -> "v2" (the built-in worlds, training.toy.world); None for a directory."""
+    return {"toy": "v1", "toy-v2": "v2"}.get(data)
+
+
 def load_data(data: str, n: int) -> EvalData:
-    """The first `n` rows of the toy world's held-out stream ("toy") or of an imagefolder's metadata.jsonl."""
-    if data == "toy":
-        rows = [sample_at(TOY_DATA_SEED, i) for i in range(n)]
+    """The first `n` rows of the toy world's held-out stream ("toy", "toy-v2") or of an imagefolder's
+    metadata.jsonl."""
+    if toy_world_of(data):
+        rows = [sample_at(TOY_DATA_SEED, i, world=toy_world_of(data)) for i in range(n)]
         return EvalData([s.caption for s in rows], np.stack([s.image for s in rows]),
-                        [f"toy:{TOY_DATA_SEED}:{i}" for i in range(n)])
+                        [f"{data}:{TOY_DATA_SEED}:{i}" for i in range(n)])
     caps, imgs, src = [], [], []
     try:
         for image, text, row in read_imagefolder(data):
@@ -358,7 +364,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     result = {
         "engines": shown_path(cfg.engines), "config": asdict(cfg), "n": cfg.n,
         "data": {"source": cfg.data, "seed_rule": f"caption i uses seed {cfg.seed} + i",
-                 **({"toy_seed": TOY_DATA_SEED} if cfg.data == "toy" else {})},
+                 **({"toy_seed": TOY_DATA_SEED, "toy_world": toy_world_of(cfg.data)} if toy_world_of(cfg.data)
+                    else {})},
         "metric_models": {"clip": _clip_name(scorer.clip), "cmmd_clip": _clip_name(scorer.cmmd_clip),
                           "fd": "FD-CLIP (Fréchet distance of the --clip image embeddings; not FID)",
                           "fid": "InceptionV3 (torchmetrics)" if cfg.inception else None},

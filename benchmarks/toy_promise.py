@@ -43,13 +43,14 @@ def routed_run(out: Path, config: str, seed: int, overrides: list[str]) -> Path:
     return run.root
 
 
-def clip_scores(routed: Path, static_export: Path, out: Path, n: int, steps: int) -> dict:
+def clip_scores(routed: Path, static_export: Path, out: Path, n: int, steps: int, world: str = "v1") -> dict:
     from .evaluate import EvalConfig, evaluate
 
     exp = out / "routed_export"
     if not (exp / "manifest.json").is_file():
         export_run(routed, exp, with_dense=True)
     res = evaluate(EvalConfig(engines=str(exp), static=str(static_export), models="dense,routed,static", n=n,
+                              data="toy" if world == "v1" else f"toy-{world}",
                               steps=steps, guidance=3.0, out=str(out / "eval")))
     return {r["model"]: r for r in res["models"]}
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                                                "shares")}
             rec["health"]["macs_by_difficulty"] = {c: v["mean_macs"] for c, v in h["by_difficulty"].items()}
         if args.clip:
-            rec["clip"] = clip_scores(routed, Path(static["export"]), sd, args.clip, args.clip_steps)
+            rec["clip"] = clip_scores(routed, Path(static["export"]), sd, args.clip, args.clip_steps, world)
         rec["seconds"] = time.perf_counter() - t0
         results["seeds"][str(seed)] = rec
         write_json(path, results)

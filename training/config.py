@@ -98,8 +98,12 @@ class RouterConfig:
     min_width_units: int = 1             # hard gates keep >= this many units per width group
     # "orthogonal" (reference): codes keep their orthogonal init, all gates open when routing starts;
     # "predictor": when routing starts, codes = k-means centres of the predictor's logits over training
-    # prompts, so the experts start from the prompt-dependent architectures the warm-up learned.
+    # prompts, so the experts start from the prompt-dependent architectures the warm-up learned;
+    # "ladder" (beyond the paper, docs/method.md §3b): the pruning phase trains ONE code on every sample
+    # (as the static baseline does), then the K codes are nested cuts of its unit ranking at MACs
+    # fractions spread evenly over (1 -+ ladder_spread) x its MACs; needs refit: need to route.
     codes_init: str = "orthogonal"
+    ladder_spread: float = 0.4
     # Gumbel noise scale at the last step; it decays linearly from 1 over the routing phase (1.0 = constant
     # noise, the reference). 0 makes the final codes exactly the noise-free experts that inference uses.
     noise_final_scale: float = 1.0
@@ -119,8 +123,11 @@ class RouterConfig:
         _check(self.refit_prompts >= self.num_experts, f"{p}.refit_prompts", "must be >= num_experts",
                self.refit_prompts)
         _check(self.refit_steps >= 1, f"{p}.refit_steps", "must be >= 1", self.refit_steps)
-        _check(self.codes_init in ("orthogonal", "predictor"), f"{p}.codes_init", "must be orthogonal|predictor",
-               self.codes_init)
+        _check(self.codes_init in ("orthogonal", "predictor", "ladder"), f"{p}.codes_init",
+               "must be orthogonal|predictor|ladder", self.codes_init)
+        _check(0 <= self.ladder_spread < 1, f"{p}.ladder_spread", "must be in [0, 1)", self.ladder_spread)
+        _check(self.codes_init != "ladder" or self.num_experts == 1 or self.refit == "need", f"{p}.codes_init",
+               "ladder codes are routed by measured need: set router.refit: need", self.codes_init)
         _check(0 <= self.noise_final_scale <= 1, f"{p}.noise_final_scale", "must be in [0, 1]", self.noise_final_scale)
         _check(self.gumbel_tau > 0, f"{p}.gumbel_tau", "must be > 0", self.gumbel_tau)
         _check(self.sinkhorn_epsilon > 0, f"{p}.sinkhorn_epsilon", "must be > 0", self.sinkhorn_epsilon)

@@ -19,6 +19,8 @@ summary.json} and RUN/prune/checkpoints/.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -253,7 +255,7 @@ class PruneTrainer:
         pred_gates = self.router.gates(logits, ns * mine(rnd["gumbel"]))
         pred_vec = self.router.arch_vectors(pred_gates)
         warm = self.step < pc.warmup_steps
-        if self.step == pc.warmup_steps and rc.codes_init == "predictor":
+        if self.step == pc.warmup_steps and rc.codes_init in ("predictor", "ladder"):
             self._init_codes()
         if warm:
             gates = pred_gates
@@ -456,21 +458,27 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
     dist.barrier()
     torch.manual_seed(cfg.seed)
     setup = build_setup(cfg, run_dir, dist, progress=progress)
-    trainer = PruneTrainer(setup, run_dir, progress=progress)
+    ladder = cfg.router.codes_init == "ladder" and cfg.router.num_experts > 1
+    # ladder: the loop trains one code on every sample (the static baseline's phase, same seed), the K
+    # nested codes are cut from it afterwards
+    trainer = PruneTrainer(_single_code(setup) if ladder else setup, run_dir, progress=progress)
     if resume and trainer.load_checkpoint():
         log.info("resumed at step %d", trainer.step)
     trainer.run(stop_after=stop_after)
     if trainer.step < cfg.prune.steps:
         return {"stopped_at": trainer.step}
+    router = _ladder_router(setup, trainer.router) if ladder else trainer.router
     need = None
     if cfg.router.refit == "need" and cfg.router.num_experts > 1:
-        need = refit_to_need_(setup, trainer.router, cfg.router.refit_prompts, cfg.router.refit_steps,
+        need = refit_to_need_(setup, router, cfg.router.refit_prompts, cfg.router.refit_steps,
                               seed=cfg.seed, progress=progress and dist.is_main)
     if cfg.router.inference_balance and cfg.router.optimal_transport and cfg.router.num_experts > 1:
-        trainer.router.calibrate_(setup.embeddings, cfg.router.sinkhorn_epsilon)
-    summary = routing_summary(trainer.router, setup, setup.embeddings)
+        router.calibrate_(setup.embeddings, cfg.router.sinkhorn_epsilon)
+    summary = routing_summary(router, setup, setup.embeddings)
     if need is not None:
         summary["need"] = need
+    if ladder:
+        summary["ladder"] = router.ladder_info
     summary.pop("assignment")
     summary.update({"budget": cfg.prune.budget, "dense_macs": setup.dense_macs, "steps": trainer.step})
     if dist.is_main:
@@ -480,10 +488,39 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = 
                  "expert_macs_fraction": summary["expert_macs"], "train_shares": summary["shares"]}
         if hasattr(setup.space, "to_dict"):
             extra["arch_space"] = setup.space.to_dict()
-        trainer.router.save(run.prune_dir, extra=extra)
+        if ladder:
+            extra["ladder"] = summary["ladder"]
+        router.save(run.prune_dir, extra=extra)
         write_json(run.prune_summary, summary)
     dist.barrier()
     return summary
+
+
+def _single_code(setup: Setup) -> Setup:
+    """The same setup with a one-code router config (codes_init ladder's pruning loop)."""
+    cfg = copy.deepcopy(setup.cfg)
+    cfg.router.num_experts = 1
+    cfg.router.codes_init = "predictor"
+    cfg.router.refit = "none"
+    return dataclasses.replace(setup, cfg=cfg)
+
+
+def _ladder_router(setup: Setup, single: Router) -> Router:
+    """A K-code router with `single`'s predictor and K nested codes cut from its one code at MACs
+    fractions linspace(1 - s, 1 + s, K) x the code's own (capped at 1), s = router.ladder_spread."""
+    rc = setup.cfg.router
+    router = make_router(setup)
+    m0 = float(setup.macs_fraction(single.expert_gates()[0]))
+    k = rc.num_experts
+    targets = [min(1.0, m0 * (1 - rc.ladder_spread + 2 * rc.ladder_spread * i / max(1, k - 1))) for i in range(k)]
+    with torch.no_grad():
+        router.predictor.weight.copy_(single.predictor.weight)
+        router.predictor.bias.copy_(single.predictor.bias)
+        router.codes.copy_(router.ladder_codes(single.codes[0], targets, setup.macs_fraction).to(router.codes))
+    got = setup.macs_fraction(router.expert_gates()).reshape(-1).tolist()
+    log.info("ladder codes from one code at %.3f MACs: %s", m0, " ".join(f"{x:.3f}" for x in got))
+    router.ladder_info = {"single_code_macs": m0, "targets": targets, "macs": got}
+    return router
 
 
 def calibrate_run(run_dir: str | Path) -> list[float]:

@@ -154,6 +154,39 @@ class Router(nn.Module):
         self.codes.copy_(codes)
         return a
 
+    @torch.no_grad()
+    def ladder_codes(self, logits: torch.Tensor, fractions: list[float], macs_fraction) -> torch.Tensor:
+        """Nested codes [len(fractions), D] cut from one code's logits [D] at MACs `fractions` (beyond the
+        paper; `router.codes_init: ladder`).
+
+        Units are ranked by `logits`; code k keeps the top of that ranking down to the cut whose MACs
+        fraction (`macs_fraction(gates [D]) -> float`, min_width_units applied) is nearest fractions[k]. Each
+        code is `logits - theta_k` with theta_k halfway between two adjacent logit values, so its noise-free
+        gates are exactly that cut and a smaller expert is a sub-network of every larger one.
+        """
+        x = logits.detach().float() + self.offset
+        cand = torch.unique(x)  # sorted ascending; a cut at cand[j] keeps the units with x >= cand[j]
+        below = torch.cat([cand[:1] - 1.0, cand[:-1]])
+        thetas = (cand + below) / 2  # gate on iff x > theta
+
+        def frac(j: int) -> float:
+            g = (x > thetas[j]).float()
+            g = keep_min_units(g, x, self.layout.width_slices, self.min_width_units)
+            return float(macs_fraction(g))
+
+        codes = []
+        for target in fractions:
+            lo, hi = 0, len(cand) - 1  # frac(lo) is the largest, frac(hi) the smallest
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if frac(mid) >= target:
+                    lo = mid
+                else:
+                    hi = mid
+            j = lo if abs(frac(lo) - target) <= abs(frac(hi) - target) else hi
+            codes.append(logits.detach().float() - thetas[j])
+        return torch.stack(codes)
+
     # --- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
     def expert_gates(self) -> torch.Tensor:

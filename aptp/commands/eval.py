@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fractions", default="0.3,0.4,0.5,0.7",
                         help="MACs fractions of the probe's static sub-networks (default 0.3,0.4,0.5,0.7)")
     parser.add_argument("--data", default="toy", metavar="DIR_OR_toy",
-                        help="'toy' (held-out toy world captions) or an imagefolder directory with metadata.jsonl")
+                        help="'toy' (held-out captions of toy world v1), 'toy-v2' (world v2; scored by the v2 toy "
+                             "CLIP) or an imagefolder directory with metadata.jsonl")
     parser.add_argument("-n", type=int, default=1000, help="captions to evaluate (the first N rows; default 1000)")
     parser.add_argument("--models", default="dense,routed", metavar="LIST",
                         help="comma-separated: dense, routed, static, expert-K (default dense,routed)")

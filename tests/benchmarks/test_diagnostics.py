@@ -176,3 +176,71 @@ def test_aptp_eval_diagnose(finetuned_run, tmp_path, capsys):
     assert res["n"] == 8 and (tmp_path / "diagnostics" / "health" / "health.png").is_file()
     assert main(["eval", "--diagnose", "probe,bogus"]) == 2
     assert "unknown bogus" in capsys.readouterr().err
+
+
+def test_ladder_codes_are_nested_cuts_of_the_single_code(tmp_path):
+    """router.codes_init = ladder: the pruning loop trains one code (as the static baseline's), then K nested
+    codes are cut from its ranking at MACs fractions spread around its own; the predictor is fitted to the
+    measured need. Nested: every unit a smaller expert keeps, each larger one keeps too."""
+    from engines.errors import UserError
+    from training.prune import run_prune
+    from training.router import Router
+
+    model = write_toy_model(tmp_path / "model")
+    cfg = config_from_dict(tiny_config(model, tmp_path / "runs",
+                                       router={"num_experts": 3, "refit": "need", "codes_init": "ladder",
+                                               "ladder_spread": 0.3, "refit_prompts": 16, "refit_steps": 10},
+                                       prune={"steps": 8, "warmup_steps": 2, "lr": 0.3, "codes_lr": 1.0}))
+    summary = run_prune(cfg, tmp_path / "run", progress=False)
+    lad = summary["ladder"]
+    m0 = lad["single_code_macs"]
+    assert lad["targets"] == pytest.approx([m0 * 0.7, m0, min(1.0, m0 * 1.3)])
+    assert lad["macs"] == pytest.approx(summary["expert_macs"], abs=1e-6)
+    assert lad["macs"][0] < lad["macs"][1] < lad["macs"][2]
+    # the cut nearest each target: no other cut of the ranking lands nearer (tiny UNet: coarse steps)
+    assert abs(lad["macs"][1] - m0) < 0.05
+    gates = Router.load(tmp_path / "run" / "prune").expert_gates()
+    assert bool((gates[0] <= gates[1]).all()) and bool((gates[1] <= gates[2]).all())
+    shares = summary["need"]["label_shares"]
+    assert abs(sum(shares) - 1) < 1e-9 and max(shares) <= 6 / 16 + 1e-9  # at most ceil(16 / 3) prompts each
+    with pytest.raises(UserError, match="refit: need"):
+        config_from_dict(tiny_config(model, tmp_path / "r2", router={"codes_init": "ladder"}))
+
+
+def test_ladder_codes_hit_targets_on_a_known_ranking():
+    """Router.ladder_codes on a hand-made ranking: each code keeps exactly the top units whose MACs (here:
+    the kept fraction of units) are nearest its target, and its noise-free gates are that cut."""
+    from training.router import ArchLayout, Router
+
+    d = 10
+    layout = ArchLayout(d, [(0, d)], torch.full((d,), d, dtype=torch.int64), torch.ones(d))
+    r = Router(layout, 4, 3, min_width_units=1)
+    logits = torch.arange(d, dtype=torch.float32) - 5.0  # unit 9 ranked first
+    codes = r.ladder_codes(logits, [0.2, 0.5, 0.92], lambda g: g.sum() / d)
+    with torch.no_grad():
+        r.codes.copy_(codes)
+    g = r.expert_gates()
+    assert g.sum(1).tolist() == [2, 5, 9]
+    for row in g:
+        k = int(row.sum())
+        assert row[d - k:].eq(1).all() and row[: d - k].eq(0).all()
+
+
+def test_allocation_bound_finds_the_gain_of_routing_by_category():
+    """Two templates through static networks at MACs 0.3/0.5/0.7: 'flat' loses nothing when pruned, 'steep'
+    loses much. At 0.5 the bound sends flat to 0.3 and steep to 0.7 (mean 0.5) and gains 58 %; with both
+    curves equal (no capacity effect) routing by category gains nothing at any budget."""
+    import numpy as np
+
+    from benchmarks.diagnostics import allocation_bound
+
+    macs = np.array([0.3, 0.5, 0.7])
+    flat, steep = np.array([0.011, 0.010, 0.010]), np.array([0.08, 0.04, 0.01])
+    err = np.stack([flat] * 50 + [steep] * 50)
+    lab = ["flat"] * 50 + ["steep"] * 50
+    mid = allocation_bound(err, macs, lab)[1]
+    assert mid["static_macs"] == 0.5 and mid["static"] == pytest.approx(0.025)
+    assert mid["category"]["macs_by_template"] == {"flat": pytest.approx(0.3), "steep": pytest.approx(0.7)}
+    assert mid["category"]["to_teacher"] == pytest.approx(0.0105) and mid["category"]["gain"] == pytest.approx(0.58)
+    same = allocation_bound(np.stack([steep] * 100), macs, lab)
+    assert all(abs(a["category"]["gain"]) < 1e-12 for a in same)
