@@ -88,7 +88,7 @@ def test_eval_runs_offline_on_a_tiny_latent_export(tmp_path, clip_dir, data_dir,
     (["--inception", "/nonexistent/pt_inception.pth"], "--inception /nonexistent/pt_inception.pth: no such file"),
     (["--models", "routed,bogus"], "unknown model 'bogus'"),
     (["--clip", "/nonexistent/clip"], "--clip /nonexistent/clip: not a CLIP model directory"),
-    (["--data", "/nonexistent/data"], "--data /nonexistent/data: not 'toy' nor an imagefolder"),
+    (["--data", "/nonexistent/data"], "--data /nonexistent/data: not 'toy', 'toy-v2' nor an imagefolder"),
 ])
 def test_eval_bad_input_is_a_one_line_error(extra, message, capsys, monkeypatch, tmp_path):
     code = aptp(["eval", "--engines", str(tmp_path), "--out", str(tmp_path / "o"), *extra], monkeypatch)
