@@ -155,7 +155,7 @@ def _read_files(r: Checks, value, where: str, required: tuple[str, ...] = ("onnx
 
 @dataclass(frozen=True)
 class SchedulerInfo:
-    name: str  # "ddim" | "pndm" | "euler"
+    name: str  # "ddim" | "pndm" | "euler" | "flow_euler"
     config: dict[str, Any]
 
 

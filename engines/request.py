@@ -28,8 +28,8 @@ class GenerationParams:
     steps: inference steps (>= 1); guidance_scale: classifier-free guidance weight in [0, 100] (<= 1 turns
     guidance off, as in diffusers); guidance_rescale: in [0, 1], diffusers' `rescale_noise_cfg` (Lin et al.
     2023, section 3.4; useful for v-prediction models), applied only with guidance; seed: int s (image i
-    uses s + i) or one int per image; scheduler: "ddim" | "pndm" | "euler" (or a diffusers class name), None
-    for the export's.
+    uses s + i) or one int per image; scheduler: "ddim" | "pndm" | "euler" | "flow_euler" (or a diffusers
+    class name), None for the export's.
     """
 
     steps: int = 25

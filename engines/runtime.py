@@ -367,7 +367,8 @@ class Runtime:
                 guidance_scale None: the export's recommended ones, `sampling_defaults`), checked as an
                 engines.request.GenerationParams (or pass `params`, which then replaces them): steps >= 1;
                 guidance_scale in [0, 100] (<= 1 disables guidance); seed int s (prompt i uses s + i) or one
-                int per prompt; scheduler "ddim" | "pndm" | "euler", or None for the manifest's.
+                int per prompt; scheduler "ddim" | "pndm" | "euler" ("flow_euler" for a flow-matching
+                export), or None for the manifest's.
             batch_size: most prompts per UNet call (the UNet batch is twice that with CFG); lowered to
                 what a TensorRT plan's profile allows.
             expert: None to route; an expert id or "dense" to force one model for every prompt.

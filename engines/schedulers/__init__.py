@@ -1,7 +1,11 @@
-"""numpy ports of diffusers' DDIM, PNDM and Euler schedulers, built from the same config JSON.
+"""numpy ports of diffusers' DDIM, PNDM, Euler and flow-matching Euler schedulers, built from the same
+config JSON.
 
-`make_scheduler(name, config)` with name "ddim" | "pndm" | "euler" (or a diffusers class name such
-as "PNDMScheduler") returns a fresh scheduler; schedulers hold per-run state, so make one per batch.
+`make_scheduler(name, config)` with name "ddim" | "pndm" | "euler" | "flow_euler" (or a diffusers class
+name such as "PNDMScheduler" or "FlowMatchEulerDiscreteScheduler") returns a fresh scheduler;
+schedulers hold per-run state, so make one per batch. A flow-matching sampler on a config written for
+DDPM noise (or the reverse) is refused: the model predicts a different quantity, and the images would be
+noise without an error.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from ..errors import SchedulerConfigError
 from ._common import Scheduler
 from .ddim import DDIMScheduler
 from .euler import EulerDiscreteScheduler
+from .flow_euler import FlowMatchEulerScheduler
 from .pndm import PNDMScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "ddim": DDIMScheduler,
     "pndm": PNDMScheduler,
     "euler": EulerDiscreteScheduler,
+    "flow_euler": FlowMatchEulerScheduler,
 }
 _BY_CLASS = {cls.diffusers_class: name for name, cls in SCHEDULERS.items()}
 
@@ -32,10 +38,35 @@ def scheduler_name(name: str) -> str:
     raise SchedulerConfigError(f"unknown scheduler {name!r} (choose from {', '.join(SCHEDULERS)})")
 
 
+_FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "shift_terminal")
+_DDPM_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
+def config_family(config: dict[str, Any]) -> str | None:
+    """"flow" for a flow-matching scheduler config (SD3, PixArt-Sigma flow variants), "ddpm" for a
+    noise-schedule config (SD 1.x/2.x, SDXL, PixArt), None when the config names neither."""
+    cls = str(config.get("_class_name", ""))
+    if cls.startswith("FlowMatch") or any(k in config for k in _FLOW_KEYS):
+        return "flow"
+    if cls or any(k in config for k in _DDPM_KEYS):
+        return "ddpm"
+    return None
+
+
 def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
     """A new scheduler of kind `name` from a diffusers scheduler config dict."""
-    return SCHEDULERS[scheduler_name(name)].from_config(config)
+    key = scheduler_name(name)
+    family = config_family(config) if isinstance(config, dict) else None
+    wants = "flow" if key == "flow_euler" else "ddpm"
+    if family is not None and family != wants:
+        cls = config.get("_class_name") or ("a flow-matching config" if family == "flow" else "a DDPM config")
+        raise SchedulerConfigError(
+            f"scheduler {name!r} is a {'flow-matching' if wants == 'flow' else 'DDPM-noise'} sampler but the "
+            f"export's scheduler is {cls}: its model predicts "
+            f"{'a velocity' if family == 'flow' else 'noise'}; choose from "
+            f"{', '.join(k for k in SCHEDULERS if (k == 'flow_euler') == (family == 'flow'))}")
+    return SCHEDULERS[key].from_config(config)
 
 
-__all__ = ["Scheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "SCHEDULERS",
-           "make_scheduler", "scheduler_name"]
+__all__ = ["Scheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerScheduler",
+           "SCHEDULERS", "config_family", "make_scheduler", "scheduler_name"]

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
 from engines.errors import SchedulerConfigError
-from engines.schedulers import make_scheduler, scheduler_name
+from engines.schedulers import FlowMatchEulerScheduler, make_scheduler, scheduler_name
 
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7: one ulp of 1.0
 NOISE_FACTOR = 8  # two independent float32 implementations each stray ~noise from exact; 8x leaves room
@@ -304,3 +304,280 @@ def test_report_errors(capsys):
                 rows.append(f"{name:5s} {cname:16s} steps={steps:2d} calls={ag.calls:3d} worst seed: {ag}")
     print("\n" + "\n".join(rows))
     assert rows
+
+
+# -- flow matching (SD3 / Flux): FlowMatchEulerDiscreteScheduler ----------------------------------------
+# The schedule is computed the same way on both sides (float32 training sigmas, a float64 numpy schedule
+# cast to float32, float32 timesteps = sigmas * N), so sigmas and timesteps are compared for exact
+# equality, not to a tolerance. The step is one float32 multiply and one add on both sides.
+
+SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0.dev0",
+       "num_train_timesteps": 1000, "shift": 3.0}
+FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+        "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+        "use_dynamic_shifting": True}
+FLOW_STEPS = (1, 4, 28, 50)
+MU = 0.83  # a Flux-like mu (calculate_shift(1024) is 0.63, 4096 tokens give 1.15)
+FLOW_VARIANTS = {  # name -> (config on top of {"shift": ...}, mu)
+    "static": ({}, None),
+    "karras": ({"use_karras_sigmas": True}, None),
+    "exponential": ({"use_exponential_sigmas": True}, None),
+    "shift_terminal": ({"shift_terminal": 0.1}, None),
+    "invert_sigmas": ({"invert_sigmas": True}, None),
+    "dynamic_exp": ({"use_dynamic_shifting": True}, MU),
+    "dynamic_linear": ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, 1.7),
+    "dynamic_exp_terminal": ({"use_dynamic_shifting": True, "shift_terminal": 0.02}, MU),
+    "dynamic_linear_karras": ({"use_dynamic_shifting": True, "time_shift_type": "linear",
+                               "use_karras_sigmas": True}, 1.7),
+    "dynamic_exp_exponential": ({"use_dynamic_shifting": True, "use_exponential_sigmas": True}, MU),
+}
+
+
+def _flow_pair(config, steps, mu=None):
+    """(ours, diffusers') after set_timesteps(steps, mu=mu) from the same config."""
+    ref = FlowMatchEulerDiscreteScheduler.from_config(config)
+    ours = make_scheduler("flow_euler", config)
+    ref.set_timesteps(steps, mu=mu)
+    ours.set_timesteps(steps, mu=mu)
+    return ours, ref
+
+
+# 1.1, 3.16: not float32 values; float32(1.1) - 1 != float32(1.1 - 1), and diffusers' torch rounds the latter
+@pytest.mark.parametrize("shift", [1.0, 3.0, 1.1, 3.16])
+@pytest.mark.parametrize("variant", sorted(FLOW_VARIANTS))
+def test_flow_euler_schedule_equals_diffusers(variant, shift):
+    extra, mu = FLOW_VARIANTS[variant]
+    config = {**SD3, "shift": shift, **extra}
+    ref = FlowMatchEulerDiscreteScheduler.from_config(config)
+    ours = make_scheduler("flow_euler", config)
+    # the training schedule (what set_timesteps starts from): float32 on both sides, bit for bit
+    np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    assert (ours.sigma_min, ours.sigma_max) == (ref.sigma_min, ref.sigma_max)
+    for steps in FLOW_STEPS:
+        if extra.get("shift_terminal") and steps == 1:
+            continue  # diffusers divides 0 by 0 there (test_flow_euler_config_errors)
+        ours, ref = _flow_pair(config, steps, mu)
+        assert ref.sigmas.dtype == torch.float32 and ref.timesteps.dtype == torch.float32
+        assert ours.sigmas.dtype == np.float32 and ours.timesteps.dtype == np.float32
+        assert len(ours.timesteps) == steps and len(ours.sigmas) == steps + 1
+        np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy(), err_msg=f"{variant} steps={steps}")
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy(), err_msg=f"{variant} steps={steps}")
+        assert ours.sigmas[-1] == (1.0 if extra.get("invert_sigmas") else 0.0)
+
+
+def test_flow_euler_shift_is_applied_twice_like_diffusers():
+    """Pins diffusers' schedule so that a port missing the shift, or shifting only once, fails: the
+    static shift is applied to the training sigmas (sigma_min = shift(1/N)) and again to the linspace
+    between them, so the last sigma is shift(shift(1/N)), not shift(1/N)."""
+    def shift3(s):
+        return 3.0 * s / (1 + 2.0 * s)
+
+    ours = make_scheduler("flow_euler", SD3)
+    ours.set_timesteps(4)
+    s_min = float(np.float32(shift3(np.float32(1 / 1000))))  # float32 training sigma, as diffusers
+    expected = shift3(np.linspace(1.0, s_min, 4))
+    np.testing.assert_allclose(ours.sigmas[:-1], expected, rtol=1e-6)
+    assert abs(ours.sigmas[-2] - shift3(s_min)) < 1e-7 and abs(ours.sigmas[-2] - s_min) > 5e-3
+    np.testing.assert_allclose(ours.timesteps, expected * 1000, rtol=1e-6)
+    unshifted = make_scheduler("flow_euler", {**SD3, "shift": 1.0})
+    unshifted.set_timesteps(4)
+    ref = FlowMatchEulerDiscreteScheduler.from_config(SD3)
+    ref.set_timesteps(4)
+    assert np.abs(unshifted.sigmas - ref.sigmas.numpy()).max() > 0.1
+
+
+def _flow_loop(sched, steps, mu, seed, shape=(2, 4, 8, 8), *, is_ref, begin=0):
+    """Latents after each step on random velocities (the same numpy draws on both sides). diffusers'
+    flow scheduler has neither init_noise_sigma nor scale_model_input (SD3's pipeline calls neither):
+    ours must give 1.0 and the identity."""
+    sched.set_timesteps(steps, mu=mu)
+    if begin:
+        sched.set_begin_index(begin)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    if not is_ref:
+        assert sched.init_noise_sigma == 1.0
+    x = torch.from_numpy(x) if is_ref else x
+    latents = []
+    for t in sched.timesteps[begin:]:
+        v = rng.standard_normal(shape, dtype=np.float32)
+        if is_ref:
+            x = sched.step(torch.from_numpy(v), t, x).prev_sample
+            latents.append(x.numpy().copy())
+        else:
+            x_in = sched.scale_model_input(x, t)
+            assert x_in is x  # identity, no copy
+            x = sched.step(v, t, x)
+            assert x.dtype == np.float32 and x.shape == shape
+            latents.append(x.copy())
+    return latents
+
+
+def _flow_error(ours_steps, ref_steps) -> float:
+    """Worst over steps of max |ours - diffusers| / max(1, max |diffusers|)."""
+    return _distance(ours_steps, ref_steps)
+
+
+FLOW_LOOP_TOL = 1e-6  # relative (see _flow_error); measured: 0 (bit-identical) on x86-64
+
+
+@pytest.mark.parametrize("variant", ["static", "karras", "exponential", "shift_terminal", "invert_sigmas",
+                                     "dynamic_exp", "dynamic_linear"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_sampling_matches_diffusers(variant, shift):
+    extra, mu = FLOW_VARIANTS[variant]
+    config = {**SD3, "shift": shift, **extra}
+    for steps in FLOW_STEPS:
+        if extra.get("shift_terminal") and steps == 1:
+            continue
+        for seed in (0, 1):
+            ours = _flow_loop(make_scheduler("flow_euler", config), steps, mu, seed, is_ref=False)
+            ref = _flow_loop(FlowMatchEulerDiscreteScheduler.from_config(config), steps, mu, seed, is_ref=True)
+            assert len(ours) == steps
+            err = _flow_error(ours, ref)
+            assert err <= FLOW_LOOP_TOL, f"{variant} shift={shift} steps={steps} seed={seed}: {err:.2e}"
+
+
+def test_flow_euler_a_wrong_schedule_is_caught():
+    """The loop comparison is not vacuous: without the shift (or with the shift applied once) the
+    trajectories of SD3's config part by far more than the tolerance."""
+    ref = _flow_loop(FlowMatchEulerDiscreteScheduler.from_config(SD3), 28, None, 0, is_ref=True)
+    no_shift = _flow_loop(make_scheduler("flow_euler", {**SD3, "shift": 1.0}), 28, None, 0, is_ref=False)
+    assert _flow_error(no_shift, ref) > 1e3 * FLOW_LOOP_TOL
+
+    class ShiftedOnce(FlowMatchEulerScheduler):
+        def set_timesteps(self, num_inference_steps, mu=None):
+            super().set_timesteps(num_inference_steps, mu)
+            unshifted = np.linspace(1.0, 1 / 1000, num_inference_steps)
+            self.sigmas[:-1] = self._static_shift(unshifted).astype(np.float32)
+            self.timesteps = self.sigmas[:-1] * np.float32(1000)
+
+    once = _flow_loop(ShiftedOnce.from_config(SD3), 28, None, 0, is_ref=False)
+    assert _flow_error(once, ref) > 1e2 * FLOW_LOOP_TOL
+
+
+def test_flow_euler_dynamic_shift_mu_from_image_seq_len():
+    """Flux's config: mu from the pipelines' calculate_shift, then a full loop."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    ours = make_scheduler("FlowMatchEulerDiscreteScheduler", FLUX)
+    for seq_len in (256, 1024, 4096, 6000):
+        expected = calculate_shift(seq_len, FLUX["base_image_seq_len"], FLUX["max_image_seq_len"],
+                                   FLUX["base_shift"], FLUX["max_shift"])
+        assert ours.calculate_shift(seq_len) == expected
+    mu = ours.calculate_shift(1024)
+    ref_loop = _flow_loop(FlowMatchEulerDiscreteScheduler.from_config(FLUX), 28, mu, 3, is_ref=True)
+    ours_loop = _flow_loop(make_scheduler("flow_euler", FLUX), 28, mu, 3, is_ref=False)
+    assert _flow_error(ours_loop, ref_loop) <= FLOW_LOOP_TOL
+    other = _flow_loop(make_scheduler("flow_euler", FLUX), 28, mu + 0.3, 3, is_ref=False)
+    assert _flow_error(other, ref_loop) > 1e3 * FLOW_LOOP_TOL  # mu matters
+
+
+def test_flow_euler_scale_noise_and_img2img():
+    """scale_noise (sigma * noise + (1 - sigma) * x) at per-sample timesteps, and img2img: the schedule
+    entered at begin_index, noise scaled there, then the remaining steps, against diffusers."""
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal((3, 4, 8, 8), dtype=np.float32)
+    noise = rng.standard_normal((3, 4, 8, 8), dtype=np.float32)
+    ours, ref = _flow_pair(SD3, 10)
+    ts = ours.timesteps[[0, 4, 9]]
+    got = ours.scale_noise(x0, ts, noise)
+    want = ref.scale_noise(torch.from_numpy(x0), ref.timesteps[[0, 4, 9]], torch.from_numpy(noise)).numpy()
+    np.testing.assert_array_equal(got, want)
+    sig = ours.sigmas[[0, 4, 9]][:, None, None, None]
+    np.testing.assert_allclose(got, sig * noise + (1 - sig) * x0, rtol=1e-6, atol=1e-6)
+
+    # img2img (strength 0.7 of 10 steps): begin at index 3
+    ours, ref = _flow_pair(SD3, 10)
+    ours.set_begin_index(3)
+    ref.set_begin_index(3)
+    t0 = ours.timesteps[3:4]
+    x = ours.scale_noise(x0, np.repeat(t0, 3), noise)
+    xr = ref.scale_noise(torch.from_numpy(x0), ref.timesteps[3:4].repeat(3), torch.from_numpy(noise))
+    np.testing.assert_array_equal(x, xr.numpy())
+    for t, tr in zip(ours.timesteps[3:], ref.timesteps[3:], strict=True):
+        v = rng.standard_normal(x0.shape, dtype=np.float32)
+        x = ours.step(v, t, x)
+        xr = ref.step(torch.from_numpy(v), tr, xr).prev_sample
+        assert _flow_error([x], [xr.numpy()]) <= FLOW_LOOP_TOL
+    assert ours.step_index == ref.step_index == 10
+
+    # without set_begin_index the first step finds its index from the timestep, as in diffusers
+    ours, ref = _flow_pair(SD3, 10)
+    x = ours.step(noise, ours.timesteps[6], x0)
+    xr = ref.step(torch.from_numpy(noise), ref.timesteps[6], torch.from_numpy(x0)).prev_sample
+    assert ours.step_index == ref.step_index == 7
+    assert _flow_error([x], [xr.numpy()]) <= FLOW_LOOP_TOL
+
+
+def test_flow_euler_make_scheduler_and_interface():
+    for name in ("flow_euler", "FlowMatchEulerDiscreteScheduler", "FLOW_EULER"):
+        assert scheduler_name(name) == "flow_euler"
+        s = make_scheduler(name, SD3)
+        assert type(s) is FlowMatchEulerScheduler and s.shift == 3.0
+    assert set(s.ignored_keys) == {"_class_name", "_diffusers_version"}
+    assert s.init_noise_sigma == 1.0
+    s.set_timesteps(28)
+    assert s.timesteps.dtype == np.float32 and s.timesteps[0] == 1000.0 and s.timesteps[1] % 1 != 0
+    x = np.ones((1, 4, 2, 2), dtype=np.float32)
+    assert s.scale_model_input(x, s.timesteps[0]) is x
+    # a diffusers in-memory config (with _use_default_values) reads as diffusers reads it
+    config = dict(FlowMatchEulerDiscreteScheduler.from_config(SD3).config)
+    assert make_scheduler("flow_euler", config).config == make_scheduler("flow_euler", SD3).config
+
+
+def test_flow_euler_config_errors():
+    with pytest.raises(SchedulerConfigError, match="use_beta_sigmas.*scipy"):
+        make_scheduler("flow_euler", {"use_beta_sigmas": True})
+    with pytest.raises(SchedulerConfigError, match="stochastic_sampling.*not ported"):
+        make_scheduler("flow_euler", {**SD3, "stochastic_sampling": True})
+    with pytest.raises(SchedulerConfigError, match="use_karras_sigmas and use_exponential_sigmas"):
+        make_scheduler("flow_euler", {"use_karras_sigmas": True, "use_exponential_sigmas": True})
+    with pytest.raises(SchedulerConfigError, match="time_shift_type.*exponential, linear"):
+        make_scheduler("flow_euler", {"time_shift_type": "cosine"})
+    with pytest.raises(SchedulerConfigError, match="shift="):
+        make_scheduler("flow_euler", {"shift": "3"})
+    with pytest.raises(SchedulerConfigError, match="shift_terminal"):
+        make_scheduler("flow_euler", {"shift_terminal": 1.0})
+    s = make_scheduler("flow_euler", FLUX)
+    with pytest.raises(SchedulerConfigError, match="use_dynamic_shifting.*mu"):
+        s.set_timesteps(28)  # diffusers: ValueError "`mu` must be passed ..."
+    with pytest.raises(SchedulerConfigError, match="mu must be a finite number"):
+        s.set_timesteps(28, mu=float("nan"))
+    with pytest.raises(SchedulerConfigError, match="steps"):
+        s.set_timesteps(0, mu=MU)
+    # diffusers gives a NaN sigma for shift_terminal with one step; the port refuses it
+    ref = FlowMatchEulerDiscreteScheduler.from_config({**SD3, "shift_terminal": 0.1})
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref.set_timesteps(1)
+    assert torch.isnan(ref.sigmas[0])
+    with pytest.raises(SchedulerConfigError, match="shift_terminal needs at least 2 steps"):
+        make_scheduler("flow_euler", {**SD3, "shift_terminal": 0.1}).set_timesteps(1)
+    s = make_scheduler("flow_euler", SD3)
+    x = np.zeros((1, 4, 2, 2), dtype=np.float32)
+    with pytest.raises(SchedulerConfigError, match="set_timesteps"):
+        s.step(x, np.float32(1000.0), x)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="not an integer"):
+        s.step(x, 3, x)  # an index, as diffusers refuses it too
+    with pytest.raises(ValueError, match="not one of this schedule"):
+        s.step(x, np.float32(123.5), x)
+    for t in s.timesteps:
+        s.step(x, t, x)
+    with pytest.raises(RuntimeError, match="more steps"):
+        s.step(x, s.timesteps[-1], x)
+
+
+def test_sampler_family_must_match_the_export():
+    """A flow-matching sampler on a DDPM config (or the reverse) would silently produce noise: refused."""
+    ddpm = {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    with pytest.raises(SchedulerConfigError, match="flow-matching sampler.*choose from ddim, pndm, euler"):
+        make_scheduler("flow_euler", ddpm)
+    with pytest.raises(SchedulerConfigError, match="DDPM-noise sampler.*choose from flow_euler"):
+        make_scheduler("euler", flow)
+    with pytest.raises(SchedulerConfigError, match="velocity"):
+        make_scheduler("ddim", {"shift": 1.0})  # a flow config without its class name
+    assert isinstance(make_scheduler("flow_euler", flow), FlowMatchEulerScheduler)
+    assert make_scheduler("ddim", ddpm).name == "ddim"
