@@ -1,4 +1,5 @@
-"""The architecture space of a diffusers `UNet2DConditionModel`: its prunable units, their order and their MACs.
+"""The architecture space of a diffusers `UNet2DConditionModel` or `PixArtTransformer2DModel` (a DiT): its
+prunable units, their order and their MACs.
 
     space = ArchSpace.from_unet(unet)                  # depth_blocks="last", ff_groups=32
     space.num_units                                    # D
@@ -41,6 +42,13 @@ supported. Rejected with a UserError naming the feature: class / other addition 
 embeddings, time-conditioning projections, scale-shift ResBlocks, up/down-sampling ResBlocks, dual or
 only-cross attention, gated (GLIGEN) attention, feed-forwards other than GEGLU, fused QKV projections and
 attention processors that do not apply `to_out[0]` to the merged heads (IP-Adapter, custom processors).
+
+PixArt-alpha / -Sigma transformers (`PixArtTransformer2DModel`, walked by dit_walk.py): the same three width
+kinds per `BasicTransformerBlock` (`attn_heads` of attn1 and attn2, `ff_width` of a GELU-tanh MLP, mult 1
+instead of GEGLU's 2) and a `layer_depth` unit per block ("multi"/"all": every block; "none"). The patch
+embedding, the adaLN-single timestep embedder, the caption projection and the final layer are kept dense and
+counted. Rejected: `use_additional_conditions` (PixArt-alpha 1024's resolution / aspect embedders), a
+`PatchEmbed` with a layer norm or a cropped position table, and blocks whose norm is not "ada_norm_single".
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers.models.activations import GEGLU
+from diffusers.models.activations import GEGLU, GELU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
@@ -65,7 +73,8 @@ from engines.errors import UserError
 from .gates import gate_hooks
 from .macs import MacModel, MacTerm
 from .materialize import materialize
-from .unet_configs import build_unet, clean_config, config_key, is_unet, unwrap_unet
+from .dit_walk import walk_pixart
+from .unet_configs import backbone_class, backbone_of, build_unet, clean_config, config_key, is_unet, unwrap_unet
 from .unit_kinds import DEPTH_KINDS
 
 DEPTH_BLOCK_CHOICES = ("last", "all", "none")
@@ -151,14 +160,15 @@ class ArchSpace:
     # ---------------------------------------------------------------- construction and serialisation
     @classmethod
     def from_unet(cls, unet, depth_blocks: str = "last", ff_groups: int = 32, layer_depth: str = "multi") -> ArchSpace:
-        """The space of a dense `UNet2DConditionModel` (its config must describe its weights); DDP /
+        """The space of a dense `UNet2DConditionModel` or `PixArtTransformer2DModel` (its config must
+        describe its weights); DDP /
         accelerate / torch.compile wrappers are looked through."""
         unet = unwrap_unet(unet)
         check_unet_class(unet)
         cfg = clean_config(unet.config)
+        check_processors(unet)  # first: a fused projection also changes the weights, but this names the fix
         model = _build_structure(cfg)
         _check_same_structure(unet, model)
-        check_processors(unet)
         return cls(cfg, depth_blocks=depth_blocks, ff_groups=ff_groups, layer_depth=layer_depth, _model=model)
 
     @classmethod
@@ -410,22 +420,24 @@ class ArchSpace:
 # ==================================================================== support checks
 def check_unet_class(unet) -> None:
     if not is_unet(unet):
-        raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+        raise UserError(f"expected a diffusers UNet2DConditionModel or PixArtTransformer2DModel, "
+                        f"got {type(unet).__name__}")
 
 
 def check_processors(unet) -> None:
     """Raise UserError if an attention processor or fused projection would escape the head gates."""
 
-    bad = set()
+    bad, fused = set(), set()
     for name, m in unet.named_modules():
         if isinstance(m, Attention):
             pname = type(m.processor).__name__
-            if pname not in SUPPORTED_PROCESSORS:
+            if getattr(m, "fused_projections", False):  # named first: its fix is one call
+                fused.add(f"fused QKV projections (at {name}; call .unfuse_qkv_projections())")
+            elif pname not in SUPPORTED_PROCESSORS:
                 bad.add(f"attention processor {pname} (at {name})")
-            if getattr(m, "fused_projections", False):
-                bad.add(f"fused QKV projections (at {name}; call unet.unfuse_qkv_projections())")
+    bad = sorted(fused) + sorted(bad)
     if bad:
-        raise UserError("unsupported UNet: " + "; ".join(sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
+        raise UserError(f"unsupported {type(unet).__name__}: " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
                         + f" - supported processors: {', '.join(sorted(SUPPORTED_PROCESSORS))}")
 
 
@@ -433,7 +445,7 @@ def _build_structure(cfg: dict):
     try:
         return build_unet(cfg, device="meta")
     except Exception as e:  # diffusers raises ValueError/TypeError for inconsistent configs
-        raise UserError(f"cannot build a UNet2DConditionModel from this config: {e}") from None
+        raise UserError(f"cannot build a {backbone_class(cfg).__name__} from this config: {e}") from None
 
 
 def _shapes(model) -> dict[str, tuple]:
@@ -458,7 +470,7 @@ def _check_same_structure(unet, model=None, space: ArchSpace | None = None) -> N
     else:
         n = next(k for k in ref if ref[k] != got[k])
         what = f"{n} has shape {list(got[n])}, its config gives {list(ref[n])}"
-    raise UserError(f"the UNet's weights do not match its config ({what}); an architecture space needs the "
+    raise UserError(f"the model's weights do not match its config ({what}); an architecture space needs the "
                     "dense UNet, not a pruned expert")
 
 
@@ -611,15 +623,17 @@ class _Discovery:
         if type(f) is not FeedForward or len(f.net) < 3 or not isinstance(f.net[2], nn.Linear):
             self.problem(f"feed-forward type {type(f).__name__} (at {path})")
             return
-        if type(f.net[0]) is not GEGLU:
-            self.problem(f"feed-forward activation {type(f.net[0]).__name__} (only GEGLU is supported)")
+        act = type(f.net[0])
+        if act not in (GEGLU, GELU):
+            self.problem(f"feed-forward activation {act.__name__} (only GEGLU and GELU are supported)")
             return
         inner = f.net[2].in_features
         if inner % self.ff_groups:
             self.problem(f"{path}: {inner} feed-forward channels are not divisible into ff_groups={self.ff_groups}")
             return
         w = self.add_width(path, "ff_width", self.ff_groups, inner // self.ff_groups, depth)
-        self.linear(f"{path}.net.0.proj", "hw", slot, out_g=("w", w), depth=depth, mult=2)  # two GEGLU halves
+        # GEGLU's projection computes two halves (value and gate) per kept channel, GELU's one
+        self.linear(f"{path}.net.0.proj", "hw", slot, out_g=("w", w), depth=depth, mult=2 if act is GEGLU else 1)
         self.linear(f"{path}.net.2", "hw", slot, in_g=("w", w), depth=depth)
 
     def downsampler(self, path, slot) -> int:
@@ -649,6 +663,18 @@ class _Discovery:
 
     # ------------------------------------------------------------ walk
     def run(self):
+        if backbone_of(self.cfg) == "pixart":
+            walk_pixart(self)
+        else:
+            self.walk_unet()
+        if self.problems:
+            raise UserError("unsupported UNet: " + "; ".join(self.problems[:4])
+                            + (f" (and {len(self.problems) - 4} more)" if len(self.problems) > 4 else ""))
+        if not self.width:
+            raise UserError("unsupported UNet: it has no prunable units")
+        return self.finish()
+
+    def walk_unet(self) -> None:
         m, cfg = self.model, self.cfg
         addition = cfg.get("addition_embed_type")
         if addition not in (None, "text_time"):
@@ -739,13 +765,6 @@ class _Discovery:
             if blk.upsamplers is not None:
                 cur = self.upsampler(f"up_blocks.{i}.upsamplers.0", cur, skips)
         self.conv("conv_out", cur)
-
-        if self.problems:
-            raise UserError("unsupported UNet: " + "; ".join(self.problems[:4])
-                            + (f" (and {len(self.problems) - 4} more)" if len(self.problems) > 4 else ""))
-        if not self.width:
-            raise UserError("unsupported UNet: it has no prunable units")
-        return self.finish()
 
     def finish(self):
         groups: list[UnitGroup] = []

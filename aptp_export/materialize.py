@@ -41,7 +41,7 @@ from diffusers.models.attention_processor import Attention
 from engines.errors import UserError
 
 from .gates import is_gated
-from .unet_configs import added_cond_kwargs, build_unet, unwrap_unet
+from .unet_configs import added_cond_kwargs, backbone_of, build_unet, unwrap_unet
 from .unit_kinds import UNIT_KINDS
 
 # ==================================================================== the pruning plan (torch-pruning)
@@ -63,8 +63,14 @@ _MAX_TEMPLATES = 4
 
 
 def _example_inputs(model) -> dict:
-    """Smallest valid inputs for tracing on the meta device (latent 2^levels, 2 tokens)."""
+    """Smallest valid inputs for tracing on the meta device (UNet: latent 2^levels, 2 tokens; PixArt: its
+    sample size, whose positional embedding it holds, and 2 caption tokens)."""
 
+    if backbone_of(model.config) == "pixart":
+        s = int(model.config.sample_size)
+        return {"hidden_states": torch.zeros(1, model.config.in_channels, s, s, device="meta"),
+                "encoder_hidden_states": torch.zeros(1, 2, model.config.caption_channels, device="meta"),
+                "timestep": torch.ones(1, device="meta")}
     n_down = sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None) is not None)
     side = 2 ** n_down
     ctx = next((m.to_k.in_features for m in model.modules() if isinstance(m, Attention) and m.is_cross_attention),

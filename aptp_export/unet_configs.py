@@ -1,6 +1,10 @@
-"""UNet configurations as plain dicts: reading a model's config, building a UNet from one (on the meta device
-when only the structure is needed), the reference UNet architectures (Stable Diffusion 1.5, 2.1 and XL), and
-SDXL's extra UNet input (`added_cond_kwargs`).
+"""Denoiser configurations as plain dicts: reading a model's config, building a denoiser from one (on the meta
+device when only the structure is needed), the reference architectures (Stable Diffusion 1.5, 2.1 and XL UNets,
+the PixArt-Sigma transformer), and SDXL's extra UNet input (`added_cond_kwargs`).
+
+The toolchain calls every denoiser a "UNet" in its names (`build_unet`, `is_unet`, `unet_config`); two backbones
+are supported (`backbone_of`): diffusers' `UNet2DConditionModel` ("unet") and `PixArtTransformer2DModel`
+("pixart", a DiT: patch embedding, N transformer blocks with self- and cross-attention, adaLN-single).
 
 A UNet's *config* (diffusers' `unet.config` without the private `_…` keys, tuples as lists) is what the
 architecture space, expert files and export code pass around; the weights travel separately as safetensors.
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
 # Stable Diffusion 2.1 (768 px, v-prediction) UNet: 865.9 M parameters, latent 96x96x4, OpenCLIP-H text (1024-d).
 # Values as in stabilityai/stable-diffusion-2-1/unet/config.json; the remaining keys are diffusers' defaults.
@@ -90,6 +94,52 @@ SDXL_UNET_CONFIG: dict = {
     "mid_block_scale_factor": 1,
 }
 
+# PixArt-Sigma XL-2 1024 (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS/transformer/config.json): 28 DiT blocks of
+# 16 heads x 72 (1152 wide), GELU-tanh feed-forward 4608 wide, patch 2 on a 128x128x4 latent (4096 tokens),
+# T5-XXL captions (4096-d, 300 tokens), learned sigma (8 output channels), no resolution conditioning.
+PIXART_SIGMA_CONFIG: dict = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "cross_attention_dim": 1152,
+    "caption_channels": 4096,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "num_embeds_ada_norm": 1000,
+    "interpolation_scale": 2,
+    "use_additional_conditions": False,
+    "upcast_attention": False,
+    "dropout": 0.0,
+    "attention_type": "default",
+}
+
+BACKBONES = ("unet", "pixart")
+_BACKBONE_CLASSES = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2DModel}
+
+
+def backbone_of(config) -> str:
+    """"unet" or "pixart": which diffusers class a denoiser config (dict or FrozenDict, `_class_name` optional)
+    describes. A PixArt transformer is told by its `caption_channels` (the UNet has no such key)."""
+    c = dict(config or {})
+    name = c.get("_class_name")
+    for key, cls in _BACKBONE_CLASSES.items():
+        if name == cls.__name__:
+            return key
+    return "pixart" if "caption_channels" in c or ("num_layers" in c and "block_out_channels" not in c) else "unet"
+
+
+def backbone_class(config):
+    """The diffusers model class a config describes (see backbone_of)."""
+    return _BACKBONE_CLASSES[backbone_of(config)]
+
+
 TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop top-left (y, x), target (h, w)
 
 
@@ -137,12 +187,14 @@ def config_key(config) -> str:
 
 
 def build_unet(config: dict, device: str | None = "meta"):
-    """A `UNet2DConditionModel` built from `config`; on the meta device (no memory, no init time) by default."""
+    """The denoiser `config` describes (`UNet2DConditionModel` or `PixArtTransformer2DModel`, see backbone_of);
+    on the meta device (no memory, no init time) by default."""
 
+    cls = backbone_class(config)
     if device is None:
-        return UNet2DConditionModel.from_config(dict(config))
+        return cls.from_config(dict(config))
     with torch.device(device):
-        return UNet2DConditionModel.from_config(dict(config))
+        return cls.from_config(dict(config))
 
 
 def unwrap_unet(unet):
@@ -159,4 +211,5 @@ def unwrap_unet(unet):
 
 
 def is_unet(m) -> bool:
-    return isinstance(m, UNet2DConditionModel)
+    """Whether `m` is a denoiser the toolchain prunes (a UNet2DConditionModel or a PixArtTransformer2DModel)."""
+    return isinstance(m, tuple(_BACKBONE_CLASSES.values()))

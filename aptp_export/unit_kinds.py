@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from diffusers.models.activations import GEGLU
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 # ==================================================================== replacement modules
@@ -115,7 +116,8 @@ def _fix_attn_heads(m, kept_units: int, ch: int) -> bool:
 
 
 def _fix_ff_width(m, kept_units: int, ch: int) -> bool:
-    return m.net[2].in_features == ch and m.net[0].proj.out_features == 2 * ch
+    halves = 2 if isinstance(m.net[0], GEGLU) else 1  # GEGLU projects to value and gate, GELU to the value
+    return m.net[2].in_features == ch and m.net[0].proj.out_features == halves * ch
 
 
 @dataclass(frozen=True)

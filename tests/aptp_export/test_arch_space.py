@@ -175,15 +175,15 @@ def test_unsupported_models_are_named(toy):
     other.set_attn_processor(AttnAddedKVProcessor())
     with pytest.raises(UserError, match="attention processor AttnAddedKVProcessor"):
         ArchSpace.from_unet(other)
-    # a feed-forward that is not GEGLU
-    from diffusers.models.activations import GELU
+    # a feed-forward that is neither GEGLU nor GELU (PixArt's)
+    from diffusers.models.activations import ApproximateGELU
 
     m = build_unet(SD1_LIKE)
     ff = m.down_blocks[0].attentions[0].transformer_blocks[0].ff
-    ff.net[0] = GELU(32, 128)
+    ff.net[0] = ApproximateGELU(32, 128)
     from aptp_export.arch_space import _Discovery
 
-    with pytest.raises(UserError, match="feed-forward activation GELU"):
+    with pytest.raises(UserError, match="feed-forward activation ApproximateGELU"):
         _Discovery(m, SD1_LIKE, "last", 32).run()
 
 
