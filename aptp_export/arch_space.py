@@ -1,5 +1,5 @@
-"""The architecture space of a diffusers `UNet2DConditionModel` or `PixArtTransformer2DModel` (a DiT): its
-prunable units, their order and their MACs.
+"""The architecture space of a diffusers `UNet2DConditionModel`, `PixArtTransformer2DModel` (a DiT) or
+`SD3Transformer2DModel` (an MMDiT): its prunable units, their order and their MACs.
 
     space = ArchSpace.from_unet(unet)                  # depth_blocks="last", ff_groups=32
     space.num_units                                    # D
@@ -49,6 +49,11 @@ instead of GEGLU's 2) and a `layer_depth` unit per block ("multi"/"all": every b
 embedding, the adaLN-single timestep embedder, the caption projection and the final layer are kept dense and
 counted. Rejected: `use_additional_conditions` (PixArt-alpha 1024's resolution / aspect embedders), a
 `PatchEmbed` with a layer norm or a cropped position table, and blocks whose norm is not "ada_norm_single".
+
+SD3 / SD3.5 transformers (`SD3Transformer2DModel`, dit_walk.walk_sd3): `joint_heads` (one head of the joint
+attention, in the image and the text stream), `attn_heads` of SD3.5's dual self-attention, `ff_width` of the
+image and the text MLP, and a `joint_depth` unit per block (both streams residual). Per-head RMS query/key norms
+are accepted.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from engines.errors import UserError
 from .gates import gate_hooks
 from .macs import MacModel, MacTerm
 from .materialize import materialize
-from .dit_walk import walk_pixart
+from .dit_walk import walk_pixart, walk_sd3
 from .unet_configs import backbone_class, backbone_of, build_unet, clean_config, config_key, is_unet, unwrap_unet
 from .unit_kinds import DEPTH_KINDS
 
@@ -88,6 +93,7 @@ FORMAT_VERSION = 1
 # (a pre-hook on to_out[0]) and head removal are exact for all of them.
 SUPPORTED_PROCESSORS = frozenset({
     "AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU",
+    "JointAttnProcessor2_0",  # SD3: q/k/v of both streams split into heads, to_out[0] / to_add_out on the merge
 })
 
 # Tolerance on [0, 1] so that straight-through gates (hard + s - s.detach()) that round to 1 + 1 ulp pass.
@@ -420,7 +426,8 @@ class ArchSpace:
 # ==================================================================== support checks
 def check_unet_class(unet) -> None:
     if not is_unet(unet):
-        raise UserError(f"expected a diffusers UNet2DConditionModel or PixArtTransformer2DModel, "
+        raise UserError(f"expected a diffusers UNet2DConditionModel, PixArtTransformer2DModel or "
+                        f"SD3Transformer2DModel, "
                         f"got {type(unet).__name__}")
 
 
@@ -599,10 +606,10 @@ class _Discovery:
         if type(a) is not Attention:
             self.problem(f"attention type {type(a).__name__} (at {path})")
             return
-        for attr, ok in (("group_norm", None), ("spatial_norm", None), ("norm_q", None), ("norm_k", None),
-                         ("added_kv_proj_dim", None)):
-            if getattr(a, attr, None) is not ok:
+        for attr in ("group_norm", "spatial_norm", "added_kv_proj_dim"):
+            if getattr(a, attr, None) is not None:
                 self.problem(f"attention with {attr} (at {path})")
+        self.check_qk_norms(a, path, ("norm_q", "norm_k"))
         if a.residual_connection or a.rescale_output_factor != 1.0:
             self.problem(f"attention with residual_connection/rescale_output_factor (at {path})")
         heads, inner = a.heads, a.inner_dim
@@ -618,7 +625,21 @@ class _Discovery:
         self.term(2, "hw_text" if cross else "hw2", slot, ("w", w), depth, f"{path}.products")
         self.linear(f"{path}.to_out.0", "hw", slot, in_g=("w", w), depth=depth)
 
-    def feed_forward(self, path, slot, depth) -> None:
+    def check_qk_norms(self, a, path, names) -> None:
+        """Query/key norms must act on one head at a time (normalised shape = head size, weights shared by
+        every head: SD3.5's RMSNorm), so that removing a head leaves the others' unchanged."""
+        for attr in names:
+            n = getattr(a, attr, None)
+            if n is None:
+                continue
+            shape = getattr(n, "normalized_shape", None)
+            shape = getattr(n, "dim", None) if shape is None else shape  # diffusers' RMSNorm: .dim
+            shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+            if type(n).__name__ not in ("RMSNorm", "LayerNorm") or shape != (a.inner_dim // a.heads,):
+                self.problem(f"attention with a {attr} of type {type(n).__name__} over {shape} (only a per-head "
+                             f"RMSNorm/LayerNorm; at {path})")
+
+    def feed_forward(self, path, slot, depth, tokens="hw") -> None:
         f = self.mods[path]
         if type(f) is not FeedForward or len(f.net) < 3 or not isinstance(f.net[2], nn.Linear):
             self.problem(f"feed-forward type {type(f).__name__} (at {path})")
@@ -633,8 +654,8 @@ class _Discovery:
             return
         w = self.add_width(path, "ff_width", self.ff_groups, inner // self.ff_groups, depth)
         # GEGLU's projection computes two halves (value and gate) per kept channel, GELU's one
-        self.linear(f"{path}.net.0.proj", "hw", slot, out_g=("w", w), depth=depth, mult=2 if act is GEGLU else 1)
-        self.linear(f"{path}.net.2", "hw", slot, in_g=("w", w), depth=depth)
+        self.linear(f"{path}.net.0.proj", tokens, slot, out_g=("w", w), depth=depth, mult=2 if act is GEGLU else 1)
+        self.linear(f"{path}.net.2", tokens, slot, in_g=("w", w), depth=depth)
 
     def downsampler(self, path, slot) -> int:
         ds = self.mods[path]
@@ -663,8 +684,11 @@ class _Discovery:
 
     # ------------------------------------------------------------ walk
     def run(self):
-        if backbone_of(self.cfg) == "pixart":
+        backbone = backbone_of(self.cfg)
+        if backbone == "pixart":
             walk_pixart(self)
+        elif backbone == "sd3":
+            walk_sd3(self)
         else:
             self.walk_unet()
         if self.problems:

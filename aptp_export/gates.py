@@ -8,6 +8,8 @@
 | `ff_width`          | pre-hook on `ff.net[2]`                 | GEGLU product channels x gate              |
 | `transformer_depth` | hook on `transformer.proj_out` output   | transformer branch x gate -> its input     |
 | `layer_depth`       | hook on a `BasicTransformerBlock`       | g * output + (1 - g) * input -> its input  |
+| `joint_heads`       | pre-hooks on `attn.to_out[0]` and `attn.to_add_out` | each head's image and text outputs x its gate |
+| `joint_depth`       | hook on a `JointTransformerBlock`       | the same as layer_depth, for both streams  |
 
 Because every gate multiplies a quantity that enters the next layer linearly (after every normalisation and
 non-linearity of its own path), a gate of 0 is exactly the removal of the unit (materialize.py), and a soft
@@ -86,6 +88,24 @@ def _residual_hook(arch, index):
     return hook
 
 
+def _joint_residual_hook(arch, index):
+    """An MMDiT block (text, image) -> (text', image'), both residual: g * new + (1 - g) * old per stream
+    (text None after a context-pre-only block stays None)."""
+
+    def hook(module, args, kwargs, output):
+        names = ("hidden_states", "encoder_hidden_states")
+        x, ctx = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+        ctx_out, x_out = output
+        d = _depth_factor(arch[..., index], x_out)
+        x_new = x_out * d + x * (1 - d)
+        if ctx_out is None:
+            return None, x_new
+        dc = _depth_factor(arch[..., index], ctx_out)
+        return ctx_out * dc + ctx * (1 - dc), x_new
+
+    return hook
+
+
 @contextmanager
 def gate_hooks(space, unet, arch):
     """Install the gates of `arch` on `unet` for the duration of the context (see module docstring)."""
@@ -108,11 +128,16 @@ def gate_hooks(space, unet, arch):
             target = mods[g.name + kind.gate_at]  # gate_at "": the group's module itself
             if kind.gate_layout == "residual":
                 handles.append(target.register_forward_hook(_residual_hook(a, g.start), with_kwargs=True))
+            elif kind.gate_layout == "joint_residual":
+                handles.append(target.register_forward_hook(_joint_residual_hook(a, g.start), with_kwargs=True))
             elif kind.depth:
                 handles.append(target.register_forward_hook(_depth_hook(a, g.start)))
             else:
                 hook = _channel_pre_hook(a, g.start, g.stop, g.unit_channels, kind.gate_layout)
                 handles.append(target.register_forward_pre_hook(hook))
+                for extra in kind.gate_also:  # the same gate where the group has a second output (MMDiT text)
+                    if g.name + extra in mods and mods[g.name + extra] is not None:
+                        handles.append(mods[g.name + extra].register_forward_pre_hook(hook))
         yield unet
     finally:
         for h in handles:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TOKEN_KINDS = ("one", "text", "hw", "hw2", "hw_text")
+TOKEN_KINDS = ("one", "text", "hw", "hw2", "hw_text", "text2")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class MacTerm:
     """One matrix product: `coef * tokens(kind, slot) * kept(group) * depth_gate(depth)` MACs."""
 
     coef: float  # kernel area x fixed channels (x 2 for two attention products / GEGLU's two halves)
-    tokens: str  # "one" (per sample), "text" (L), "hw" (N = h*w at slot), "hw2" (N*N), "hw_text" (N*L)
+    tokens: str  # "one" (per sample), "text" (L), "hw" (N = h*w at slot), "hw2" (N*N), "hw_text" (N*L), "text2" (L*L)
     slot: int  # resolution slot (index into the resolution program); -1 for "one"/"text"
     group: int  # index of the width group (in ArchSpace.groups) whose kept channels multiply; -1 if none
     depth: int  # index of the depth group gating this term; -1 if none
@@ -122,6 +122,7 @@ class MacModel:
                 "hw": n,
                 "hw2": n * n,
                 "hw_text": n * length,
+                "text2": np.full_like(n, length * length),
             }
             kinds = np.array([t.tokens for t in self.terms])
             factor = np.zeros_like(n)

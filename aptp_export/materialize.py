@@ -41,7 +41,7 @@ from diffusers.models.attention_processor import Attention
 from engines.errors import UserError
 
 from .gates import is_gated
-from .unet_configs import added_cond_kwargs, backbone_of, build_unet, unwrap_unet
+from .unet_configs import added_cond_kwargs, backbone_of, build_unet, pooled_projections, unwrap_unet
 from .unit_kinds import UNIT_KINDS
 
 # ==================================================================== the pruning plan (torch-pruning)
@@ -63,14 +63,19 @@ _MAX_TEMPLATES = 4
 
 
 def _example_inputs(model) -> dict:
-    """Smallest valid inputs for tracing on the meta device (UNet: latent 2^levels, 2 tokens; PixArt: its
-    sample size, whose positional embedding it holds, and 2 caption tokens)."""
+    """Smallest valid inputs for tracing on the meta device (UNet: latent 2^levels, 2 tokens; PixArt / SD3:
+    the sample size, whose position table the model holds, 2 caption tokens, SD3's pooled embedding)."""
 
-    if backbone_of(model.config) == "pixart":
+    backbone = backbone_of(model.config)
+    if backbone in ("pixart", "sd3"):
         s = int(model.config.sample_size)
-        return {"hidden_states": torch.zeros(1, model.config.in_channels, s, s, device="meta"),
-                "encoder_hidden_states": torch.zeros(1, 2, model.config.caption_channels, device="meta"),
-                "timestep": torch.ones(1, device="meta")}
+        text = model.config.caption_channels if backbone == "pixart" else model.config.joint_attention_dim
+        out = {"hidden_states": torch.zeros(1, model.config.in_channels, s, s, device="meta"),
+               "encoder_hidden_states": torch.zeros(1, 2, text, device="meta"),
+               "timestep": torch.ones(1, device="meta")}
+        if backbone == "sd3":
+            out["pooled_projections"] = pooled_projections(model.config, 1, device="meta")
+        return out
     n_down = sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None) is not None)
     side = 2 ** n_down
     ctx = next((m.to_k.in_features for m in model.modules() if isinstance(m, Attention) and m.is_cross_attention),
@@ -103,7 +108,8 @@ def pruning_template(space) -> dict[str, list[PlanItem]]:
     template: dict[str, list[PlanItem]] = {}
     for g in space.width_groups:
         kind = UNIT_KINDS[g.kind]
-        suffix, expected = kind.prune_root, kind.coupled
+        suffix = kind.prune_root
+        expected = {c for c in kind.coupled if mods.get(g.name + c) is not None}  # e.g. no to_add_out
         root = mods[g.name + suffix]
         group = dg.get_pruning_group(root, getattr(tp, kind.prune_fn), list(range(g.num_units * g.unit_channels)))
         items = []

@@ -1,10 +1,12 @@
 """Denoiser configurations as plain dicts: reading a model's config, building a denoiser from one (on the meta
 device when only the structure is needed), the reference architectures (Stable Diffusion 1.5, 2.1 and XL UNets,
-the PixArt-Sigma transformer), and SDXL's extra UNet input (`added_cond_kwargs`).
+the PixArt-Sigma and SD3-medium transformers), and the extra denoiser inputs (`added_cond_kwargs` of SDXL,
+`pooled_projections` of SD3).
 
-The toolchain calls every denoiser a "UNet" in its names (`build_unet`, `is_unet`, `unet_config`); two backbones
-are supported (`backbone_of`): diffusers' `UNet2DConditionModel` ("unet") and `PixArtTransformer2DModel`
-("pixart", a DiT: patch embedding, N transformer blocks with self- and cross-attention, adaLN-single).
+The toolchain calls every denoiser a "UNet" in its names (`build_unet`, `is_unet`, `unet_config`); three
+backbones are supported (`backbone_of`): diffusers' `UNet2DConditionModel` ("unet"), `PixArtTransformer2DModel`
+("pixart", a DiT: patch embedding, N transformer blocks with self- and cross-attention, adaLN-single) and
+`SD3Transformer2DModel` ("sd3", an MMDiT: joint attention over image and text tokens, two streams).
 
 A UNet's *config* (diffusers' `unet.config` without the private `_…` keys, tuples as lists) is what the
 architecture space, expert files and export code pass around; the weights travel separately as safetensors.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 
 import torch
-from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 # Stable Diffusion 2.1 (768 px, v-prediction) UNet: 865.9 M parameters, latent 96x96x4, OpenCLIP-H text (1024-d).
 # Values as in stabilityai/stable-diffusion-2-1/unet/config.json; the remaining keys are diffusers' defaults.
@@ -120,19 +122,52 @@ PIXART_SIGMA_CONFIG: dict = {
     "attention_type": "default",
 }
 
-BACKBONES = ("unet", "pixart")
-_BACKBONE_CLASSES = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2DModel}
+# Stable Diffusion 3 medium (stabilityai/stable-diffusion-3-medium-diffusers/transformer/config.json): 24 MMDiT
+# blocks of 24 heads x 64 (1536 wide), patch 2 on a 128x128x16 latent (4096 image tokens), text 4096-d (CLIP-L/G
+# padded + T5-XXL; 77 + 256 = 333 tokens), pooled CLIP 2048-d, position table cropped from 192x192. The last
+# block is "context pre-only" (it updates no text stream).
+SD3_MEDIUM_CONFIG: dict = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+SD3_TEXT_LEN = 333  # the SD3 pipelines' prompt embedding: 77 CLIP tokens + 256 T5 tokens
+
+BACKBONES = ("unet", "pixart", "sd3")
+_BACKBONE_CLASSES = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel}
 
 
 def backbone_of(config) -> str:
-    """"unet" or "pixart": which diffusers class a denoiser config (dict or FrozenDict, `_class_name` optional)
-    describes. A PixArt transformer is told by its `caption_channels` (the UNet has no such key)."""
+    """"unet", "pixart" or "sd3": which diffusers class a denoiser config (dict or FrozenDict, `_class_name`
+    optional) describes. Without a class name: SD3 by its `joint_attention_dim`, PixArt by its
+    `caption_channels` (the UNet has neither)."""
     c = dict(config or {})
     name = c.get("_class_name")
     for key, cls in _BACKBONE_CLASSES.items():
         if name == cls.__name__:
             return key
+    if "joint_attention_dim" in c or "pooled_projection_dim" in c:
+        return "sd3"
     return "pixart" if "caption_channels" in c or ("num_layers" in c and "block_out_channels" not in c) else "unet"
+
+
+def pooled_projections(config, batch: int, device=None, generator=None):
+    """The pooled text embedding an SD3 transformer needs ([B, pooled_projection_dim], N(0, 1) from
+    `generator`; zeros on the meta device), None for other backbones."""
+    if backbone_of(config) != "sd3":
+        return None
+    dim = int(dict(config).get("pooled_projection_dim", 2048))
+    if device is not None and torch.device(device).type == "meta":
+        return torch.zeros(batch, dim, device=device)
+    return torch.randn(batch, dim, generator=generator).to(device or "cpu")
 
 
 def backbone_class(config):
@@ -187,7 +222,8 @@ def config_key(config) -> str:
 
 
 def build_unet(config: dict, device: str | None = "meta"):
-    """The denoiser `config` describes (`UNet2DConditionModel` or `PixArtTransformer2DModel`, see backbone_of);
+    """The denoiser `config` describes (`UNet2DConditionModel`, `PixArtTransformer2DModel` or
+    `SD3Transformer2DModel`, see backbone_of);
     on the meta device (no memory, no init time) by default."""
 
     cls = backbone_class(config)
@@ -211,5 +247,5 @@ def unwrap_unet(unet):
 
 
 def is_unet(m) -> bool:
-    """Whether `m` is a denoiser the toolchain prunes (a UNet2DConditionModel or a PixArtTransformer2DModel)."""
+    """Whether `m` is a denoiser the toolchain prunes (UNet2DConditionModel, PixArt or SD3 transformer)."""
     return isinstance(m, tuple(_BACKBONE_CLASSES.values()))

@@ -1,4 +1,4 @@
-"""Print the table of prunable units of a UNet or a PixArt transformer: for every unit group its vector slice, kind (ResBlock width,
+"""Print the table of prunable units of a UNet, a PixArt or an SD3 transformer: for every unit group its vector slice, kind (ResBlock width,
 attention heads, feed-forward width, ResBlock / transformer depth), units, channels per unit, the depth unit
 containing it and the share of the dense MACs it controls. Reads only the config (no weights are loaded)."""
 
@@ -13,7 +13,7 @@ from engines.errors import UserError
 def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--unet", metavar="DIR",
-                     help="a diffusers UNet or PixArt transformer directory (config.json), or a pipeline "
+                     help="a diffusers UNet, PixArt or SD3 transformer directory (config.json), or a pipeline "
                           "directory containing unet/ or transformer/")
     src.add_argument("--toy", action="store_true", help="the built-in toy teacher UNet (default)")
     src.add_argument("--sd21", action="store_true", help="the Stable Diffusion 2.1 UNet architecture")
@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--sdxl", action="store_true", help="the Stable Diffusion XL base 1.0 UNet architecture")
     src.add_argument("--pixart", action="store_true",
                      help="the PixArt-Sigma XL-2 1024 transformer architecture (DiT; text length 300)")
+    src.add_argument("--sd3", action="store_true",
+                     help="the Stable Diffusion 3 medium transformer architecture (MMDiT; text length 333)")
     src.add_argument("--export", metavar="DIR",
                      help="an export directory instead: its experts (MACs, precision, share) and sampling defaults")
     parser.add_argument("--depth-blocks", choices=("last", "all", "none"), default="last",
@@ -30,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--height", type=int, default=None, help="latent height for MACs (default: sample_size)")
     parser.add_argument("--width", type=int, default=None, help="latent width for MACs (default: height)")
     parser.add_argument("--text-len", type=int, default=None,
-                        help="cross-attention tokens for MACs (default: 16 for the toy model, 300 for PixArt, else 77)")
+                        help="text tokens for MACs (default: 16 for the toy model, 300 for PixArt, 333 for SD3, else 77)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 
@@ -45,8 +47,9 @@ def _read_config(directory: str) -> dict:
             if not isinstance(cfg, dict):
                 raise UserError(f"{cand}: not a model config")
             cls = cfg.get("_class_name", "UNet2DConditionModel")
-            if cls not in ("UNet2DConditionModel", "PixArtTransformer2DModel"):
-                raise UserError(f"{cand}: a {cls}, expected UNet2DConditionModel or PixArtTransformer2DModel")
+            if cls not in ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"):
+                raise UserError(f"{cand}: a {cls}, expected UNet2DConditionModel, PixArtTransformer2DModel or "
+                                f"SD3Transformer2DModel")
             return cfg
     raise UserError(f"{d}: no config.json, unet/config.json or transformer/config.json")
 
@@ -83,8 +86,8 @@ def run(args) -> int:
     if args.export:
         return _inspect_export(args.export, args.json)
     from aptp_export.arch_space import ArchSpace  # heavy (torch): only when the verb runs
-    from aptp_export.unet_configs import (PIXART_SIGMA_CONFIG, SD15_UNET_CONFIG, SD21_UNET_CONFIG,
-                                          SDXL_UNET_CONFIG, backbone_of)
+    from aptp_export.unet_configs import (PIXART_SIGMA_CONFIG, SD3_MEDIUM_CONFIG, SD3_TEXT_LEN, SD15_UNET_CONFIG,
+                                          SD21_UNET_CONFIG, SDXL_UNET_CONFIG, backbone_of)
     from training.toy.model import TEXT_LEN, UNET_CONFIG
 
     text_len = args.text_len
@@ -92,13 +95,13 @@ def run(args) -> int:
         cfg = _read_config(args.unet)
     elif args.sd21 or args.sd15 or args.sdxl:
         cfg = SD21_UNET_CONFIG if args.sd21 else SD15_UNET_CONFIG if args.sd15 else SDXL_UNET_CONFIG
-    elif args.pixart:
-        cfg = PIXART_SIGMA_CONFIG
+    elif args.pixart or args.sd3:
+        cfg = PIXART_SIGMA_CONFIG if args.pixart else SD3_MEDIUM_CONFIG
     else:
         cfg = UNET_CONFIG
         text_len = TEXT_LEN if text_len is None else text_len
     if text_len is None:
-        text_len = 300 if backbone_of(cfg) == "pixart" else 77
+        text_len = {"pixart": 300, "sd3": SD3_TEXT_LEN}.get(backbone_of(cfg), 77)
     if text_len < 1 or (args.height is not None and args.height < 1) or (args.width is not None and args.width < 1):
         raise UserError("--height, --width and --text-len must be positive")
     space = ArchSpace.from_config(cfg, depth_blocks=args.depth_blocks, ff_groups=args.ff_groups)
