@@ -190,7 +190,8 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
               batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE), out_channels: int | None = None,
               size_range: tuple[int, int] | None = None, size_multiple: int = 8,
               num_train_timesteps: int = 1000, text_embeds_dim: int | None = None,
-              time_ids_dim: int = 6, time_ids_high: int = 2048) -> ExportSpec:
+              time_ids_dim: int = 6, time_ids_high: int = 2048,
+              extra_inputs: tuple[TensorSpec, ...] = ()) -> ExportSpec:
     """UNet: (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample; with
     `text_embeds_dim` (SDXL-class UNets) two more inputs, text_embeds [N, text_embeds_dim] (pooled text
     embedding) and time_ids [N, time_ids_dim] (original size, crop top-left, target size; sample values are
@@ -199,7 +200,8 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
     `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG; `unet_batch_range`); the
     graph is traced at batch 2. Height and width are
     dynamic axes with opt = sample_size and [min, max] = `size_range` (default: sample_size only),
-    multiples of `size_multiple` (2 ** number of downsamplings)."""
+    multiples of `size_multiple` (2 ** number of downsamplings). `extra_inputs` follow encoder_hidden_states
+    (a diffusion transformer's, `dit_unet_spec`)."""
     h, w = sample_size
     lo, hi = size_range or (min(h, w), max(h, w))
     m = size_multiple
@@ -217,10 +219,43 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
             *((TensorSpec(UNET_ADDED_INPUTS[0], ("batch", text_embeds_dim)),
                TensorSpec(UNET_ADDED_INPUTS[1], ("batch", time_ids_dim), fill="timestep", high=time_ids_high))
               if text_embeds_dim else ()),
+            *extra_inputs,
         ),
         outputs=(TensorSpec(UNET_OUTPUTS[0], ("batch", out_channels or in_channels, "height", "width")),),
         axes=axes,
     )
+
+
+DIT_EXTRA_INPUTS = {"pixart": ("encoder_attention_mask",), "sd3": ("pooled_projections",)}
+
+
+def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
+                  batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE)) -> ExportSpec:
+    """A diffusion transformer's denoiser graph (`UNetGraph` of a PixArt or SD3 transformer): the UNet's
+    (sample, timestep, encoder_hidden_states) and then PixArt's encoder_attention_mask [N, L] (int64 0/1, the
+    T5 padding mask) or SD3's pooled_projections [N, P]; out_sample has the latent's channels (PixArt's
+    learned-sigma half is dropped in the graph, as its pipelines do). Height and width are fixed at
+    `sample_size`: the transformers derive their position table from the size in Python, so a traced graph
+    holds the table of one size. Batch is dynamic."""
+    from .unet_configs import backbone_of
+
+    c = dict(unet_config)
+    kind = backbone_of(c)
+    if kind == "pixart":
+        extra = (TensorSpec("encoder_attention_mask", ("batch", text_len), "int64", "mask"),)
+        context = int(c["caption_channels"])
+        timesteps = 1000
+    elif kind == "sd3":
+        extra = (TensorSpec("pooled_projections", ("batch", int(c["pooled_projection_dim"]))),)
+        context = int(c["joint_attention_dim"])
+        timesteps = 1000  # flow matching: t = 1000 sigma, fractional
+    else:
+        raise UserError(f"dit_unet_spec takes a PixArt or SD3 transformer config, got a {kind}")
+    h, w = sample_size
+    p = int(c.get("patch_size", 2))
+    return unet_spec(int(c["in_channels"]), (h, w), text_len, context, batch=batch, out_channels=int(c["in_channels"]),
+                     size_range=(min(h, w), max(h, w)), size_multiple=p if h % p == 0 and w % p == 0 else 1,
+                     num_train_timesteps=timesteps, extra_inputs=extra)
 
 
 def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,

@@ -49,8 +49,9 @@ from torch import nn
 
 from engines.manifest import PRECISIONS, sha256_file
 
-from .export_spec import ExportSpec
+from .export_spec import DIT_EXTRA_INPUTS, ExportSpec
 from .families import unet_extra_inputs
+from .unet_configs import backbone_of
 
 DEFAULT_OPSET = 17
 FP32_RTOL = 1e-4
@@ -65,25 +66,61 @@ class ExportVerificationError(RuntimeError):
 
 # -- graph wrappers: fixed signatures matching the specs -------------------------------------------
 class UNetGraph(nn.Module):
-    """(sample, timestep [N] float, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample, for any
+    """(sample, timestep [N] float, encoder_hidden_states[, extra inputs]) -> out_sample, for any
     diffusers-style UNet (dense or physically pruned) whose forward is `unet(sample, timestep,
     encoder_hidden_states)`. UNets whose family has extra inputs (families.py; SDXL-class,
     `addition_embed_type="text_time"`) take the pooled text embedding [N, P] and the size conditioning
     time_ids [N, 6], passed as diffusers' `added_cond_kwargs` (`extra_inputs` names them, `has_added_cond`
-    says whether a graph has any)."""
+    says whether a graph has any).
+
+    Diffusion transformers (export_spec.dit_unet_spec): a PixArt transformer takes the caption's padding mask
+    encoder_attention_mask [N, L] and its learned-sigma output half is dropped (the pipelines' `chunk(2)[0]`);
+    an SD3 transformer takes pooled_projections [N, P]."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.extra_inputs = unet_extra_inputs(getattr(unet, "config", None) or {})
-        self.has_added_cond = bool(self.extra_inputs)
+        config = getattr(unet, "config", None) or {}
+        self.backbone = backbone_of(config)
+        self.extra_inputs = DIT_EXTRA_INPUTS.get(self.backbone) or unet_extra_inputs(config)
+        self.has_added_cond = self.backbone == "unet" and bool(self.extra_inputs)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        if self.backbone == "pixart":
+            return _pixart_noise(self.unet, sample, timestep, encoder_hidden_states, extra[0])
+        if self.backbone == "sd3":
+            return self.unet(sample, encoder_hidden_states=encoder_hidden_states, pooled_projections=extra[0],
+                             timestep=timestep, return_dict=False)[0]
         kwargs = {}
         if self.has_added_cond:
-            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
         out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)
         return out[0]
+
+
+def _pixart_noise(t: nn.Module, sample, timestep, context, mask):
+    """`PixArtTransformer2DModel.forward` (diffusers 0.3x-0.4x, no resolution conditioning) returning the
+    noise half of a learned-sigma output, written out for export: diffusers ends with
+    `hidden_states.squeeze(1)` on [N, tokens, C], which the TorchScript exporter turns into an If on the
+    token count whose squeeze branch fails ONNX shape inference. Same modules, same operations, no squeeze
+    (tests/aptp_export/test_dit_space.py compares it with diffusers' forward)."""
+    bias = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)  # [N, 1, L]: padded caption tokens masked
+    n, c = sample.shape[0], sample.shape[1]
+    p = t.config.patch_size
+    h, w = sample.shape[-2] // p, sample.shape[-1] // p
+    x = t.pos_embed(sample)
+    temb, embedded = t.adaln_single(timestep, {"resolution": None, "aspect_ratio": None}, batch_size=n,
+                                    hidden_dtype=x.dtype)
+    if t.caption_projection is not None:
+        context = t.caption_projection(context).view(n, -1, x.shape[-1])
+    for block in t.transformer_blocks:
+        x = block(x, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=bias,
+                  timestep=temb, cross_attention_kwargs=None, class_labels=None)
+    shift, scale = (t.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
+    x = t.proj_out(t.norm_out(x) * (1 + scale) + shift)
+    out_c = t.out_channels
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(-1, h, w, p, p, out_c)).reshape(-1, out_c, h * p, w * p)
+    return x[:, :c] if out_c == 2 * c else x
 
 
 def _last_hidden_state(encoder: nn.Module, input_ids, attention_mask):
