@@ -24,7 +24,7 @@ from engines.fileio import atomic_path, write_json
 
 from .arch_space import ArchSpace
 from .materialize import apply_arch_
-from .unet_configs import build_unet
+from .unet_configs import build_unet, fill_position_tables
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -159,27 +159,13 @@ def load_expert(path, device: str = "cpu", dtype=None):
         raise UserError(f"{weights}: the weights do not match the architecture vector in {arch_file} "
                         f"({_first_difference(want, got)})")
     model.load_state_dict(state, strict=True, assign=True)
-    _fill_derived_buffers(model, device)
+    fill_position_tables(model, device)  # not in the checkpoint: PixArt's table is not persistent
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # pragma: no cover - strict loading makes this impossible
         raise RuntimeError(f"{weights}: tensors left uninitialised: {left[:3]}")
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _fill_derived_buffers(model, device) -> None:
-    """Recompute the buffers a checkpoint does not hold (non-persistent, left on the meta device by
-    loading): PixArt's sin-cos position table of its `PatchEmbed`, a function of the config alone."""
-    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
-
-    for m in model.modules():
-        if isinstance(m, PatchEmbed) and getattr(m, "pos_embed", None) is not None and m.pos_embed.is_meta:
-            grid = m.pos_embed_max_size or int((m.height * m.width) ** 0.5)
-            table = get_2d_sincos_pos_embed(m.proj.out_channels, grid, base_size=m.base_size,
-                                            interpolation_scale=m.interpolation_scale, output_type="pt")
-            m.register_buffer("pos_embed", table.float().unsqueeze(0).to(device),
-                              persistent=bool(m.pos_embed_max_size))
 
 
 def _arch_file(path) -> Path:

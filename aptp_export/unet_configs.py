@@ -249,3 +249,21 @@ def unwrap_unet(unet):
 def is_unet(m) -> bool:
     """Whether `m` is a denoiser the toolchain prunes (UNet2DConditionModel, PixArt or SD3 transformer)."""
     return isinstance(m, tuple(_BACKBONE_CLASSES.values()))
+
+
+def fill_position_tables(model, device=None, only_missing: bool = True) -> None:
+    """(Re)compute the sin-cos position tables of a transformer's `PatchEmbed` (PixArt's, non-persistent, and
+    SD3's cropped one), a function of the config alone: after loading weights (`only_missing`: tables left on
+    the meta device) or after `to_empty()` (only_missing=False: every table, whose memory is uninitialised)."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    for m in model.modules():
+        if not isinstance(m, PatchEmbed) or getattr(m, "pos_embed", None) is None:
+            continue
+        if only_missing and not m.pos_embed.is_meta:
+            continue
+        grid = m.pos_embed_max_size or int((m.height * m.width) ** 0.5)
+        table = get_2d_sincos_pos_embed(m.proj.out_channels, grid, base_size=m.base_size,
+                                        interpolation_scale=m.interpolation_scale, output_type="pt")
+        dev = device if device is not None else (m.proj.weight.device if not m.proj.weight.is_meta else "cpu")
+        m.register_buffer("pos_embed", table.float().unsqueeze(0).to(dev), persistent=bool(m.pos_embed_max_size))

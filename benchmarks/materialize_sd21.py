@@ -32,6 +32,7 @@ from aptp_export.unet_configs import (
     SDXL_UNET_CONFIG,
     added_cond_kwargs,
     build_unet,
+    fill_position_tables,
 )
 from engines.fileio import write_json
 
@@ -74,6 +75,7 @@ def random_unet(config: dict, seed: int = 0, dtype=torch.float32):
                     p.mul_(0.02)
                 else:
                     p.mul_((p[0].numel() if p.ndim > 1 else p.numel()) ** -0.5)
+    fill_position_tables(unet, "cpu", only_missing=False)  # DiTs: to_empty left their position tables unset
     return unet.eval()
 
 

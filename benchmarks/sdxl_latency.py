@@ -1,11 +1,15 @@
-"""Latency against MACs at SDXL scale: the SDXL base UNet architecture (random weights), onnxruntime CPU.
+"""Latency against MACs at SDXL scale: the SDXL base UNet architecture (random weights), onnxruntime CPU; with
+`--model pixart` / `--model sd3` the PixArt-Sigma XL-2 or SD3-medium transformer instead (issue 25).
 
-    python -m benchmarks.sdxl_latency [--size 64] [--keep 0.9 0.7 0.5] [--seed 0] [--repeats 3] [--settle 1]
-                                      [--threads 1] [--limit-gb 20] [--no-dense] [--out DIR] [--onnx-dir DIR]
+    python -m benchmarks.sdxl_latency [--model sdxl|pixart|sd3] [--size 64] [--keep 0.9 0.7 0.5] [--seed 0]
+                                      [--repeats 3] [--settle 1] [--threads 1] [--limit-gb 20] [--no-dense]
+                                      [--out DIR] [--onnx-dir DIR]
 
 Experts: random architecture vectors at the given keep ratios (ArchSpace.sample, one generator seeded with
 `--seed`, drawn in order, as benchmarks.sd21_latency does), and the dense UNet. UNet batch 2 (one prompt with
-CFG), 77 tokens, SDXL's text_embeds [N, 1280] and time_ids [N, 6].
+CFG), 77 tokens, SDXL's text_embeds [N, 1280] and time_ids [N, 6]. PixArt: 300 T5 tokens and their mask;
+SD3: 333 tokens (77 CLIP + 256 T5) and the pooled projection [N, 2048]; both exported at a fixed latent size
+(export_spec.dit_unet_spec), so their check input differs from the traced one in batch only.
 
 Memory is what shapes this benchmark: the dense UNet is 10.3 GB in float32. Every model is exported in its own
 child process, watched by this one, which kills it as soon as its RSS passes `--limit-gb` (the machine is
@@ -28,8 +32,8 @@ one timed call, closing it; per model the median over rounds, and the paired est
 benchmarks.unet_latency (per-round ratio to the reference, ratio of minima, CPU-time ratio). Latency
 fractions are against the dense model if it was timed, else against the largest expert that was.
 
-Writes OUT/sdxl_bench.json, OUT/sdxl_table_<size>.md, OUT/sdxl_latency_vs_macs_<size>.png; graphs go to
---onnx-dir (default OUT/onnx/<size>) and are reused when their export record says they passed the check.
+Writes OUT/<model>_bench.json, OUT/<model>_table_<size>.md, OUT/<model>_latency_vs_macs_<size>.png; graphs go
+to --onnx-dir (default OUT/onnx/<size>) and are reused when their export record says they passed the check.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 
 from aptp_export import ArchSpace
-from aptp_export.export_spec import unet_spec
+from aptp_export.export_spec import dit_unet_spec, unet_spec
 from aptp_export.materialize import apply_arch_
 from aptp_export.onnx_export import (
     FP32_RTOL,
@@ -56,7 +60,14 @@ from aptp_export.onnx_export import (
     relative_errors,
     torch_reference,
 )
-from aptp_export.unet_configs import SDXL_UNET_CONFIG, added_cond_dims
+from aptp_export.unet_configs import (
+    PIXART_SIGMA_CONFIG,
+    SD3_MEDIUM_CONFIG,
+    SD3_TEXT_LEN,
+    SDXL_UNET_CONFIG,
+    added_cond_dims,
+    backbone_of,
+)
 from engines.fileio import write_json, write_text
 from engines.backends.ort import OrtSession
 
@@ -68,6 +79,10 @@ from .timing import timing_summary, machine
 from .unet_latency import InputShape, paired_timings, unet_feeds
 
 TEXT_LEN = 77
+# --model -> (architecture, text tokens, plot title)
+MODELS = {"sdxl": (SDXL_UNET_CONFIG, TEXT_LEN, "SDXL UNet architecture"),
+          "pixart": (PIXART_SIGMA_CONFIG, 300, "PixArt-Sigma XL-2 transformer"),
+          "sd3": (SD3_MEDIUM_CONFIG, SD3_TEXT_LEN, "SD3-medium transformer")}
 TABLE_COLUMNS = [("model", "model", ""), ("macs_fraction", "MACs fraction", ".3f"), ("gmacs", "GMACs", ".1f"),
                  ("params_m", "params (M)", ".0f"), ("onnxruntime_ms", "ORT ms", ".0f"),
                  ("latency_fraction", "ORT latency fraction", ".3f"), ("latency_over_macs", "latency / MACs", ".3f")]
@@ -85,6 +100,23 @@ def sdxl_shape(config: dict, size: int) -> InputShape:
     text_dim, ids = added_cond_dims(config)
     return InputShape(config["in_channels"], size, size, TEXT_LEN, config["cross_attention_dim"],
                       text_embeds_dim=text_dim, time_ids_dim=ids)
+
+
+def model_spec(config: dict, size: int, text_len: int = TEXT_LEN):
+    """The export spec for any --model: sdxl_spec for a UNet, dit_unet_spec (fixed size, batch 1-2) for a DiT."""
+    if backbone_of(config) == "unet":
+        return sdxl_spec(config, size)
+    return dit_unet_spec(config, (size, size), text_len, batch=(1, 2, 2))
+
+
+def model_shape(config: dict, size: int, text_len: int = TEXT_LEN) -> InputShape:
+    kind = backbone_of(config)
+    if kind == "unet":
+        return sdxl_shape(config, size)
+    if kind == "pixart":
+        return InputShape(config["in_channels"], size, size, text_len, config["caption_channels"], caption_mask=True)
+    return InputShape(config["in_channels"], size, size, text_len, config["joint_attention_dim"],
+                      pooled_dim=config["pooled_projection_dim"])
 
 
 def plan_models(space: ArchSpace, keep: list[float], seed: int, dense: bool = True) -> dict:
@@ -136,11 +168,11 @@ def summary(rows: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- children
 def export_one(config: dict, name: str, arch, path: Path, size: int, seed: int, threads: int,
-               progress: Path) -> dict:
+               progress: Path, text_len: int = TEXT_LEN) -> dict:
     """Phases 1-5 of the module doc for one model; returns (and leaves in `progress`) its record."""
     torch.set_num_threads(threads)
     phases = Phases(progress, model=name)
-    spec = sdxl_spec(config, size)
+    spec = model_spec(config, size, text_len)
     with phases("build"):
         unet = random_unet(config, seed)
     if arch is not None:
@@ -168,11 +200,11 @@ def export_one(config: dict, name: str, arch, path: Path, size: int, seed: int, 
 
 
 def time_models(config: dict, paths: dict[str, Path], size: int, repeats: int, settle: int, threads: int,
-                progress: Path) -> dict:
+                progress: Path, text_len: int = TEXT_LEN) -> dict:
     """Reload rounds (module doc): name -> [(wall s, CPU s)] of the timed calls, plus open times and phases."""
     torch.set_num_threads(threads)
     phases = Phases(progress, models=list(paths))
-    feeds = unet_feeds(sdxl_shape(config, size), 1)
+    feeds = unet_feeds(model_shape(config, size, text_len), 1)
     calls = {n: [] for n in paths}
     opens = {n: [] for n in paths}
     for r in range(repeats):
@@ -237,6 +269,8 @@ def _child_cmd(argv: list[str], *extra: str) -> list[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="sdxl",
+                    help="architecture (random weights): SDXL base UNet, PixArt-Sigma XL-2 or SD3-medium")
     ap.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     ap.add_argument("--seed", type=int, default=0)
@@ -252,7 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-only", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     base = list(argv)
-    config = json.loads(Path(args.unet_config).read_text()) if args.unet_config else SDXL_UNET_CONFIG
+    config, text_len, title = MODELS[args.model]
+    config = json.loads(Path(args.unet_config).read_text()) if args.unet_config else config
+    tag = args.model
     out = Path(args.out)
     onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx" / str(args.size)
     space = ArchSpace.from_config(config)
@@ -261,20 +297,20 @@ def main(argv=None) -> int:
     logs = out / "records"
     if args.export_one:
         export_one(config, args.export_one, models[args.export_one], paths[args.export_one], args.size, args.seed,
-                   args.threads, logs / f"export-{args.export_one}.json")
+                   args.threads, logs / f"export-{args.export_one}.json", text_len)
         return 0
     if args.time_only:
         time_models(config, {n: paths[n] for n in args.time_only}, args.size, args.repeats, args.settle, args.threads,
-                    logs / f"timing-{args.size}.json")
+                    logs / f"timing-{args.size}.json", text_len)
         return 0
 
     t0 = time.perf_counter()
     logs.mkdir(parents=True, exist_ok=True)
-    dense_macs = space.dense_macs(args.size, args.size, TEXT_LEN)
-    macs = {n: dense_macs if a is None else space.macs(a.tolist(), args.size, args.size, TEXT_LEN)
+    dense_macs = space.dense_macs(args.size, args.size, text_len)
+    macs = {n: dense_macs if a is None else space.macs(a.tolist(), args.size, args.size, text_len)
             for n, a in models.items()}
     result = {"config": vars(args), "machine": machine(), "threads": args.threads, "loadavg_start": os.getloadavg(),
-              "dense_gmacs": dense_macs / 1e9, "dense_gmacs_1024px": space.dense_macs(128, 128, TEXT_LEN) / 1e9,
+              "dense_gmacs": dense_macs / 1e9, "dense_gmacs_1024px": space.dense_macs(128, 128, text_len) / 1e9,
               "exports": {}}
     for name in models:
         prog = logs / f"export-{name}.json"
@@ -290,7 +326,7 @@ def main(argv=None) -> int:
             else f"died (rc {w.returncode}) in phase {w.phase} (RSS {w.rss_gb:.1f} GB)")
         result["exports"][name] = {**rec, "status": status, "sampled_peak_gb": w.peak_gb, "seconds": w.seconds}
         print(f"[export] {name}: {status}, {w.seconds:.0f} s, sampled peak {w.peak_gb:.1f} GB", flush=True)
-        write_json(out / "sdxl_bench.json", {**result, "partial": True})
+        write_json(out / f"{tag}_bench.json", {**result, "partial": True})
 
     timed = [n for n in models if result["exports"][n].get("ok")]
     result["reference"] = reference_model(timed, macs) if timed else None
@@ -311,13 +347,13 @@ def main(argv=None) -> int:
     result["summary"] = summ
     table = markdown_table(summ, TABLE_COLUMNS)
     robust = markdown_table(summ, ROBUSTNESS_COLUMNS[:6])
-    write_json(out / "sdxl_bench.json", result)
-    write_text(out / f"sdxl_table_{args.size}.md", report(result, args.size, table, robust))
+    write_json(out / f"{tag}_bench.json", result)
+    write_text(out / f"{tag}_table_{args.size}.md", report(result, args.size, table, robust))
     if rows:
-        latency_vs_macs(rows, out / f"sdxl_latency_vs_macs_{args.size}.png",
-                        title=f"SDXL UNet architecture, {args.size}x{args.size} latent, batch 2"
+        latency_vs_macs(rows, out / f"{tag}_latency_vs_macs_{args.size}.png",
+                        title=f"{title}, {args.size}x{args.size} latent, batch 2"
                         + ("" if result["reference"] == "dense" else f"\n(latency against {result['reference']})"))
-    print((out / f"sdxl_table_{args.size}.md").read_text(), flush=True)
+    print((out / f"{tag}_table_{args.size}.md").read_text(), flush=True)
     return 0
 
 

@@ -63,12 +63,15 @@ class InputShape:
     context_dim: int
     text_embeds_dim: int = 0   # SDXL-class UNets: pooled text embedding width (0: no added inputs)
     time_ids_dim: int = 6
+    caption_mask: bool = False  # PixArt: encoder_attention_mask [N, L] (int64 ones)
+    pooled_dim: int = 0         # SD3: pooled_projections [N, P]
 
 
 def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of a CFG-doubled UNet call for `prompts` prompts; with `shape.text_embeds_dim` also SDXL's
     text_embeds (N(0, 1)) and time_ids (the default micro-conditioning of a square image of 8 x the latent:
-    original size, crop (0, 0), target size)."""
+    original size, crop (0, 0), target size); PixArt's caption mask (all tokens real) or SD3's pooled
+    projections (N(0, 1)) where the shape says so."""
     rng = np.random.default_rng(seed)
     n = 2 * prompts
     feeds = {
@@ -81,6 +84,10 @@ def unet_feeds(shape: InputShape, prompts: int, seed: int = 0) -> dict[str, np.n
         ids = np.array([h, w, 0, 0, h, w], dtype=np.float32)[:shape.time_ids_dim]
         feeds[UNET_ADDED_INPUTS[0]] = rng.standard_normal((n, shape.text_embeds_dim), dtype=np.float32)
         feeds[UNET_ADDED_INPUTS[1]] = np.tile(ids, (n, 1))
+    if shape.caption_mask:
+        feeds["encoder_attention_mask"] = np.ones((n, shape.text_len), dtype=np.int64)
+    if shape.pooled_dim:
+        feeds["pooled_projections"] = rng.standard_normal((n, shape.pooled_dim), dtype=np.float32)
     return feeds
 
 

@@ -88,3 +88,38 @@ def test_run_watched_kills_a_child_over_its_limit_and_names_the_phase(tmp_path):
     assert w.killed and w.phase == "hog" and w.rss_gb > 0.3 and w.seconds < 20
     ok = run_watched([sys.executable, "-c", "pass"], limit_gb=5, poll_s=0.05)
     assert ok.returncode == 0 and not ok.killed and ok.phase is None
+
+
+@pytest.mark.parametrize("model", ["pixart", "sd3"])
+def test_dit_models_feeds_match_their_graph(model, tmp_path):
+    """--model pixart / sd3: the timing feeds are exactly the inputs of the graph export_one writes, and a tiny
+    transformer of the same class goes through the benchmark's export child (build with filled position
+    tables, materialise, export, onnxruntime check)."""
+    import json
+
+    from benchmarks.sdxl_latency import MODELS, export_one, model_shape, model_spec
+
+    config, text_len, _ = MODELS[model]
+    spec, feeds = model_spec(config, 16, text_len), unet_feeds(model_shape(config, 16, text_len), 1)
+    assert list(spec.input_names) == list(feeds)
+    assert {k: v.shape[1:] for k, v in feeds.items()}["encoder_hidden_states"] == (text_len, 4096)
+    tiny = ({"sample_size": 8, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
+             "out_channels": 8, "cross_attention_dim": 16, "caption_channels": 12, "patch_size": 2,
+             "interpolation_scale": 1} if model == "pixart" else
+            {"sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+             "num_attention_heads": 2, "joint_attention_dim": 12, "caption_projection_dim": 16,
+             "pooled_projection_dim": 6, "out_channels": 4, "pos_embed_max_size": 8})
+    import torch
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    from benchmarks.materialize_sd21 import random_unet
+
+    fresh = (PixArtTransformer2DModel if model == "pixart" else SD3Transformer2DModel)(**tiny)
+    assert torch.equal(random_unet(tiny).pos_embed.pos_embed, fresh.pos_embed.pos_embed)  # not to_empty's garbage
+    space = ArchSpace.from_config(tiny)
+    rec = export_one(tiny, "keep_0.60", space.sample(keep=0.6), tmp_path / "e.onnx", 8, 0, 1, tmp_path / "p.json",
+                     text_len=5)
+    assert rec["ok"] and max(rec["max_rel_error"].values()) <= 1e-5, rec
+    assert [p["phase"] for p in rec["phases"]] == ["build", "materialise", "torch_reference", "export",
+                                                    "ort_session", "ort_check"]
+    assert json.loads((tmp_path / "p.json").read_text())["model"] == "keep_0.60"
