@@ -5,6 +5,9 @@
 | `pixel` | none                         | no  | one encoder's token states (toy: packaged MiniLM)   | -                       |
 | `sd`    | none                         | yes | CLIPTextModel, last hidden state, no attention mask | -                       |
 | `sdxl`  | `"text_time"`                | yes | two CLIP encoders (second: pooled `text_embeds`)    | text_embeds, time_ids   |
+| `pixart`| a PixArt transformer         | yes | T5EncoderModel, last hidden state, with its mask    | encoder_attention_mask  |
+
+`pixart` is trained but not yet exported (issue 25): it is no manifest family, and `aptp export` refuses it.
 
 A family is decided once, from the UNet's config and whether the model has a VAE (`detect_family`); loading a
 base model (training/base_model.py), the UNet graph (onnx_export.py) and the export directory
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from engines.errors import UserError
 from engines.manifest import FAMILIES, UNET_ADDED_INPUTS, AddedCondInfo
 
-from .unet_configs import added_cond_dims
+from .unet_configs import added_cond_dims, backbone_of
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Family:
         (None: no addition embedding); with `latent`, what `detect_family` matches.
     extra_inputs: the UNet's inputs after (sample, timestep, encoder_hidden_states), in graph order; diffusers
         takes them as `added_cond_kwargs` (the manifest's `added_cond`).
+    backbone / exportable: the denoiser class (`detect_family` matches it) and whether the export format has
+        the family (see check_exportable).
     second_text_encoder: the text conditioning has a second encoder and tokenizer (text_encoder_2/,
         tokenizer_2/; the manifest's `tokenizer.json_2`, `text_encoder.pooled_dim`) whose pooled projection is
         `text_embeds`; the context is both encoders' penultimate states concatenated.
@@ -46,10 +51,19 @@ class Family:
     extra_inputs: tuple[str, ...] = ()
     second_text_encoder: bool = False
     upcast_vae: bool = False
+    backbone: str = "unet"  # aptp_export.unet_configs.backbone_of of the family's denoisers
+    exportable: bool = True  # False: training only (no manifest family, the runtime cannot run it yet)
 
     def __post_init__(self):
-        if self.name not in FAMILIES:  # the runtime reads only the format's families
+        if self.exportable and self.name not in FAMILIES:  # the runtime reads only the format's families
             raise ValueError(f"family {self.name!r} is not one of engines.manifest.FAMILIES {FAMILIES}")
+
+    def check_exportable(self) -> None:
+        """Raise UserError for a family the export format and runtime do not support yet."""
+        if not self.exportable:
+            raise UserError(f"exporting a {self.name} model is not implemented yet (issue 25: the runtime needs its "
+                            "text encoder and inputs); the fine-tuned experts are in the run's experts/ directory "
+                            "as safetensors (aptp_export.load_expert)")
 
     def added_cond_dims(self, unet_config) -> tuple[int, int] | None:
         """(text_embeds width, time_ids count) the UNet reads, None for a family without extra inputs."""
@@ -77,6 +91,7 @@ MODEL_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd", latent=True),
     Family("sdxl", latent=True, addition_embed_type="text_time", extra_inputs=UNET_ADDED_INPUTS,
            second_text_encoder=True, upcast_vae=True),
+    Family("pixart", latent=True, extra_inputs=("encoder_attention_mask",), backbone="pixart", exportable=False),
 )}
 
 
@@ -95,9 +110,9 @@ def _embed_type(unet_config) -> str | None:
 def detect_family(unet_config, has_vae: bool) -> Family:
     """The family of a model whose UNet has `unet_config` (diffusers config, dict or FrozenDict; {} for a module
     without one) and which has a VAE or not. Raises UserError when no family fits."""
-    embed = _embed_type(unet_config)
+    embed, backbone = _embed_type(unet_config), backbone_of(unet_config)
     for family in MODEL_FAMILIES.values():
-        if family.latent == bool(has_vae) and family.addition_embed_type == embed:
+        if family.latent == bool(has_vae) and family.addition_embed_type == embed and family.backbone == backbone:
             return family
     raise UserError(f"no model family has a UNet with addition_embed_type {embed!r} "
                     f"{'and' if has_vae else 'without'} a VAE (families: "
@@ -110,7 +125,7 @@ def unet_extra_inputs(unet_config) -> tuple[str, ...]:
     families its addition embedding belongs to (the same with or without a VAE)."""
     embed = _embed_type(unet_config)
     for family in MODEL_FAMILIES.values():
-        if family.addition_embed_type == embed:
+        if family.addition_embed_type == embed and family.backbone == "unet":
             return family.extra_inputs
     raise UserError(f"unsupported UNet: addition_embed_type {embed!r} (supported: "
                     + ", ".join(sorted({repr(f.addition_embed_type) for f in MODEL_FAMILIES.values()})) + ")")

@@ -267,6 +267,7 @@ def _family(experts: list[ExpertModel], parts: ExportParts) -> Family:
         raise UserError("no experts to export")
     config = _unet_config(experts[0])
     family = detect_family(config, has_vae=parts.vae is not None)
+    family.check_exportable()
     if family.second_text_encoder and parts.text_encoder_2 is None:
         raise UserError(f"an {family.name.upper()}-class UNet (addition_embed_type {family.addition_embed_type}) "
                         "needs the second text encoder that gives its pooled text embedding")

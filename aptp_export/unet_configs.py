@@ -267,3 +267,21 @@ def fill_position_tables(model, device=None, only_missing: bool = True) -> None:
                                         interpolation_scale=m.interpolation_scale, output_type="pt")
         dev = device if device is not None else (m.proj.weight.device if not m.proj.weight.is_meta else "cpu")
         m.register_buffer("pos_embed", table.float().unsqueeze(0).to(dev), persistent=bool(m.pos_embed_max_size))
+
+
+def denoiser_output(model, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
+                    encoder_attention_mask=None):
+    """The noise (or v) prediction of any supported denoiser, called with the UNet's convention: a UNet as
+    `model(sample, timestep, encoder_hidden_states, added_cond_kwargs=...)`, a PixArt transformer with its
+    keywords and the caption's padding mask, its learned-sigma half dropped (as its pipelines do). `model` may
+    be wrapped (DDP, accelerate, torch.compile) or gated; its backbone is read from the unwrapped config."""
+    kind = backbone_of(unwrap_unet(model).config)
+    if kind == "pixart":
+        out = model(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                    encoder_attention_mask=encoder_attention_mask).sample
+        c = sample.shape[1]
+        return out[:, :c] if out.shape[1] == 2 * c else out
+    if kind == "sd3":
+        raise NotImplementedError("SD3 denoisers are trained with flow matching, not supported by training yet")
+    kwargs = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    return model(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample

@@ -93,17 +93,17 @@ def per_sample_errors(models: dict[str, torch.nn.Module], base, dataset, timeste
             t = torch.full((len(idx),), int(tv), dtype=torch.long)
             noisy = base.scheduler.add_noise(x0, noise, t)
             target = diffusion_target(base.scheduler, x0, noise, t, base.prediction_type)
-            ref = base.unet(noisy, t, **cond.kwargs()).sample
+            ref = cond.predict(base.unet, noisy, t)
             out["dense"]["to_target"][idx.numpy()] += _mse(ref, target, len(timesteps))
             for name in plain:
-                y = models[name](noisy, t, **cond.kwargs()).sample
+                y = cond.predict(models[name], noisy, t)
                 out[name]["to_target"][idx.numpy()] += _mse(y, target, len(timesteps))
                 out[name]["to_teacher"][idx.numpy()] += _mse(y, ref, len(timesteps))
             for name, a_all in assignment.items():
                 a = a_all[idx]
                 for k in a.unique().tolist():
                     m = a == k
-                    y = models[f"{name}/{k}"](noisy[m], t[m], **cond[m].kwargs()).sample
+                    y = cond[m].predict(models[f"{name}/{k}"], noisy[m], t[m])
                     rows = idx[m].numpy()
                     out[name]["to_target"][rows] += _mse(y, target[m], len(timesteps))
                     out[name]["to_teacher"][rows] += _mse(y, ref[m], len(timesteps))

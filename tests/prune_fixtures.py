@@ -227,3 +227,58 @@ def write_sdxl_model(path: Path, seed: int = 0, force_zeros: bool = True) -> Pat
         "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}))
     return path
+
+
+def write_tiny_t5_tokenizer(path: Path, max_length: int = 12):
+    """A real T5 tokenizer (SentencePiece-style Unigram with Metaspace, `</s>` appended, `<pad>` = 0) over a
+    few words and the single letters, built with `tokenizers` offline; saved as T5TokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = ("a red blue green circle square the on of in letter small big and above below digit".split())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=max_length)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+TINY_PIXART = dict(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                   out_channels=8, cross_attention_dim=16, caption_channels=16, patch_size=2)
+
+
+def write_pixart_model(path: Path, seed: int = 0) -> Path:
+    """A PixArt-Sigma pipeline directory with tiny random parts: T5 tokenizer and T5EncoderModel (d_model 16),
+    a VAE with SDXL's scaling factor (PixArt's), a PixArt transformer with learned sigma, PixArt's
+    DPM-Solver scheduler config and model_index.json."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = write_tiny_t5_tokenizer(path / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                            decoder_start_token_id=0)).save_pretrained(str(path / "text_encoder"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
+    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    transformer = PixArtTransformer2DModel(**TINY_PIXART)
+    _perturb_(transformer, seed)
+    transformer.save_pretrained(str(path / "transformer"), safe_serialization=True)
+    DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                                prediction_type="epsilon").save_pretrained(str(path / "scheduler"))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtSigmaPipeline", "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    return path

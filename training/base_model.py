@@ -9,11 +9,17 @@ Three on-disk layouts:
   context is both encoders' penultimate hidden states concatenated, and the UNet also reads
   `added_cond_kwargs`: the second encoder's pooled embedding (text_embeds) and time_ids = (original height,
   width, crop top, left, target height, width) per image (from the data when it records them, else the
-  training resolution with no crop), as diffusers' SDXL pipeline and training script build them.
+  training resolution with no crop), as diffusers' SDXL pipeline and training script build them;
+- PixArt-alpha / -Sigma (issue 25): transformer/ (PixArtTransformer2DModel) instead of unet/, text_encoder/
+  (T5EncoderModel) and tokenizer/ (T5 tokenizer, `model.text_max_length` tokens: 300 for Sigma, 120 for
+  alpha; default the tokenizer's model_max_length capped at 300). The context is T5's last hidden state and
+  the transformer reads the caption's padding mask (`UNetCond.mask`), as PixArtSigmaPipeline builds them
+  (without its caption cleaning). SD3 directories are recognised and refused (flow matching is not trained
+  yet).
 
     base = load_base_model(cfg.model)
     x0 = base.encode_images(pixels, eps)          # pixels [B,3,H,W] in [-1,1] -> UNet-space x0
-    cond = base.conditioning(captions, sizes)     # UNetCond: unet(x, t, **cond.kwargs())
+    cond = base.conditioning(captions, sizes)     # UNetCond: cond.predict(unet, x, t) (any backbone)
     ctx = base.encode_text(captions)              # [B, L, C] cross-attention context only
 """
 
@@ -29,6 +35,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from aptp_export.families import Family, detect_family, get_family
+from aptp_export.unet_configs import denoiser_output
 from engines.errors import UserError
 
 from .data import missing_path_message
@@ -36,31 +43,42 @@ from .text import TextEncoder
 from .toy import teacher_dir
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PIXART_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PIXART_MAX_LENGTH = 300  # PixArt-Sigma's max_sequence_length (PixArt-alpha: 120)
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 
 
 @dataclass
 class UNetCond:
     """Everything a UNet call reads about its batch besides sample and timestep: the cross-attention context
-    [B, L, C] and, for SDXL-class UNets, text_embeds [B, P] and time_ids [B, 6] (`added_cond_kwargs`)."""
+    [B, L, C]; for SDXL-class UNets text_embeds [B, P] and time_ids [B, 6] (`added_cond_kwargs`); for PixArt
+    the caption's padding mask [B, L] (1 = a real token)."""
 
     context: torch.Tensor
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.context.shape[0])
 
     def __getitem__(self, rows) -> UNetCond:
         pick = (lambda t: None if t is None else t[rows])  # noqa: E731
-        return UNetCond(self.context[rows], pick(self.text_embeds), pick(self.time_ids))
+        return UNetCond(self.context[rows], pick(self.text_embeds), pick(self.time_ids), pick(self.mask))
 
     def kwargs(self) -> dict:
-        """Keyword arguments of `unet(sample, timestep, **kwargs)`."""
+        """Keyword arguments of a UNet's `unet(sample, timestep, **kwargs)` (UNets only; `predict` calls any
+        backbone)."""
         out = {"encoder_hidden_states": self.context}
         if self.text_embeds is not None:
             out["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
         return out
+
+    def predict(self, model, sample, timestep) -> torch.Tensor:
+        """The model's prediction for this condition: UNets with `kwargs()`, PixArt transformers with the
+        caption mask and without their learned-sigma half (aptp_export.unet_configs.denoiser_output)."""
+        added = None if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return denoiser_output(model, sample, timestep, self.context, added, self.mask)
 
 
 @dataclass
@@ -77,7 +95,7 @@ class BaseModel:
     vae: torch.nn.Module | None = None
     latent_channels: int = 0
     scaling_factor: float = 1.0
-    family: str = "pixel"     # aptp_export.families (engines.manifest.FAMILIES): "pixel" | "sd" | "sdxl"
+    family: str = "pixel"     # aptp_export.families: "pixel" | "sd" | "sdxl" | "pixart"
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
     # the model's own scheduler config (scheduler/scheduler_config.json as written, prediction_type resolved):
     # what sampling uses (an export's manifest), as opposed to `scheduler`, the DDPM rebuilt for training,
@@ -103,6 +121,9 @@ class BaseModel:
         image (training.data.collate(..., sizes=True)); None = the training resolution, no crop. Only
         SDXL-class UNets read it. With force_zeros_for_empty_prompt (SDXL) an empty caption gets zeros, the
         unconditional condition the pipeline and the runtime sample with."""
+        if self.family == "pixart":
+            context, mask = self.text_encoder.encode_masked(list(captions))
+            return UNetCond(context, mask=mask)
         if not self.family_info.extra_inputs:
             return UNetCond(self.encode_text(captions))
         context, pooled = self.text_encoder.encode_pooled(list(captions))
@@ -182,6 +203,31 @@ class _SdxlClipTokens(_ClipTokens):
         return self.encode_pooled(captions)[0]
 
 
+class _T5Tokens:
+    """PixArt conditioning, as PixArtSigmaPipeline.encode_prompt with clean_caption=False: T5 tokens padded to
+    `max_length`, T5EncoderModel's last hidden state computed with the attention mask, and the mask itself
+    (the transformer masks padded tokens in its cross-attention)."""
+
+    def __init__(self, path: Path, max_length: int | None, device):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(str(path / "text_encoder"), local_files_only=True).to(device)
+        self.model.eval().requires_grad_(False)
+        self.max_length = int(max_length or min(self.tokenizer.model_max_length, PIXART_MAX_LENGTH))
+        self.device = device
+
+    @torch.no_grad()
+    def encode_masked(self, captions):
+        tok = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device)
+        return self.model(tok.input_ids.to(self.device), attention_mask=mask)[0].float(), mask
+
+    def encode(self, captions):
+        return self.encode_masked(captions)[0]
+
+
 def _force_zeros(path: Path) -> bool:
     """SDXL pipelines' `force_zeros_for_empty_prompt` from model_index.json (diffusers' default: true)."""
     index = path / "model_index.json"
@@ -194,9 +240,23 @@ def _force_zeros(path: Path) -> bool:
 
 
 def detect_layout(path: Path) -> str:
-    """'latent' (Stable Diffusion layout), 'pixel' (toy layout) or raise UserError naming what is missing."""
+    """'latent' (Stable Diffusion layout), 'transformer' (PixArt), 'pixel' (toy layout) or raise UserError
+    naming what is missing."""
     if not path.is_dir():
         raise UserError(missing_path_message("model", path))
+    if (path / "transformer").is_dir():
+        cfg_file = path / "transformer" / "config.json"
+        cls = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
+        if cls == "SD3Transformer2DModel":
+            raise UserError(f"{path}: a Stable Diffusion 3 pipeline: training SD3 (flow matching, three text "
+                            "encoders) is not implemented yet; `aptp inspect --unet DIR` prints its architecture "
+                            "space")
+        missing = [p for p in PIXART_PARTS if not (path / p).is_dir()]
+        if cls != "PixArtTransformer2DModel" or missing:
+            raise UserError(f"{path}: a transformer pipeline directory ({cls or 'no transformer/config.json'}); "
+                            f"supported: PixArt (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)"
+                            + (f", it lacks {', '.join(m + '/' for m in missing)}" if missing else ""))
+        return "transformer"
     if (path / "vae").is_dir():
         missing = [p for p in SD_PARTS if not (path / p).is_dir()]
         if missing:
@@ -242,7 +302,13 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     path = resolve_model_path(mcfg.path)
     kind = detect_layout(path)
     device = torch.device(device)
-    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True).to(device)
+    if kind == "transformer":
+        from diffusers import PixArtTransformer2DModel
+
+        unet = PixArtTransformer2DModel.from_pretrained(str(path), subfolder="transformer", local_files_only=True)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+    unet = unet.to(device)
     unet.eval().requires_grad_(False)
     file_cfg = dict(DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True))
     scheduler = DDPMScheduler.from_config({k: v for k, v in file_cfg.items() if k != "set_alpha_to_one"})
@@ -250,6 +316,18 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"{path}/scheduler: unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
     sampling_cfg = {**file_cfg, "prediction_type": prediction_type}
+    if kind == "transformer":
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
+        vae.eval().requires_grad_(False)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        family = detect_family(unet.config, has_vae=True)
+        text = _T5Tokens(path, mcfg.text_max_length, device)
+        image_size = int(mcfg.resolution or unet.config.sample_size * factor)
+        if image_size % factor:
+            raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
+        return BaseModel(path, "latent", unet, scheduler, prediction_type, image_size, image_size // factor,
+                         text.max_length, text, vae, int(vae.config.latent_channels),
+                         float(vae.config.scaling_factor), family=family.name, scheduler_config=sampling_cfg)
     if kind == "latent":
 
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)

@@ -49,11 +49,11 @@ def distill_error(experts: dict[int, torch.nn.Module], assignment: torch.Tensor,
             noise = torch.randn((len(idx), c, h, w), generator=gen)
             t = torch.full((len(idx),), int(tv), dtype=torch.long)
             noisy = base.scheduler.add_noise(x0, noise, t)
-            ref = teacher(noisy, t, **cond.kwargs()).sample
+            ref = cond.predict(teacher, noisy, t)
             a = assignment[idx]
             for k in a.unique().tolist():
                 m = a == k
-                out = experts[k](noisy[m], t[m], **cond[m].kwargs()).sample
+                out = cond[m].predict(experts[k], noisy[m], t[m])
                 sums[idx[m], j] = ((out - ref[m]) ** 2).flatten(1).mean(1).double()
     per_expert = {int(k): float(sums[assignment == k].mean()) for k in assignment.unique().tolist()}
     return {"mse": float(sums.mean()), "per_expert": per_expert,

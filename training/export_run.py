@@ -54,6 +54,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
                         f"{missing[0]}); run `aptp finetune --run {run_dir}`")
     base = load_base_model(cfg.model)
+    base.family_info.check_exportable()  # before any expert is loaded
     space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
     h = w = base.sample_size
     text_len = base.text_len

@@ -109,12 +109,12 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             noisy = base.scheduler.add_noise(x0, noise, t)
             rec_s.clear(), rec_t.clear()
             with torch.no_grad():
-                t_out = teacher(noisy, t, **cond.kwargs()).sample
+                t_out = cond.predict(teacher, noisy, t)
             if row_gates is None:
-                out = expert(noisy, t, **cond.kwargs()).sample
+                out = cond.predict(expert, noisy, t)
             else:
                 with row_gates[0].gated(expert, row_gates[1][idx].to(dev)):
-                    out = expert(noisy, t, **cond.kwargs()).sample
+                    out = cond.predict(expert, noisy, t)
             l_ddpm = diffusion_loss(out, diffusion_target(base.scheduler, x0, noise, t, base.prediction_type), t,
                                     base.scheduler, lw.snr_gamma, base.prediction_type).mean()
             l_out = per_sample_mse(out, t_out).mean()

@@ -59,7 +59,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
 
 
 class BlockRecorder:
-    """Records the outputs of a UNet's down blocks, mid block and up blocks on every forward.
+    """Records the outputs of a UNet's down blocks, mid block and up blocks on every forward; of a diffusion
+    transformer (PixArt), the output of every transformer block (a removed block records its input, which is
+    then its output).
 
     Usage: rec = BlockRecorder(unet); unet(...); acts = rec.take()  -> list of tensors (hidden states,
     without the down blocks' residual tuples). `rec.remove()` detaches the hooks.
@@ -68,10 +70,13 @@ class BlockRecorder:
     def __init__(self, unet: nn.Module):
         self._acts: list[torch.Tensor] = []
         self._handles = []
-        blocks = list(unet.down_blocks)
-        if getattr(unet, "mid_block", None) is not None:
-            blocks.append(unet.mid_block)
-        blocks += list(unet.up_blocks)
+        if hasattr(unet, "down_blocks"):
+            blocks = list(unet.down_blocks)
+            if getattr(unet, "mid_block", None) is not None:
+                blocks.append(unet.mid_block)
+            blocks += list(unet.up_blocks)
+        else:
+            blocks = list(unet.transformer_blocks)
         for blk in blocks:
             self._handles.append(blk.register_forward_hook(self._hook))
         self.num_blocks = len(blocks)

@@ -59,9 +59,9 @@ def need_errors(setup, router, rows: torch.Tensor, timesteps=TIMESTEPS, seed: in
             noise = torch.randn((len(idx), c, h, w), generator=gen).to(x0.device)
             t = torch.full((len(idx),), int(tv), dtype=torch.long, device=x0.device)
             noisy = base.scheduler.add_noise(x0, noise, t)
-            ref = unet(noisy, t, **cond.kwargs()).sample
+            ref = cond.predict(unet, noisy, t)
             for j in range(k):
-                out = experts[j](noisy, t, **cond.kwargs()).sample
+                out = cond.predict(experts[j], noisy, t)
                 err[start:start + len(idx), j] += ((out - ref) ** 2).flatten(1).mean(1).double().cpu() / len(timesteps)
     return err
 

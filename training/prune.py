@@ -275,10 +275,10 @@ class PruneTrainer:
         target = diffusion_target(base.scheduler, x0, noise, t, base.prediction_type)
         self.recorder.clear()
         with torch.no_grad():
-            teacher_out = self.unet(noisy, t, **cond.kwargs()).sample
+            teacher_out = cond.predict(self.unet, noisy, t)
         teacher_blocks = self.recorder.take()
         with self.s.space.gated(self.unet, gates):
-            out = self.unet(noisy, t, **cond.kwargs()).sample
+            out = cond.predict(self.unet, noisy, t)
         student_blocks = self.recorder.take()
 
         l_ddpm = diffusion_loss(out, target, t, base.scheduler, lw.snr_gamma, base.prediction_type)
