@@ -81,3 +81,19 @@ def test_vae_precision_rule_is_the_family_entrys():
     assert MODEL_FAMILIES["sdxl"].vae_precision(vae, "fp16") == "fp32"
     assert MODEL_FAMILIES["sd"].vae_precision(vae, "fp16") == "fp16"
     assert MODEL_FAMILIES["sdxl"].vae_precision(vae, "fp32") == "fp32"
+
+
+def test_pixart_is_its_own_family_and_sd3_has_none():
+    """A PixArt transformer with a VAE is "pixart" (its graph reads the caption mask), never "sd"; an SD3
+    transformer matches no family (no training or export path yet), with the families listed."""
+    from diffusers import PixArtTransformer2DModel
+
+    px = PixArtTransformer2DModel(sample_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+                                  in_channels=4, out_channels=8, cross_attention_dim=8, caption_channels=6)
+    f = detect_family(px.config, has_vae=True)
+    assert f.name == "pixart" and not f.exportable and f.backbone == "pixart"
+    assert UNetGraph(px).extra_inputs == ("encoder_attention_mask",) == f.extra_inputs
+    with pytest.raises(UserError, match="no model family"):
+        detect_family(px.config, has_vae=False)
+    with pytest.raises(UserError, match="no model family"):
+        detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=True)
