@@ -28,6 +28,7 @@ from engines.manifest import (
     TEXT_ENCODER_POOLED,
     UNET_ADDED_INPUTS,
     UNET_INPUTS,
+    UNET_MASK_INPUT,
     UNET_OUTPUTS,
     VAE_DECODER_INPUTS,
     VAE_DECODER_OUTPUTS,
@@ -226,7 +227,7 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
     )
 
 
-DIT_EXTRA_INPUTS = {"pixart": ("encoder_attention_mask",), "sd3": ("pooled_projections",)}
+DIT_EXTRA_INPUTS = {"pixart": (UNET_MASK_INPUT,), "sd3": ("pooled_projections",)}
 
 
 def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
@@ -242,7 +243,7 @@ def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
     c = dict(unet_config)
     kind = backbone_of(c)
     if kind == "pixart":
-        extra = (TensorSpec("encoder_attention_mask", ("batch", text_len), "int64", "mask"),)
+        extra = (TensorSpec(UNET_MASK_INPUT, ("batch", text_len), "int64", "mask"),)
         context = int(c["caption_channels"])
         timesteps = 1000
     elif kind == "sd3":

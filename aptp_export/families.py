@@ -7,8 +7,6 @@
 | `sdxl`  | `"text_time"`                | yes | two CLIP encoders (second: pooled `text_embeds`)    | text_embeds, time_ids   |
 | `pixart`| a PixArt transformer         | yes | T5EncoderModel, last hidden state, with its mask    | encoder_attention_mask  |
 
-`pixart` is trained but not yet exported (issue 25): it is no manifest family, and `aptp export` refuses it.
-
 A family is decided once, from the UNet's config and whether the model has a VAE (`detect_family`); loading a
 base model (training/base_model.py), the UNet graph (onnx_export.py) and the export directory
 (manifest_writer.py) ask the entry what to do. The names are the export format's
@@ -21,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engines.errors import UserError
-from engines.manifest import FAMILIES, UNET_ADDED_INPUTS, AddedCondInfo
+from engines.manifest import FAMILIES, UNET_ADDED_INPUTS, UNET_MASK_INPUT, AddedCondInfo
 
 from .unet_configs import added_cond_dims, backbone_of
 
@@ -91,7 +89,7 @@ MODEL_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd", latent=True),
     Family("sdxl", latent=True, addition_embed_type="text_time", extra_inputs=UNET_ADDED_INPUTS,
            second_text_encoder=True, upcast_vae=True),
-    Family("pixart", latent=True, extra_inputs=("encoder_attention_mask",), backbone="pixart", exportable=False),
+    Family("pixart", latent=True, extra_inputs=(UNET_MASK_INPUT,), backbone="pixart"),
 )}
 
 

@@ -58,6 +58,7 @@ from .export_options import ExportOptions
 from .export_parts import ExpertModel, ExportParts
 from .export_spec import (
     ExportSpec,
+    dit_unet_spec,
     router_spec,
     text_encoder_spec,
     unet_batch_range,
@@ -306,6 +307,9 @@ def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, o
     dims = family.added_cond_dims(_unet_config(experts[0]))
 
     def spec_for_unet(u) -> ExportSpec:
+        if family.backbone != "unet":  # a DiT: fixed size (its position table), its own extra inputs
+            return dit_unet_spec(getattr(u, "config", None) or {}, parts.sample_size, parts.text_len,
+                                 batch=unet_batch)
         out_ch = getattr(u, "config", {}).get("out_channels", parts.in_channels)
         return unet_spec(parts.in_channels, parts.sample_size, parts.text_len, parts.context_dim, batch=unet_batch,
                          out_channels=out_ch, size_range=options.size_range, size_multiple=2 ** max(n_down, 0),

@@ -11,11 +11,17 @@ from .errors import EngineError
 from .manifest import UNET_INPUTS
 
 
+def _as_input(a: np.ndarray) -> np.ndarray:
+    """float32 for real-valued inputs, int64 for integer ones (PixArt's caption mask)."""
+    return a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class TextCondition:
-    """What the UNet reads about the prompts, row by row: the text context [B, L, E] and, for SDXL-class
-    UNets, the extra inputs `added` (name -> [B, ...]: text_embeds [B, P], the pooled text embedding, and
-    time_ids [B, 6], the size conditioning). A bare context array is a TextCondition without extras."""
+    """What the UNet reads about the prompts, row by row: the text context [B, L, E] and the extra inputs
+    `added` (name -> [B, ...]): for SDXL-class UNets text_embeds [B, P], the pooled text embedding, and
+    time_ids [B, 6], the size conditioning; for PixArt encoder_attention_mask [B, L] int64, the caption's
+    padding mask. A bare context array is a TextCondition without extras."""
 
     context: np.ndarray
     added: dict[str, np.ndarray] = field(default_factory=dict)
@@ -45,8 +51,7 @@ class TextCondition:
             raise EngineError("text conditions with different UNet inputs cannot share a batch (an SDXL export "
                               "needs Runtime.condition's TextCondition, not a bare text context)")
         return TextCondition(np.concatenate([c.context for c in items]).astype(np.float32, copy=False),
-                             {k: np.concatenate([c.added[k] for c in items]).astype(np.float32, copy=False)
-                              for k in sorted(keys)})
+                             {k: _as_input(np.concatenate([c.added[k] for c in items])) for k in sorted(keys)})
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The UNet inputs besides sample and timestep."""

@@ -18,7 +18,8 @@
       "latent": false,
       "router": {"files": {"onnx": FILE}, "max_length": 256, "num_experts": 2, "embedding_dim": 384,
                  "codes": FILE | null},
-      "family": "pixel" | "sd" | "sdxl",     # the UNet family: which inputs its graphs take (format 3)
+      "family": "pixel" | "sd" | "sdxl" | "pixart",  # which inputs its graphs take (format 3; pixart: the
+                                              # transformer also reads encoder_attention_mask [N, L] int64)
       "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384,
                        "pooled_dim": 1280?,   # SDXL: the graph also gives text_embeds [B, pooled_dim]
                        "uncond": "empty_prompt" | "zeros"},  # how the unconditional condition is made
@@ -85,12 +86,14 @@ FILE_KINDS = ("onnx", "onnx_data", "tensorrt", "openvino", "openvino_bin")
 OPENVINO_KINDS = ("openvino", "openvino_bin")
 GRAPH_KINDS = ("onnx", "onnx_data")  # router, text encoder, VAE decoder: ONNX only (plans and IRs are the UNets')  # an OpenVINO IR: graph (.xml) and weights (.bin), format 4
 QUANT_PRECISIONS = ("int8", "int8_weights", "fp32")  # an expert's IR: weights+activations, weights only, none
-FAMILIES = ("pixel", "sd", "sdxl")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class (text_time)
+FAMILIES = ("pixel", "sd", "sdxl", "pixart")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class
+# (text_time); PixArt transformers (T5 text with its padding mask, which the denoiser also reads)
 UNCOND_KINDS = ("empty_prompt", "zeros")  # the text condition of "", or zeros (SDXL's force_zeros_for_empty_prompt)
 
 # Graph interface (format version 1)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 UNET_ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL-class UNets (addition_embed_type "text_time"), format 3
+UNET_MASK_INPUT = "encoder_attention_mask"  # PixArt: the caption's padding mask [N, L] int64 (1 = real token)
 UNET_OUTPUTS = ("out_sample",)
 TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask")
 TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)
@@ -497,7 +500,7 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
         r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
     if (family == "pixel") == latent:
         r.fail("family", f"{family!r} but latent is {str(latent).lower()} (pixel-space models are not latent, "
-                         "sd and sdxl ones are)")
+                         "sd, sdxl and pixart ones are)")
     if family == "sdxl" and "json_2" not in tokenizer.files:
         r.fail("tokenizer.files", "an sdxl export needs json_2, the second text encoder's tokenizer")
     if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:

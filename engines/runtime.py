@@ -42,6 +42,7 @@ from .manifest import (
     TEXT_ENCODER_POOLED,
     UNET_ADDED_INPUTS,
     UNET_INPUTS,
+    UNET_MASK_INPUT,
     UNET_OUTPUTS,
     VAE_DECODER_INPUTS,
     VAE_DECODER_OUTPUTS,
@@ -244,7 +245,8 @@ class Runtime:
         else:
             files = self.manifest.expert(int(expert_id)).files
         # sample and timestep are always read; the text context is not by an expert without transformers
-        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ())
+        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ()) \
+            + ((UNET_MASK_INPUT,) if self.manifest.family == "pixart" else ())
         return self._session(f"expert:{expert_id}", files, inputs, UNET_OUTPUTS)
 
     @property
@@ -275,8 +277,8 @@ class Runtime:
         return self._encode(prompts, batch_size, clean)[0]
 
     def _encode(self, prompts: Sequence[str], batch_size: int = 64,
-                clean: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(context [B, L, E], pooled text_embeds [B, P] or None) of the prompts."""
+                clean: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(context [B, L, E], pooled text_embeds [B, P] or None, token mask [B, L] int64) of the prompts."""
         prompts = clean_prompts(prompts) if clean else list(prompts)
         pooled = self.manifest.text_encoder.pooled_dim is not None
         # input_ids is required; attention_mask is optional: a text encoder run without a mask (CLIP in
@@ -284,10 +286,11 @@ class Runtime:
         te = self._session("text_encoder", self.manifest.text_encoder.files,
                            TEXT_ENCODER_INPUTS[:1] + ((TEXT_ENCODER_INPUT_2,) if pooled else ()),
                            TEXT_ENCODER_OUTPUTS + ((TEXT_ENCODER_POOLED,) if pooled else ()))
-        contexts, pools = [], []
+        contexts, pools, masks = [], [], []
         for i in range(0, len(prompts), batch_size):
             part = prompts[i:i + batch_size]
             ids, mask = self.tokenizer.unet_tokens(part)
+            masks.append(mask)
             feeds = {TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask}
             if pooled:
                 feeds[TEXT_ENCODER_INPUT_2] = self.tokenizer.unet_tokens_2(part)[0]
@@ -297,9 +300,12 @@ class Runtime:
             if pooled:
                 pools.append(out[TEXT_ENCODER_POOLED])
         context = np.concatenate(contexts).astype(np.float32, copy=False)
-        return context, (np.concatenate(pools).astype(np.float32, copy=False) if pooled else None)
+        return (context, (np.concatenate(pools).astype(np.float32, copy=False) if pooled else None),
+                np.concatenate(masks).astype(np.int64, copy=False))
 
-    def _condition(self, context: np.ndarray, pooled: np.ndarray | None) -> TextCondition:
+    def _condition(self, context: np.ndarray, pooled: np.ndarray | None, mask: np.ndarray) -> TextCondition:
+        if self.manifest.family == "pixart":  # the transformer masks the caption's padding in cross-attention
+            return TextCondition(context, {UNET_MASK_INPUT: mask.astype(np.int64, copy=False)})
         added = self.manifest.added_cond
         if added is None:
             return TextCondition(context)
@@ -308,8 +314,8 @@ class Runtime:
 
     def condition(self, prompts: Sequence[str], batch_size: int = 64, clean: bool = True) -> TextCondition:
         """Everything the UNet reads about the prompts: the text context and, for SDXL exports, the pooled
-        text embedding and the size conditioning time_ids (the export's image size, no crop). `clean`:
-        as in `encode_text`."""
+        text embedding and the size conditioning time_ids (the export's image size, no crop); for PixArt
+        exports the caption's padding mask. `clean`: as in `encode_text`."""
         return self._condition(*self._encode(prompts, batch_size, clean))
 
     def uncond(self) -> TextCondition:
@@ -317,11 +323,11 @@ class Runtime:
         force_zeros_for_empty_prompt), zeros of the same shapes."""
         with self._lock:
             if self._uncond is None:
-                context, pooled = self._encode([""], clean=False)
+                context, pooled, mask = self._encode([""], clean=False)
                 if self.manifest.text_encoder.uncond == "zeros":
                     context = np.zeros_like(context)
                     pooled = None if pooled is None else np.zeros_like(pooled)
-                self._uncond = self._condition(context, pooled)
+                self._uncond = self._condition(context, pooled, mask)
             return self._uncond
 
     # -- routing ---------------------------------------------------------------------------------

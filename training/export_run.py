@@ -54,7 +54,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
                         f"{missing[0]}); run `aptp finetune --run {run_dir}`")
     base = load_base_model(cfg.model)
-    base.family_info.check_exportable()  # before any expert is loaded
+    base.family_info.check_exportable()  # before any expert is loaded (every family exports today)
     space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
     h = w = base.sample_size
     text_len = base.text_len
@@ -81,17 +81,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         # pixel (the toy layout): MiniLM token states, one tokenizer for both encoders. Latent: the pipeline's
         # CLIP text encoder (no attention mask, as the pipelines call it) with its own tokenizer and padding
         # token, the router keeping the sentence encoder's tokenizer; SDXL adds the second encoder and its
-        # tokenizer, and zeros as the unconditional condition when the pipeline asks for them.
+        # tokenizer, and zeros as the unconditional condition when the pipeline asks for them. PixArt: T5, run
+        # with its attention mask (the transformer reads the mask too).
         latent, second = family.latent, family.second_text_encoder
         parts = ExportParts(
             sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
-            context_dim=int(base.unet.config.cross_attention_dim), dense_macs=dense_macs,
+            context_dim=_context_dim(base.unet.config), dense_macs=dense_macs,
             scheduler_config=dict(base.scheduler_config), sampling=_recommended_sampling(base.path),
             dense=ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None,
             text_encoder=te.model if latent else te.enc.model,
             tokenizer=_fast_tokenizer_json(base.path / "tokenizer", scratch) if latent else sentence.model_dir,
             pad_token=te.tokenizer.pad_token if latent else None,
-            text_encoder_uses_mask=not latent,
+            text_encoder_uses_mask=not latent or family.name == "pixart",  # T5 runs with its mask
             text_encoder_2=te.model_2 if second else None,
             tokenizer_2=_fast_tokenizer_json(base.path / "tokenizer_2", scratch) if second else None,
             pad_token_2=te.tokenizer_2.pad_token if second else None,
@@ -104,6 +105,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
             budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"),
             info={"run": str(run_dir), "arch_space": space.to_dict()})
         return write_export_dir(out_dir, experts, parts, options)
+
+
+def _context_dim(config) -> int:
+    """Width of the text context the denoiser reads: a UNet's cross_attention_dim, a PixArt transformer's
+    caption_channels (T5's width; it projects it to its own)."""
+    c = dict(config)
+    return int(c["caption_channels"] if c.get("caption_channels") else c["cross_attention_dim"])
 
 
 def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Path:

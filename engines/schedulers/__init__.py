@@ -43,13 +43,18 @@ _DDPM_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "predi
 
 
 def config_family(config: dict[str, Any]) -> str | None:
-    """"flow" for a flow-matching scheduler config (SD3, PixArt-Sigma flow variants), "ddpm" for a
-    noise-schedule config (SD 1.x/2.x, SDXL, PixArt), None when the config names neither."""
+    """"flow" for a flow-matching scheduler config (SD3, Flux; or a DDPM-family class run on flow sigmas),
+    "ddpm" for a noise-schedule config (SD 1.x/2.x, SDXL, PixArt), None when the config names neither. The
+    class name decides first, then a beta schedule: other schedulers share key names with FlowMatchEuler
+    (DPM-Solver has `use_dynamic_shifting`, `flow_shift`)."""
     cls = str(config.get("_class_name", ""))
-    if cls.startswith("FlowMatch") or any(k in config for k in _FLOW_KEYS):
+    if cls.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction" \
+            or config.get("use_flow_sigmas") is True:
         return "flow"
-    if cls or any(k in config for k in _DDPM_KEYS):
+    if cls or any(k in config for k in _DDPM_KEYS):  # flow-matching configs have no beta schedule
         return "ddpm"
+    if any(k in config for k in _FLOW_KEYS):
+        return "flow"
     return None
 
 

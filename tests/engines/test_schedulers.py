@@ -581,3 +581,12 @@ def test_sampler_family_must_match_the_export():
         make_scheduler("ddim", {"shift": 1.0})  # a flow config without its class name
     assert isinstance(make_scheduler("flow_euler", flow), FlowMatchEulerScheduler)
     assert make_scheduler("ddim", ddpm).name == "ddim"
+    # PixArt ships DPM-Solver, whose config has flow-matching key names too: its class decides
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm = dict(DPMSolverMultistepScheduler(beta_schedule="linear").config)
+    assert "use_dynamic_shifting" in dpm or "flow_shift" in dpm
+    assert make_scheduler("ddim", dpm).name == "ddim"
+    assert make_scheduler("ddim", {**dpm, "_class_name": "DPMSolverMultistepScheduler"}).name == "ddim"
+    with pytest.raises(SchedulerConfigError, match="flow-matching sampler"):
+        make_scheduler("flow_euler", dpm)

@@ -1,10 +1,12 @@
-"""PixArt (issue 25) training path on a tiny random PixArt-Sigma pipeline: T5 conditioning with its padding mask
+"""PixArt (issue 25) end to end on a tiny random PixArt-Sigma pipeline: T5 conditioning with its padding mask
 equal to the pipeline's, the transformer's caption mask honoured, `aptp prune` -> `finetune` on the
-transformer (gated dense model, block distillation over its DiT blocks, physically pruned experts that load
-bit-exact), and the export refusing the family it cannot serve yet."""
+transformer (gated dense model, block distillation over its DiT blocks, physically pruned experts) ->
+`export` -> `Runtime.generate`, whose images match diffusers' PixArtSigmaPipeline with the same expert,
+scheduler and noise."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from prune_fixtures import tiny_config, write_pixart_model
@@ -17,6 +19,7 @@ PROMPTS = ["a red circle", "the small blue square above a big green circle"]
 @pytest.fixture(scope="module")
 def pixart_run(tmp_path_factory):
     from training.config import config_from_dict
+    from training.export_run import export_run
     from training.finetune import run_finetune
     from training.prune import run_prune
 
@@ -28,7 +31,9 @@ def pixart_run(tmp_path_factory):
     run = root / "run"
     summary = run_prune(cfg, run, progress=False)
     run_finetune(run, progress=False)
-    return cfg, run, summary
+    out = root / "export"
+    manifest, report = export_run(run, out, scheduler="ddim", progress=False)
+    return cfg, run, summary, out, manifest, report
 
 
 def test_pixart_conditioning_equals_the_pipeline(tmp_path):
@@ -68,7 +73,7 @@ def test_pixart_prune_and_finetune(pixart_run):
     from training.base_model import load_base_model
     from training.rundir import RunDir
 
-    cfg, run, summary = pixart_run
+    cfg, run, summary = pixart_run[:3]
     assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
     base = load_base_model(cfg.model)
     space = ArchSpace.from_unet(base.unet)
@@ -87,10 +92,71 @@ def test_pixart_prune_and_finetune(pixart_run):
         assert space.macs(arch.tolist(), 8, 8, base.text_len) <= space.dense_macs(8, 8, base.text_len)
 
 
-def test_pixart_export_is_refused_with_the_reason(pixart_run, tmp_path):
-    from engines.errors import UserError
-    from training.export_run import export_run
+def test_pixart_export_manifest(pixart_run):
+    from engines.manifest import read_manifest
 
-    _, run, _ = pixart_run
-    with pytest.raises(UserError, match="pixart model is not implemented yet.*experts"):
-        export_run(run, tmp_path / "export", progress=False)
+    out, report = pixart_run[3], pixart_run[5]
+    m = read_manifest(out)
+    assert m.family == "pixart" and m.added_cond is None and m.text_encoder.hidden_size == 16
+    assert m.text_len == 12 and m.in_channels == 4 and tuple(m.sample_size) == (8, 8)
+    for key, g in report["graphs"].items():
+        assert g["verified"] and max(g["max_rel_error"].values()) <= 1e-4, key
+
+
+def test_pixart_runtime_matches_the_diffusers_pipeline(pixart_run):
+    """Acceptance (issue 25): Runtime.generate (onnxruntime T5, transformer graphs with the caption mask, numpy
+    DDIM) vs PixArtSigmaPipeline with the same expert, diffusers' DDIMScheduler and the same initial noise:
+    >= 40 dB for every expert."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+    from engines_export_fixture import psnr
+
+    from aptp_export.expert_io import load_expert
+    from engines import Runtime
+    from engines.denoise import initial_noise
+    from training.base_model import load_base_model
+    from training.rundir import RunDir
+
+    cfg, run, _, out, manifest, _ = pixart_run
+    rt = Runtime.load(out)
+    base = load_base_model(cfg.model)
+    cond, ref = rt.condition(PROMPTS), base.conditioning(PROMPTS)
+    np.testing.assert_allclose(cond.context, ref.context.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(cond.added["encoder_attention_mask"], ref.mask.numpy())
+    assert rt.uncond().added["encoder_attention_mask"].tolist() == [[1] + [0] * 11]  # "" is </s> alone
+
+    pipe = PixArtSigmaPipeline.from_pretrained(str(cfg.model.path), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(manifest.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seeds, steps, g = [7, 8], 4, 4.5
+    shape = (manifest.in_channels, *manifest.sample_size)
+    for k in range(len(manifest.experts)):
+        res = rt.generate_with_info(PROMPTS, steps=steps, guidance_scale=g, seed=seeds, scheduler="ddim", expert=k)
+        pipe.transformer = load_expert(RunDir(run).expert(k))
+        with torch.no_grad():
+            images = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, height=16, width=16,
+                          latents=torch.from_numpy(initial_noise(seeds, shape)), output_type="np",
+                          clean_caption=False, max_sequence_length=12, use_resolution_binning=False).images
+        for i, (img, want) in enumerate(zip(res.images, images, strict=True)):
+            value = psnr(np.asarray(img, np.float64) / 255.0, want)
+            print(f"expert {k}, prompt {i}: PSNR {value:.1f} dB")
+            assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
+        other = rt.generate(PROMPTS[:1], steps=steps, guidance_scale=g, seed=99, scheduler="ddim", expert=k)[0]
+        assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
+
+
+def test_pixart_export_serves_bitwise_through_the_step_batcher(pixart_run):
+    """The server's step-level batching carries the caption mask (an int64 input) too: its images are
+    Runtime.generate's."""
+    from engines import Runtime
+    from engines.serving.batching import Batcher
+    from engines.serving.config import ServeConfig
+
+    rt = Runtime.load(pixart_run[3], threads=1)
+    ref = rt.generate([PROMPTS[1]] * 2, steps=3, seed=4, scheduler="ddim")
+    with Batcher(rt, ServeConfig(batching="step", workers=1, max_batch=4)) as b:
+        b.warm_up()
+        first = b.submit(PROMPTS[0], n=1, steps=2, seed=1, scheduler="ddim")  # shares UNet calls with the next
+        got = [r.image for r in b.submit(PROMPTS[1], n=2, steps=3, seed=4, scheduler="ddim").result(60)]
+        first.result(60)
+    for a, c in zip(ref, got, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(c))
