@@ -386,8 +386,9 @@ class ArchSpace:
         out = [fmt(head), fmt(["-" * wd for wd in widths])] + [fmt(line) for line in lines]
         nw = sum(g.num_units for g in self.width_groups)
         out.append("")
+        blocks = f"depth_blocks={self.depth_blocks!r}, " if backbone_of(self.unet_config) == "unet" else ""
         out.append(f"D = {self.num_units} units: {nw} width units in {len(self.width_groups)} groups, "
-                   f"{len(self.depth_groups)} depth units (depth_blocks={self.depth_blocks!r}, "
+                   f"{len(self.depth_groups)} depth units ({blocks}"
                    f"ff_groups={self.ff_groups}, layer_depth={self.layer_depth!r})")
         out.append(f"dense: {self.dense_params / 1e6:.2f} M parameters, "
                    f"{self.dense_macs(h, w, text_len) / 1e9:.3f} GMACs at a {h}x{w} latent, {text_len} tokens, batch 1 "
