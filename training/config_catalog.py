@@ -29,6 +29,9 @@ model.path: a Stable Diffusion 1.x / 2.x pipeline directory (diffusers' save_pre
 model.path: a Stable Diffusion XL base pipeline directory (diffusers' save_pretrained layout):
   unet/  vae/  text_encoder/  tokenizer/  text_encoder_2/  tokenizer_2/  scheduler/   (model_index.json:
   force_zeros_for_empty_prompt is read when present)""",
+    "pixart": """\
+model.path: a PixArt-alpha / PixArt-Sigma pipeline directory (diffusers' save_pretrained layout):
+  transformer/  vae/  text_encoder/ (T5EncoderModel)  tokenizer/ (T5)  scheduler/   (model_index.json optional)""",
 }
 
 DATA_LAYOUT = """\
@@ -41,7 +44,7 @@ data.type: hf (data.path = a Hugging Face dataset saved with save_to_disk, or a 
 data.type: toy (the built-in procedural world; data.num_samples, data.toy_seed, data.toy_world)"""
 
 
-_MODELS = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}
+_MODELS = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL", "pixa": "PixArt-Sigma"}
 
 
 def _description(path: Path) -> str:
@@ -78,6 +81,8 @@ def catalog_text(width: int = 100) -> str:
 
 
 def family_of(text: str) -> str:
+    if "pixart" in text.split("\n", 30)[0].lower() or "transformer/" in text:
+        return "pixart"
     if "sdxl" in text.split("\n", 30)[0].lower() or "text_encoder_2" in text:
         return "sdxl"
     if PLACEHOLDER in text:
@@ -93,7 +98,8 @@ def show(name: str) -> str:
     if not path.is_file():
         raise UserError(f"no packaged config {name!r} (known: {', '.join(n for n, _ in catalog())})")
     text = path.read_text()
-    fam = "sdxl" if path.stem.startswith("sdxl") else "sd" if path.stem.startswith("sd") else family_of(text)
+    fam = ("sdxl" if path.stem.startswith("sdxl") else "sd" if path.stem.startswith("sd")
+           else "pixart" if path.stem.startswith("pixart") else family_of(text))
     hint = ""
     if PLACEHOLDER in text:
         hint = ("\n# Replace the /path/to/ placeholders on the command line, e.g.\n"
