@@ -628,7 +628,8 @@ class _Discovery:
 
     def check_qk_norms(self, a, path, names) -> None:
         """Query/key norms must act on one head at a time (normalised shape = head size, weights shared by
-        every head: SD3.5's RMSNorm), so that removing a head leaves the others' unchanged."""
+        every head: SD3.5's RMSNorm), so that removing a head leaves the others' unchanged. A LayerNorm of the
+        same shape would be exact too, but torch-pruning couples its parameters to the heads: refused."""
         for attr in names:
             n = getattr(a, attr, None)
             if n is None:
@@ -636,9 +637,10 @@ class _Discovery:
             shape = getattr(n, "normalized_shape", None)
             shape = getattr(n, "dim", None) if shape is None else shape  # diffusers' RMSNorm: .dim
             shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
-            if type(n).__name__ not in ("RMSNorm", "LayerNorm") or shape != (a.inner_dim // a.heads,):
+            if type(n).__name__ != "RMSNorm" or shape != (a.inner_dim // a.heads,):
+                # a per-head LayerNorm has a bias that torch-pruning couples to the heads: not supported
                 self.problem(f"attention with a {attr} of type {type(n).__name__} over {shape} (only a per-head "
-                             f"RMSNorm/LayerNorm; at {path})")
+                             f"RMSNorm; at {path})")
 
     def feed_forward(self, path, slot, depth, tokens="hw") -> None:
         f = self.mods[path]

@@ -13,6 +13,7 @@ downsampling factor, otherwise the skip connections do not line up).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -254,9 +255,13 @@ def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
         raise UserError(f"dit_unet_spec takes a PixArt or SD3 transformer config, got a {kind}")
     h, w = sample_size
     p = int(c.get("patch_size", 2))
-    return unet_spec(int(c["in_channels"]), (h, w), text_len, context, batch=batch, out_channels=int(c["in_channels"]),
-                     size_range=(min(h, w), max(h, w)), size_multiple=p if h % p == 0 and w % p == 0 else 1,
-                     num_train_timesteps=timesteps, extra_inputs=extra)
+    if h % p or w % p:
+        raise UserError(f"a {h}x{w} latent is not a whole number of {p}x{p} patches")
+    spec = unet_spec(int(c["in_channels"]), (h, w), text_len, context, batch=batch, out_channels=int(c["in_channels"]),
+                     size_multiple=p, num_train_timesteps=timesteps, extra_inputs=extra)
+    # static height and width, each its own size (unet_spec gives a non-square latent a [min, max] range)
+    axes = {**spec.axes, "height": Axis("height", h, h, h, p), "width": Axis("width", w, w, w, p)}
+    return dataclasses.replace(spec, axes=axes)
 
 
 def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,

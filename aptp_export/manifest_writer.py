@@ -308,6 +308,9 @@ def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, o
 
     def spec_for_unet(u) -> ExportSpec:
         if family.backbone != "unet":  # a DiT: fixed size (its position table), its own extra inputs
+            if options.size_range is not None:
+                raise UserError("a diffusion transformer's graph has one latent size (its position table is "
+                                "computed from it at trace time): export without --size-range")
             return dit_unet_spec(getattr(u, "config", None) or {}, parts.sample_size, parts.text_len,
                                  batch=unet_batch)
         out_ch = getattr(u, "config", {}).get("out_channels", parts.in_channels)

@@ -19,6 +19,8 @@ import json
 import torch
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+from engines.errors import UserError
+
 # Stable Diffusion 2.1 (768 px, v-prediction) UNet: 865.9 M parameters, latent 96x96x4, OpenCLIP-H text (1024-d).
 # Values as in stabilityai/stable-diffusion-2-1/unet/config.json; the remaining keys are diffusers' defaults.
 SD21_UNET_CONFIG: dict = {
@@ -147,13 +149,18 @@ _BACKBONE_CLASSES = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2D
 
 def backbone_of(config) -> str:
     """"unet", "pixart" or "sd3": which diffusers class a denoiser config (dict or FrozenDict, `_class_name`
-    optional) describes. Without a class name: SD3 by its `joint_attention_dim`, PixArt by its
-    `caption_channels` (the UNet has neither)."""
+    optional) describes; an unknown class name raises UserError. Without a class name: SD3 by its
+    `joint_attention_dim`, PixArt by its `caption_channels` (the UNet has neither)."""
     c = dict(config or {})
     name = c.get("_class_name")
     for key, cls in _BACKBONE_CLASSES.items():
         if name == cls.__name__:
             return key
+    if is_legacy_pixart(c):
+        return "pixart"
+    if name is not None:
+        raise UserError(f"unsupported denoiser class {name!r} (supported: "
+                        f"{', '.join(cls.__name__ for cls in _BACKBONE_CLASSES.values())})")
     if "joint_attention_dim" in c or "pooled_projection_dim" in c:
         return "sd3"
     return "pixart" if "caption_channels" in c or ("num_layers" in c and "block_out_channels" not in c) else "unet"
@@ -168,6 +175,14 @@ def pooled_projections(config, batch: int, device=None, generator=None):
     if device is not None and torch.device(device).type == "meta":
         return torch.zeros(batch, dim, device=device)
     return torch.randn(batch, dim, generator=generator).to(device or "cpu")
+
+
+def is_legacy_pixart(config) -> bool:
+    """A PixArt transformer saved under diffusers' old class name (`Transformer2DModel` with
+    norm_type "ada_norm_single", as the official PixArt-alpha and -Sigma repositories still name it; diffusers
+    loads it as PixArtTransformer2DModel, `_CLASS_REMAPPING_DICT`)."""
+    c = dict(config or {})
+    return c.get("_class_name") == "Transformer2DModel" and c.get("norm_type") == "ada_norm_single"
 
 
 def backbone_class(config):

@@ -33,7 +33,8 @@ benchmarks.unet_latency (per-round ratio to the reference, ratio of minima, CPU-
 fractions are against the dense model if it was timed, else against the largest expert that was.
 
 Writes OUT/<model>_bench.json, OUT/<model>_table_<size>.md, OUT/<model>_latency_vs_macs_<size>.png; graphs go
-to --onnx-dir (default OUT/onnx/<size>) and are reused when their export record says they passed the check.
+to --onnx-dir (default OUT/onnx/<size> for sdxl, OUT/onnx/<model>-<size> otherwise; records likewise in
+OUT/records[-<model>]) and are reused when their export record says they passed the check.
 """
 
 from __future__ import annotations
@@ -290,11 +291,13 @@ def main(argv=None) -> int:
     config = json.loads(Path(args.unet_config).read_text()) if args.unet_config else config
     tag = args.model
     out = Path(args.out)
-    onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx" / str(args.size)
+    # per model (sdxl keeps its original paths): a dense graph or record of one model is never another's
+    sub = str(args.size) if tag == "sdxl" else f"{tag}-{args.size}"
+    onnx_dir = Path(args.onnx_dir) if args.onnx_dir else out / "onnx" / sub
     space = ArchSpace.from_config(config)
     models = plan_models(space, args.keep, args.seed, dense=not args.no_dense)
     paths = {n: graph_path(onnx_dir, n, a, args.seed) for n, a in models.items()}
-    logs = out / "records"
+    logs = out / ("records" if tag == "sdxl" else f"records-{tag}")
     if args.export_one:
         export_one(config, args.export_one, models[args.export_one], paths[args.export_one], args.size, args.seed,
                    args.threads, logs / f"export-{args.export_one}.json", text_len)

@@ -244,9 +244,10 @@ class Runtime:
                                    "(export with --backend tensorrt --with-dense); it would run on onnxruntime instead")
         else:
             files = self.manifest.expert(int(expert_id)).files
-        # sample and timestep are always read; the text context is not by an expert without transformers
-        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ()) \
-            + ((UNET_MASK_INPUT,) if self.manifest.family == "pixart" else ())
+        # sample and timestep are always read; the text context is not by an expert without transformers, nor
+        # PixArt's caption mask by an expert whose cross-attention was pruned away (the exporter drops unused
+        # inputs, and only the inputs a graph has are fed)
+        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ())
         return self._session(f"expert:{expert_id}", files, inputs, UNET_OUTPUTS)
 
     @property

@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from aptp_export.families import Family, detect_family, get_family
-from aptp_export.unet_configs import denoiser_output
+from aptp_export.unet_configs import denoiser_output, is_legacy_pixart
 from engines.errors import UserError
 
 from .data import missing_path_message
@@ -203,15 +203,32 @@ class _SdxlClipTokens(_ClipTokens):
         return self.encode_pooled(captions)[0]
 
 
+def t5_fast_tokenizer(tokenizer_dir: Path):
+    """The T5 tokenizer of a pipeline's tokenizer/ as a fast tokenizer: from its tokenizer.json, or converted
+    from its spiece.model, which needs the sentencepiece package (the official PixArt repositories ship only
+    spiece.model); a UserError names the fix when it is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, use_fast=True)
+    except (ImportError, ValueError, OSError) as e:
+        raise UserError(f"{tokenizer_dir}: cannot load the T5 tokenizer ({str(e).strip().splitlines()[0][:200]}); "
+                        "a tokenizer/ with only spiece.model needs `pip install sentencepiece` once (or save a "
+                        "tokenizer.json there with T5TokenizerFast.save_pretrained)") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{tokenizer_dir}: no fast T5 tokenizer could be built (install sentencepiece)")
+    return tok
+
+
 class _T5Tokens:
     """PixArt conditioning, as PixArtSigmaPipeline.encode_prompt with clean_caption=False: T5 tokens padded to
     `max_length`, T5EncoderModel's last hidden state computed with the attention mask, and the mask itself
     (the transformer masks padded tokens in its cross-attention)."""
 
     def __init__(self, path: Path, max_length: int | None, device):
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        self.tokenizer = t5_fast_tokenizer(path / "tokenizer")
         self.model = T5EncoderModel.from_pretrained(str(path / "text_encoder"), local_files_only=True).to(device)
         self.model.eval().requires_grad_(False)
         self.max_length = int(max_length or min(self.tokenizer.model_max_length, PIXART_MAX_LENGTH))
@@ -252,7 +269,8 @@ def detect_layout(path: Path) -> str:
                             "encoders) is not implemented yet; `aptp inspect --unet DIR` prints its architecture "
                             "space")
         missing = [p for p in PIXART_PARTS if not (path / p).is_dir()]
-        if cls != "PixArtTransformer2DModel" or missing:
+        legacy = cfg_file.is_file() and is_legacy_pixart(json.loads(cfg_file.read_text()))
+        if (cls != "PixArtTransformer2DModel" and not legacy) or missing:
             raise UserError(f"{path}: a transformer pipeline directory ({cls or 'no transformer/config.json'}); "
                             f"supported: PixArt (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)"
                             + (f", it lacks {', '.join(m + '/' for m in missing)}" if missing else ""))

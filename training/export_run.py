@@ -26,7 +26,7 @@ from aptp_export.manifest_writer import write_export_dir
 from aptp_export.rounding import pad_expert, round_units
 from engines.errors import UserError
 
-from .base_model import load_base_model
+from .base_model import load_base_model, t5_fast_tokenizer
 from .router import Router
 from .rundir import RunDir
 from .text import SentenceEncoder
@@ -115,10 +115,14 @@ def _context_dim(config) -> int:
 
 
 def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Path:
-    """SD's tokenizer/ as a tokenizers-library file: its tokenizer.json if present, else converted from the
-    slow CLIP files (vocab.json + merges.txt) into a directory under `scratch`."""
+    """A pipeline's tokenizer/ as a tokenizers-library file: its tokenizer.json if present, else converted
+    into a directory under `scratch` from the slow files: CLIP's vocab.json + merges.txt, T5's spiece.model."""
     if (tokenizer_dir / "tokenizer.json").is_file():
         return tokenizer_dir / "tokenizer.json"
+    if (tokenizer_dir / "spiece.model").is_file():  # T5 (PixArt): SentencePiece only, as the official repos
+        out = Path(scratch) / tokenizer_dir.name
+        t5_fast_tokenizer(tokenizer_dir).save_pretrained(str(out))
+        return out / "tokenizer.json"
     if not (tokenizer_dir / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir}: neither tokenizer.json nor vocab.json + merges.txt")
     out = Path(scratch) / tokenizer_dir.name

@@ -46,8 +46,11 @@ def _read_config(directory: str) -> dict:
                 raise UserError(f"{cand}: cannot read the model config: {e}") from None
             if not isinstance(cfg, dict):
                 raise UserError(f"{cand}: not a model config")
+            from aptp_export.unet_configs import is_legacy_pixart
+
             cls = cfg.get("_class_name", "UNet2DConditionModel")
-            if cls not in ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"):
+            if cls not in ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel") \
+                    and not is_legacy_pixart(cfg):
                 raise UserError(f"{cand}: a {cls}, expected UNet2DConditionModel, PixArtTransformer2DModel or "
                                 f"SD3Transformer2DModel")
             return cfg

@@ -69,16 +69,19 @@ def _model(name):
 
 
 def _inputs(cfg, hw, batch, text_len, seed):
-    """(x, kwargs) for model(x, **kwargs): PixArt takes an integer timestep, SD3 (flow matching) a float one
-    and a pooled text embedding."""
+    """(x, kwargs) for model(x, **kwargs): PixArt takes an integer timestep and the caption's padding mask,
+    SD3 (flow matching) a float timestep and a pooled text embedding."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg["in_channels"], *hw, generator=g)
     if "joint_attention_dim" in cfg:
         return x, {"timestep": 1000 * torch.rand(batch, generator=g),
                    "encoder_hidden_states": torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=g),
                    "pooled_projections": torch.randn(batch, cfg["pooled_projection_dim"], generator=g)}
+    mask = torch.ones(batch, text_len, dtype=torch.int64)
+    mask[0, text_len // 2 + 1:] = 0  # a padded caption: the cross-attention masks its tail
     return x, {"timestep": torch.randint(0, 1000, (batch,), generator=g),
-               "encoder_hidden_states": torch.randn(batch, text_len, cfg["caption_channels"], generator=g)}
+               "encoder_hidden_states": torch.randn(batch, text_len, cfg["caption_channels"], generator=g),
+               "encoder_attention_mask": mask}
 
 
 def _run(model, x, kw):
@@ -250,6 +253,15 @@ def test_dit_rejections():
     sd3.transformer_blocks[0].attn.norm_q = torch.nn.LayerNorm(24)  # a norm over all heads: not per head
     with pytest.raises(UserError, match="norm_q of type LayerNorm over \\(24,\\)"):
         _Discovery(sd3, clean_config(sd3.config), "last", 32).run()
+    # a per-head LayerNorm (SD3 qk_norm="layer_norm") is exact in principle, but torch-pruning couples its
+    # weight and bias to the heads: refused up front, not at materialisation
+    ln = SD3Transformer2DModel(**{**DIT_CONFIGS["sd3_like"][0], "qk_norm": "layer_norm"})
+    with pytest.raises(UserError, match="norm_q of type LayerNorm.*only a per-head RMSNorm"):
+        ArchSpace.from_unet(ln)
+    # an unknown denoiser class is named, not guessed from its keys
+    with pytest.raises(UserError, match="unsupported denoiser class 'FluxTransformer2DModel'"):
+        backbone_of({"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096})
+    assert backbone_of({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_single"}) == "pixart"
 
 
 def test_pixart_expert_round_trip_is_bit_exact(tmp_path):

@@ -160,3 +160,78 @@ def test_pixart_export_serves_bitwise_through_the_step_batcher(pixart_run):
         first.result(60)
     for a, c in zip(ref, got, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_pixart_expert_without_cross_attention_is_served(pixart_run, tmp_path):
+    """An expert whose every cross-attention head was pruned reads neither the text nor the caption mask, so
+    its graph has neither input; the runtime feeds only what a graph has and still matches the pipeline."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
+    from engines_export_fixture import psnr
+
+    from aptp_export import ArchSpace
+    from aptp_export.export_spec import dit_unet_spec
+    from aptp_export.onnx_export import UNetGraph, export_onnx
+    from engines import Runtime
+    from engines.denoise import initial_noise
+    from engines.manifest import FileRef
+    from training.base_model import load_base_model
+
+    cfg, _, _, out, manifest, _ = pixart_run
+    base = load_base_model(cfg.model)
+    space = ArchSpace.from_unet(base.unet)
+    a = space.ones().numpy()
+    for g in space.width_groups:
+        if g.name.endswith(".attn2"):
+            a[g.start:g.stop] = 0
+    expert = space.materialize(base.unet, a)
+    exp = tmp_path / "export"
+    shutil.copytree(out, exp)
+    rel = manifest.experts[0].files["onnx"].path
+    (exp / rel).unlink()
+    res = export_onnx(UNetGraph(expert), dit_unet_spec(expert.config, (8, 8), 12), exp / rel)
+    names = [i.name for i in __import__("onnx").load(str(exp / rel)).graph.input]
+    assert names == ["sample", "timestep"], names  # no text, no mask
+    assert res.max_rel_error["out_sample"] <= 1e-5
+    m = json.loads((exp / "manifest.json").read_text())
+    m["experts"][0]["files"]["onnx"] = vars(FileRef.of(exp, rel))
+    (exp / "manifest.json").write_text(json.dumps(m))
+    rt = Runtime.load(exp)
+    got = rt.generate(PROMPTS[:1], steps=3, guidance_scale=4.5, seed=[5], scheduler="ddim", expert=0)[0]
+    pipe = PixArtSigmaPipeline.from_pretrained(str(cfg.model.path), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(manifest.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = expert
+    with torch.no_grad():
+        want = pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=4.5, height=16, width=16,
+                    latents=torch.from_numpy(initial_noise([5], (4, 8, 8))), output_type="np", clean_caption=False,
+                    max_sequence_length=12, use_resolution_binning=False).images[0]
+    assert psnr(np.asarray(got, np.float64) / 255.0, want) >= 40
+
+
+def test_legacy_class_name_and_spiece_only_tokenizer(tmp_path):
+    """The official PixArt repositories name the transformer `Transformer2DModel` (norm_type ada_norm_single),
+    which diffusers remaps: it loads as PixArt. A tokenizer/ with only spiece.model needs sentencepiece:
+    without it the error says so instead of a traceback."""
+    import importlib.util
+    import json
+    import shutil
+
+    from engines.errors import UserError
+    from training.base_model import load_base_model, t5_fast_tokenizer
+    from training.config import config_from_dict
+
+    model = write_pixart_model(tmp_path / "pixart")
+    cf = model / "transformer" / "config.json"
+    cf.write_text(json.dumps({**json.loads(cf.read_text()), "_class_name": "Transformer2DModel"}))
+    base = load_base_model(config_from_dict(tiny_config(model, tmp_path / "runs")).model)
+    assert type(base.unet).__name__ == "PixArtTransformer2DModel" and base.family == "pixart"
+    spiece = tmp_path / "spiece_only"
+    spiece.mkdir()
+    shutil.copy(model / "tokenizer" / "tokenizer_config.json", spiece)
+    (spiece / "spiece.model").write_bytes(b"not a sentencepiece model")
+    if importlib.util.find_spec("sentencepiece") is None:
+        with pytest.raises(UserError, match="pip install sentencepiece"):
+            t5_fast_tokenizer(spiece)
