@@ -23,6 +23,16 @@ TOY_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v
                  "clip_sample": True}
 
 
+def write_tiny_vae(path: Path, scaling_factor: float = 0.18215) -> None:
+    """A tiny AutoencoderKL (factor 2, 4 latent channels) saved to `path`."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  latent_channels=4, norm_num_groups=4, sample_size=16,
+                  scaling_factor=scaling_factor).save_pretrained(str(path), safe_serialization=True)
+
+
 def _perturb_(module, seed: int) -> None:
     """Non-default weights: random GroupNorm affine and biases, so no unit is trivially zero."""
     import torch
@@ -119,7 +129,7 @@ def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_predicti
     `prediction_type`. family "sd15": TINY_SD15_UNET and SD 1.5's PNDMScheduler config (epsilon;
     `prediction_type` is ignored)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -131,10 +141,7 @@ def write_sd_model(path: Path, seed: int = 0, prediction_type: str = "v_predicti
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
     text.save_pretrained(str(path / "text_encoder"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    write_tiny_vae(path / "vae")
     if family == "sd15":
         cfg = TINY_SD15_UNET
     elif family == "sd21":
@@ -187,7 +194,7 @@ def write_sdxl_model(path: Path, seed: int = 0, force_zeros: bool = True) -> Pat
     pads with "!", as SDXL's), CLIPTextModel + CLIPTextModelWithProjection, a VAE with SDXL's scaling factor,
     an SDXL-class UNet, SDXL's Euler scheduler config and model_index.json."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -210,10 +217,7 @@ def write_sdxl_model(path: Path, seed: int = 0, force_zeros: bool = True) -> Pat
 
     CLIPTextModel(clip_config(32, 4)).save_pretrained(str(path / "text_encoder"))
     CLIPTextModelWithProjection(clip_config(24, 4, projection_dim=16)).save_pretrained(str(path / "text_encoder_2"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
-    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    write_tiny_vae(path / "vae", scaling_factor=0.13025)  # SDXL's VAE scaling (PixArt uses SDXL's VAE)
     unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     _perturb_(unet, seed)
     unet.save_pretrained(str(path / "unet"), safe_serialization=True)
@@ -259,7 +263,7 @@ def write_pixart_model(path: Path, seed: int = 0) -> Path:
     a VAE with SDXL's scaling factor (PixArt's), a PixArt transformer with learned sigma, PixArt's
     DPM-Solver scheduler config and model_index.json."""
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
@@ -268,10 +272,7 @@ def write_pixart_model(path: Path, seed: int = 0) -> Path:
     T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
                             relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                             decoder_start_token_id=0)).save_pretrained(str(path / "text_encoder"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
-    vae.save_pretrained(str(path / "vae"), safe_serialization=True)
+    write_tiny_vae(path / "vae", scaling_factor=0.13025)  # SDXL's VAE scaling (PixArt uses SDXL's VAE)
     transformer = PixArtTransformer2DModel(**TINY_PIXART)
     _perturb_(transformer, seed)
     transformer.save_pretrained(str(path / "transformer"), safe_serialization=True)
@@ -282,3 +283,36 @@ def write_pixart_model(path: Path, seed: int = 0) -> Path:
         "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
     return path
+
+
+def assert_experts_match_pipeline(rt, pipe, denoiser_attr: str, run, manifest, prompts, scheduler: str,
+                                  steps: int = 4, guidance: float = 5.0, seeds=(7, 8), **pipe_kwargs) -> None:
+    """For every expert of the export `rt` serves: Runtime.generate against the diffusers pipeline `pipe`
+    (its scheduler already the export's) with the run's fine-tuned expert as `pipe.<denoiser_attr>` and the
+    same initial noise: >= 40 dB per image; another seed gives another image (< 30 dB)."""
+    import numpy as np
+    import torch
+    from engines_export_fixture import psnr
+
+    from aptp_export.expert_io import load_expert
+    from engines.denoise import initial_noise
+    from training.rundir import RunDir
+
+    seeds = list(seeds)
+    shape = (manifest.in_channels, *manifest.sample_size)
+    h, w = (int(manifest.sample_size[0]) * 2, int(manifest.sample_size[1]) * 2)  # the tiny VAEs' factor 2
+    for k in range(len(manifest.experts)):
+        res = rt.generate_with_info(prompts, steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
+                                    expert=k)
+        setattr(pipe, denoiser_attr, load_expert(RunDir(run).expert(k)))
+        with torch.no_grad():
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
+                          latents=torch.from_numpy(initial_noise(seeds, shape)), output_type="np",
+                          **pipe_kwargs).images
+        for i, (img, want) in enumerate(zip(res.images, images, strict=True)):
+            value = psnr(np.asarray(img, np.float64) / 255.0, want)
+            print(f"expert {k}, prompt {i}: PSNR {value:.1f} dB")
+            assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
+        other = rt.generate(prompts[:1], steps=steps, guidance_scale=guidance, seed=99, scheduler=scheduler,
+                            expert=k)[0]
+        assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from prune_fixtures import tiny_config, write_pixart_model
+from prune_fixtures import assert_experts_match_pipeline, tiny_config, write_pixart_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -108,13 +108,9 @@ def test_pixart_runtime_matches_the_diffusers_pipeline(pixart_run):
     DDIM) vs PixArtSigmaPipeline with the same expert, diffusers' DDIMScheduler and the same initial noise:
     >= 40 dB for every expert."""
     from diffusers import DDIMScheduler, PixArtSigmaPipeline
-    from engines_export_fixture import psnr
 
-    from aptp_export.expert_io import load_expert
     from engines import Runtime
-    from engines.denoise import initial_noise
     from training.base_model import load_base_model
-    from training.rundir import RunDir
 
     cfg, run, _, out, manifest, _ = pixart_run
     rt = Runtime.load(out)
@@ -127,21 +123,8 @@ def test_pixart_runtime_matches_the_diffusers_pipeline(pixart_run):
     pipe = PixArtSigmaPipeline.from_pretrained(str(cfg.model.path), local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(manifest.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    seeds, steps, g = [7, 8], 4, 4.5
-    shape = (manifest.in_channels, *manifest.sample_size)
-    for k in range(len(manifest.experts)):
-        res = rt.generate_with_info(PROMPTS, steps=steps, guidance_scale=g, seed=seeds, scheduler="ddim", expert=k)
-        pipe.transformer = load_expert(RunDir(run).expert(k))
-        with torch.no_grad():
-            images = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, height=16, width=16,
-                          latents=torch.from_numpy(initial_noise(seeds, shape)), output_type="np",
-                          clean_caption=False, max_sequence_length=12, use_resolution_binning=False).images
-        for i, (img, want) in enumerate(zip(res.images, images, strict=True)):
-            value = psnr(np.asarray(img, np.float64) / 255.0, want)
-            print(f"expert {k}, prompt {i}: PSNR {value:.1f} dB")
-            assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
-        other = rt.generate(PROMPTS[:1], steps=steps, guidance_scale=g, seed=99, scheduler="ddim", expert=k)[0]
-        assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
+    assert_experts_match_pipeline(rt, pipe, "transformer", run, manifest, PROMPTS, "ddim", steps=4, guidance=4.5,
+                                  clean_caption=False, max_sequence_length=12, use_resolution_binning=False)
 
 
 def test_pixart_export_serves_bitwise_through_the_step_batcher(pixart_run):

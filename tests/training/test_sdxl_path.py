@@ -10,8 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from engines_export_fixture import psnr
-from prune_fixtures import tiny_config, write_sdxl_model
+from prune_fixtures import assert_experts_match_pipeline, tiny_config, write_sdxl_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -93,11 +92,8 @@ def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
     diffusers' EulerDiscreteScheduler and the same initial noise: >= 40 dB for every expert."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from aptp_export.expert_io import load_expert
     from engines import Runtime
-    from engines.denoise import initial_noise
     from training.base_model import load_base_model
-    from training.rundir import RunDir
 
     cfg, run, out, manifest, _, _ = sdxl_run
     rt = Runtime.load(out)
@@ -113,20 +109,7 @@ def test_sdxl_runtime_matches_the_diffusers_pipeline(sdxl_run):
                                                      add_watermarker=False)
     pipe.scheduler = EulerDiscreteScheduler.from_config(manifest.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    seeds, steps, g = [7, 8], 4, 5.0
-    shape = (manifest.in_channels, *manifest.sample_size)
-    for k in range(len(manifest.experts)):
-        res = rt.generate_with_info(PROMPTS, steps=steps, guidance_scale=g, seed=seeds, scheduler="euler", expert=k)
-        pipe.unet = load_expert(RunDir(run).expert(k))
-        with torch.no_grad():
-            images = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, height=16, width=16,
-                          latents=torch.from_numpy(initial_noise(seeds, shape)), output_type="np").images
-        for i, (img, want) in enumerate(zip(res.images, images, strict=True)):
-            value = psnr(np.asarray(img, np.float64) / 255.0, want)
-            print(f"expert {k}, prompt {i}: PSNR {value:.1f} dB")
-            assert value >= 40, f"expert {k}, prompt {i}: PSNR {value:.1f} dB"
-        other = rt.generate(PROMPTS[:1], steps=steps, guidance_scale=g, seed=99, scheduler="euler", expert=k)[0]
-        assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
+    assert_experts_match_pipeline(rt, pipe, "unet", run, manifest, PROMPTS, "euler", steps=4, guidance=5.0)
 
 
 def test_sdxl_export_serves_bitwise_through_the_step_batcher(sdxl_run):
