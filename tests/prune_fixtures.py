@@ -316,3 +316,22 @@ def assert_experts_match_pipeline(rt, pipe, denoiser_attr: str, run, manifest, p
         other = rt.generate(prompts[:1], steps=steps, guidance_scale=guidance, seed=99, scheduler=scheduler,
                             expert=k)[0]
         assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
+
+
+def prune_finetune_export(model: Path, root: Path, scheduler: str):
+    """The whole training path on a tiny pipeline directory: 3 pruning steps with 2 experts, 2 fine-tuning
+    steps, export with `scheduler`. Returns (cfg, run dir, export dir, manifest, export report, prune summary)."""
+    from training.config import config_from_dict
+    from training.export_run import export_run
+    from training.finetune import run_finetune
+    from training.prune import run_prune
+
+    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
+                                       prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
+                                       finetune={"steps": 2, "batch_size": 2}))
+    run = root / "run"
+    summary = run_prune(cfg, run, progress=False)
+    run_finetune(run, progress=False)
+    out = root / "export"
+    manifest, report = export_run(run, out, scheduler=scheduler, progress=False)
+    return cfg, run, out, manifest, report, summary

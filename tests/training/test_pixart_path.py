@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from prune_fixtures import assert_experts_match_pipeline, tiny_config, write_pixart_model
+from prune_fixtures import assert_experts_match_pipeline, prune_finetune_export, tiny_config, write_pixart_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -18,22 +18,9 @@ PROMPTS = ["a red circle", "the small blue square above a big green circle"]
 
 @pytest.fixture(scope="module")
 def pixart_run(tmp_path_factory):
-    from training.config import config_from_dict
-    from training.export_run import export_run
-    from training.finetune import run_finetune
-    from training.prune import run_prune
-
+    """(cfg, run dir, export dir, manifest, export report, prune summary) of the whole path, DDIM export."""
     root = tmp_path_factory.mktemp("pixart")
-    model = write_pixart_model(root / "pixart", seed=3)
-    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
-                                       prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
-                                       finetune={"steps": 2, "batch_size": 2}))
-    run = root / "run"
-    summary = run_prune(cfg, run, progress=False)
-    run_finetune(run, progress=False)
-    out = root / "export"
-    manifest, report = export_run(run, out, scheduler="ddim", progress=False)
-    return cfg, run, summary, out, manifest, report
+    return prune_finetune_export(write_pixart_model(root / "pixart", seed=3), root, "ddim")
 
 
 def test_pixart_conditioning_equals_the_pipeline(tmp_path):
@@ -73,7 +60,7 @@ def test_pixart_prune_and_finetune(pixart_run):
     from training.base_model import load_base_model
     from training.rundir import RunDir
 
-    cfg, run, summary = pixart_run[:3]
+    cfg, run, _, _, _, summary = pixart_run
     assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
     base = load_base_model(cfg.model)
     space = ArchSpace.from_unet(base.unet)
@@ -95,7 +82,7 @@ def test_pixart_prune_and_finetune(pixart_run):
 def test_pixart_export_manifest(pixart_run):
     from engines.manifest import read_manifest
 
-    out, report = pixart_run[3], pixart_run[5]
+    out, report = pixart_run[2], pixart_run[4]
     m = read_manifest(out)
     assert m.family == "pixart" and m.added_cond is None and m.text_encoder.hidden_size == 16
     assert m.text_len == 12 and m.in_channels == 4 and tuple(m.sample_size) == (8, 8)
@@ -112,7 +99,7 @@ def test_pixart_runtime_matches_the_diffusers_pipeline(pixart_run):
     from engines import Runtime
     from training.base_model import load_base_model
 
-    cfg, run, _, out, manifest, _ = pixart_run
+    cfg, run, out, manifest, _, _ = pixart_run
     rt = Runtime.load(out)
     base = load_base_model(cfg.model)
     cond, ref = rt.condition(PROMPTS), base.conditioning(PROMPTS)
@@ -134,7 +121,7 @@ def test_pixart_export_serves_bitwise_through_the_step_batcher(pixart_run):
     from engines.serving.batching import Batcher
     from engines.serving.config import ServeConfig
 
-    rt = Runtime.load(pixart_run[3], threads=1)
+    rt = Runtime.load(pixart_run[2], threads=1)
     ref = rt.generate([PROMPTS[1]] * 2, steps=3, seed=4, scheduler="ddim")
     with Batcher(rt, ServeConfig(batching="step", workers=1, max_batch=4)) as b:
         b.warm_up()
@@ -162,7 +149,7 @@ def test_pixart_expert_without_cross_attention_is_served(pixart_run, tmp_path):
     from engines.manifest import FileRef
     from training.base_model import load_base_model
 
-    cfg, _, _, out, manifest, _ = pixart_run
+    cfg, _, out, manifest, _, _ = pixart_run
     base = load_base_model(cfg.model)
     space = ArchSpace.from_unet(base.unet)
     a = space.ones().numpy()

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from prune_fixtures import assert_experts_match_pipeline, tiny_config, write_sdxl_model
+from prune_fixtures import assert_experts_match_pipeline, prune_finetune_export, tiny_config, write_sdxl_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -19,22 +19,8 @@ PROMPTS = ["a red circle", "the blue circle on red"]
 
 @pytest.fixture(scope="module")
 def sdxl_run(tmp_path_factory):
-    from training.config import config_from_dict
-    from training.export_run import export_run
-    from training.finetune import run_finetune
-    from training.prune import run_prune
-
     root = tmp_path_factory.mktemp("sdxl")
-    model = write_sdxl_model(root / "sdxl", seed=2)
-    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
-                                       prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
-                                       finetune={"steps": 2, "batch_size": 2}))
-    run = root / "run"
-    summary = run_prune(cfg, run, progress=False)
-    run_finetune(run, progress=False)
-    out = root / "export"
-    manifest, report = export_run(run, out, scheduler="euler", progress=False)
-    return cfg, run, out, manifest, report, summary
+    return prune_finetune_export(write_sdxl_model(root / "sdxl", seed=2), root, "euler")
 
 
 def test_sdxl_conditioning_from_data_and_defaults(tmp_path):
