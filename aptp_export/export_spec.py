@@ -192,8 +192,7 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
               batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE), out_channels: int | None = None,
               size_range: tuple[int, int] | None = None, size_multiple: int = 8,
               num_train_timesteps: int = 1000, text_embeds_dim: int | None = None,
-              time_ids_dim: int = 6, time_ids_high: int = 2048,
-              extra_inputs: tuple[TensorSpec, ...] = ()) -> ExportSpec:
+              time_ids_dim: int = 6, time_ids_high: int = 2048) -> ExportSpec:
     """UNet: (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L,E]) -> out_sample; with
     `text_embeds_dim` (SDXL-class UNets) two more inputs, text_embeds [N, text_embeds_dim] (pooled text
     embedding) and time_ids [N, time_ids_dim] (original size, crop top-left, target size; sample values are
@@ -202,8 +201,7 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
     `batch` is (min, opt, max) of the UNet batch N (= 2 x prompts with CFG; `unet_batch_range`); the
     graph is traced at batch 2. Height and width are
     dynamic axes with opt = sample_size and [min, max] = `size_range` (default: sample_size only),
-    multiples of `size_multiple` (2 ** number of downsamplings). `extra_inputs` follow encoder_hidden_states
-    (a diffusion transformer's, `dit_unet_spec`)."""
+    multiples of `size_multiple` (2 ** number of downsamplings)."""
     h, w = sample_size
     lo, hi = size_range or (min(h, w), max(h, w))
     m = size_multiple
@@ -221,7 +219,6 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
             *((TensorSpec(UNET_ADDED_INPUTS[0], ("batch", text_embeds_dim)),
                TensorSpec(UNET_ADDED_INPUTS[1], ("batch", time_ids_dim), fill="timestep", high=time_ids_high))
               if text_embeds_dim else ()),
-            *extra_inputs,
         ),
         outputs=(TensorSpec(UNET_OUTPUTS[0], ("batch", out_channels or in_channels, "height", "width")),),
         axes=axes,
@@ -258,10 +255,10 @@ def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
     if h % p or w % p:
         raise UserError(f"a {h}x{w} latent is not a whole number of {p}x{p} patches")
     spec = unet_spec(int(c["in_channels"]), (h, w), text_len, context, batch=batch, out_channels=int(c["in_channels"]),
-                     size_multiple=p, num_train_timesteps=timesteps, extra_inputs=extra)
+                     size_multiple=p, num_train_timesteps=timesteps)
     # static height and width, each its own size (unet_spec gives a non-square latent a [min, max] range)
     axes = {**spec.axes, "height": Axis("height", h, h, h, p), "width": Axis("width", w, w, w, p)}
-    return dataclasses.replace(spec, axes=axes)
+    return dataclasses.replace(spec, inputs=spec.inputs + extra, axes=axes)
 
 
 def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,
