@@ -6,6 +6,9 @@
 | `sd`    | none                         | yes | CLIPTextModel, last hidden state, no attention mask | -                       |
 | `sdxl`  | `"text_time"`                | yes | two CLIP encoders (second: pooled `text_embeds`)    | text_embeds, time_ids   |
 | `pixart`| a PixArt transformer         | yes | T5EncoderModel, last hidden state, with its mask    | encoder_attention_mask  |
+| `sd3`   | an SD3 (MMDiT) transformer   | yes | CLIP-L + CLIP-G penultimate (padded) + T5; pooled   | pooled_projections      |
+
+`sd3` trains (flow matching) but does not export yet (issue 25): it is no manifest family.
 
 A family is decided once, from the UNet's config and whether the model has a VAE (`detect_family`); loading a
 base model (training/base_model.py), the UNet graph (onnx_export.py) and the export directory
@@ -90,6 +93,8 @@ MODEL_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sdxl", latent=True, addition_embed_type="text_time", extra_inputs=UNET_ADDED_INPUTS,
            second_text_encoder=True, upcast_vae=True),
     Family("pixart", latent=True, extra_inputs=(UNET_MASK_INPUT,), backbone="pixart"),
+    # trains (flow matching), does not export yet: no manifest family, `aptp export` says so
+    Family("sd3", latent=True, extra_inputs=("pooled_projections",), backbone="sd3", exportable=False),
 )}
 
 

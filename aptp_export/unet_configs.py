@@ -286,9 +286,10 @@ def fill_position_tables(model, device=None, only_missing: bool = True) -> None:
 
 def denoiser_output(model, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
                     encoder_attention_mask=None):
-    """The noise (or v) prediction of any supported denoiser, called with the UNet's convention: a UNet as
-    `model(sample, timestep, encoder_hidden_states, added_cond_kwargs=...)`, a PixArt transformer with its
-    keywords and the caption's padding mask, its learned-sigma half dropped (as its pipelines do). `model` may
+    """The noise (or v, or flow velocity) prediction of any supported denoiser, called with the UNet's
+    convention: a UNet as `model(sample, timestep, encoder_hidden_states, added_cond_kwargs=...)`, a PixArt
+    transformer with its keywords and the caption's padding mask, its learned-sigma half dropped (as its
+    pipelines do), an SD3 transformer with the pooled projection passed as `text_embeds`. `model` may
     be wrapped (DDP, accelerate, torch.compile) or gated; its backbone is read from the unwrapped config."""
     kind = backbone_of(unwrap_unet(model).config)
     if kind == "pixart":
@@ -296,7 +297,8 @@ def denoiser_output(model, sample, timestep, encoder_hidden_states, added_cond_k
                     encoder_attention_mask=encoder_attention_mask).sample
         c = sample.shape[1]
         return out[:, :c] if out.shape[1] == 2 * c else out
-    if kind == "sd3":
-        raise NotImplementedError("SD3 denoisers are trained with flow matching, not supported by training yet")
+    if kind == "sd3":  # added_cond_kwargs carries the pooled projection as text_embeds (UNetCond)
+        return model(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                     pooled_projections=added_cond_kwargs["text_embeds"]).sample
     kwargs = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     return model(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs).sample

@@ -335,3 +335,50 @@ def prune_finetune_export(model: Path, root: Path, scheduler: str):
     out = root / "export"
     manifest, report = export_run(run, out, scheduler=scheduler, progress=False)
     return cfg, run, out, manifest, report, summary
+
+
+TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=16 + 8, out_channels=4,
+                pos_embed_max_size=8)
+
+
+def write_sd3_model(path: Path, seed: int = 0, t5: bool = True) -> Path:
+    """A Stable Diffusion 3 pipeline directory with tiny random parts: two CLIP tokenizers (the second pads with
+    "!") and CLIPTextModelWithProjection encoders (hidden 32 and 24, projections 16 and 8: pooled 24, context
+    56 padded to T5's 64), a T5 tokenizer and T5EncoderModel (d_model 64; left out with t5=False), a VAE with
+    SD3's scaling and shift, an SD3 transformer, SD3's flow-matching scheduler (shift 3) and model_index.json."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    write_tiny_clip_tokenizer(path / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    CLIPTokenizer.from_pretrained(str(path / "tokenizer"), pad_token="!").save_pretrained(str(path / "tokenizer_2"))
+    for sub, hidden, proj in (("text_encoder", 32, 16), ("text_encoder_2", 24, 8)):
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden + 5, num_attention_heads=4,
+            num_hidden_layers=3, max_position_embeddings=12, projection_dim=proj, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(str(path / sub))
+    if t5:
+        t5tok = write_tiny_t5_tokenizer(path / "tokenizer_3")
+        T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=64, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0)).save_pretrained(str(path / "text_encoder_3"))
+    write_tiny_vae(path / "vae", scaling_factor=1.5305)
+    cfg = json.loads((path / "vae" / "config.json").read_text())
+    (path / "vae" / "config.json").write_text(json.dumps({**cfg, "shift_factor": 0.0609}))
+    transformer = SD3Transformer2DModel(**TINY_SD3)
+    _perturb_(transformer, seed)
+    transformer.save_pretrained(str(path / "transformer"), safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(str(path / "scheduler"))
+    parts = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"] if t5 else [None, None],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "tokenizer_3": ["transformers", "T5TokenizerFast"] if t5 else [None, None],
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **parts}))
+    return path

@@ -14,8 +14,15 @@ Three on-disk layouts:
   (T5EncoderModel) and tokenizer/ (T5 tokenizer, `model.text_max_length` tokens: 300 for Sigma, 120 for
   alpha; default the tokenizer's model_max_length capped at 300). The context is T5's last hidden state and
   the transformer reads the caption's padding mask (`UNetCond.mask`), as PixArtSigmaPipeline builds them
-  (without its caption cleaning). SD3 directories are recognised and refused (flow matching is not trained
-  yet).
+  (without its caption cleaning);
+- Stable Diffusion 3 / 3.5 (issue 25): transformer/ (SD3Transformer2DModel), vae/, text_encoder/ and
+  text_encoder_2/ (CLIPTextModelWithProjection), tokenizer/ and tokenizer_2/, optionally text_encoder_3/ +
+  tokenizer_3/ (T5; zeros without it, as the pipeline), scheduler/ (FlowMatchEulerDiscreteScheduler). The
+  context is both CLIPs' penultimate states concatenated and zero-padded to T5's width, then T5's states
+  (`model.text_max_length` T5 tokens, default 256); the pooled projection is both CLIPs' pooled outputs, as
+  StableDiffusion3Pipeline.encode_prompt. Training uses flow matching (`FlowMatchTraining`): x_t = (1 - s) x0 +
+  s noise, velocity target noise - x0, model timestep 1000 s on the scheduler's shifted training sigmas.
+  Trains; does not export yet.
 
     base = load_base_model(cfg.model)
     x0 = base.encode_images(pixels, eps)          # pixels [B,3,H,W] in [-1,1] -> UNet-space x0
@@ -45,6 +52,8 @@ from .toy import teacher_dir
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PIXART_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIXART_MAX_LENGTH = 300  # PixArt-Sigma's max_sequence_length (PixArt-alpha: 120)
+SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
+SD3_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 
 
@@ -58,13 +67,15 @@ class UNetCond:
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    timestep_table: torch.Tensor | None = None  # flow matching: the model timestep (1000 sigma) per training index
 
     def __len__(self) -> int:
         return int(self.context.shape[0])
 
     def __getitem__(self, rows) -> UNetCond:
         pick = (lambda t: None if t is None else t[rows])  # noqa: E731
-        return UNetCond(self.context[rows], pick(self.text_embeds), pick(self.time_ids), pick(self.mask))
+        return UNetCond(self.context[rows], pick(self.text_embeds), pick(self.time_ids), pick(self.mask),
+                        self.timestep_table)
 
     def kwargs(self) -> dict:
         """Keyword arguments of a UNet's `unet(sample, timestep, **kwargs)` (UNets only; `predict` calls any
@@ -78,6 +89,8 @@ class UNetCond:
         """The model's prediction for this condition: UNets with `kwargs()`, PixArt transformers with the
         caption mask and without their learned-sigma half (aptp_export.unet_configs.denoiser_output)."""
         added = None if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        if self.timestep_table is not None:  # training indices -> the flow model's timesteps
+            timestep = self.timestep_table.to(sample.device)[timestep.long()]
         return denoiser_output(model, sample, timestep, self.context, added, self.mask)
 
 
@@ -95,7 +108,8 @@ class BaseModel:
     vae: torch.nn.Module | None = None
     latent_channels: int = 0
     scaling_factor: float = 1.0
-    family: str = "pixel"     # aptp_export.families: "pixel" | "sd" | "sdxl" | "pixart"
+    family: str = "pixel"     # aptp_export.families: "pixel" | "sd" | "sdxl" | "pixart" | "sd3"
+    shift_factor: float = 0.0  # the VAE's latent shift (SD3: 0.0609), subtracted before scaling
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
     # the model's own scheduler config (scheduler/scheduler_config.json as written, prediction_type resolved):
     # what sampling uses (an export's manifest), as opposed to `scheduler`, the DDPM rebuilt for training,
@@ -124,6 +138,9 @@ class BaseModel:
         if self.family == "pixart":
             context, mask = self.text_encoder.encode_masked(list(captions))
             return UNetCond(context, mask=mask)
+        if self.family == "sd3":
+            context, pooled = self.text_encoder.encode_pooled(list(captions))
+            return UNetCond(context, pooled, timestep_table=self.scheduler.timesteps)
         if not self.family_info.extra_inputs:
             return UNetCond(self.encode_text(captions))
         context, pooled = self.text_encoder.encode_pooled(list(captions))
@@ -148,7 +165,7 @@ class BaseModel:
             return pixels
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         lat = dist.mean if eps is None else dist.mean + dist.std * eps.to(dist.mean)
-        return lat.float() * self.scaling_factor
+        return (lat.float() - self.shift_factor) * self.scaling_factor
 
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.sample_channels, self.sample_size, self.sample_size)
@@ -245,6 +262,77 @@ class _T5Tokens:
         return self.encode_masked(captions)[0]
 
 
+class _Sd3Tokens:
+    """SD3 conditioning, as StableDiffusion3Pipeline.encode_prompt (no clip_skip): CLIP-L and CLIP-G penultimate
+    states concatenated and zero-padded to T5's width, followed by T5's last hidden state (no mask; zeros
+    without text_encoder_3); pooled = both CLIPs' projected pooled outputs concatenated."""
+
+    def __init__(self, path: Path, max_length: int | None, joint_dim: int, device):
+        from transformers import T5EncoderModel
+
+        def clip(i):
+            sub = "" if i == 1 else f"_{i}"
+            tok = CLIPTokenizer.from_pretrained(str(path / f"tokenizer{sub}"), local_files_only=True)
+            enc = CLIPTextModelWithProjection.from_pretrained(str(path / f"text_encoder{sub}"), local_files_only=True)
+            return tok, enc.to(device).eval().requires_grad_(False)
+
+        (self.tokenizer, self.model), (self.tokenizer_2, self.model_2) = clip(1), clip(2)
+        self.t5_length = int(max_length or SD3_T5_LENGTH)
+        self.tokenizer_3 = self.model_3 = None
+        if (path / "text_encoder_3").is_dir():
+            self.tokenizer_3 = t5_fast_tokenizer(path / "tokenizer_3")
+            self.model_3 = T5EncoderModel.from_pretrained(str(path / "text_encoder_3"), local_files_only=True)
+            self.model_3.to(device).eval().requires_grad_(False)
+        self.joint_dim = int(joint_dim)
+        self.clip_length = int(self.tokenizer.model_max_length)
+        self.max_length = self.clip_length + self.t5_length  # the context's tokens
+        self.device = device
+
+    def _clip(self, tok, model, captions):
+        ids = tok(list(captions), padding="max_length", max_length=self.clip_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        out = model(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+
+    @torch.no_grad()
+    def encode_pooled(self, captions):
+        h1, p1 = self._clip(self.tokenizer, self.model, captions)
+        h2, p2 = self._clip(self.tokenizer_2, self.model_2, captions)
+        clip = torch.cat([h1, h2], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        if self.model_3 is None:
+            t5 = torch.zeros(len(captions), self.t5_length, self.joint_dim, device=self.device)
+        else:
+            ids = self.tokenizer_3(list(captions), padding="max_length", max_length=self.t5_length, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
+            t5 = self.model_3(ids)[0]
+        return torch.cat([clip, t5], dim=-2).float(), torch.cat([p1, p2], dim=-1).float()
+
+    def encode(self, captions):
+        return self.encode_pooled(captions)[0]
+
+
+class FlowMatchTraining:
+    """The training side of rectified-flow models (SD3), with the DDPM scheduler's interface the training code
+    uses: t is an index into the scheduler's 1000 training steps; `add_noise(x0, noise, t)` = (1 - s_t) x0 +
+    s_t noise with the shifted sigmas of FlowMatchEulerDiscreteScheduler (diffusers' SD3 training script);
+    `timesteps[t]` = 1000 s_t is what the transformer reads (UNetCond.timestep_table); the target is
+    noise - x0 (training.losses, prediction_type "flow_prediction")."""
+
+    def __init__(self, config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self._sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+        self.config = self._sched.config
+        # the training schedule, increasing in noise with the index (diffusers stores it decreasing)
+        self.sigmas = self._sched.sigmas.flip(0).float()
+        self.timesteps = self._sched.timesteps.flip(0).float()
+
+    def add_noise(self, x0, noise, t):
+        s = self.sigmas.to(x0.device)[t.long()].reshape(-1, *([1] * (x0.ndim - 1)))
+        return (1.0 - s) * x0 + s * noise
+
+
 def _force_zeros(path: Path) -> bool:
     """SDXL pipelines' `force_zeros_for_empty_prompt` from model_index.json (diffusers' default: true)."""
     index = path / "model_index.json"
@@ -257,17 +345,19 @@ def _force_zeros(path: Path) -> bool:
 
 
 def detect_layout(path: Path) -> str:
-    """'latent' (Stable Diffusion layout), 'transformer' (PixArt), 'pixel' (toy layout) or raise UserError
-    naming what is missing."""
+    """'latent' (Stable Diffusion layout), 'transformer' (PixArt), 'sd3', 'pixel' (toy layout) or raise
+    UserError naming what is missing."""
     if not path.is_dir():
         raise UserError(missing_path_message("model", path))
     if (path / "transformer").is_dir():
         cfg_file = path / "transformer" / "config.json"
         cls = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
         if cls == "SD3Transformer2DModel":
-            raise UserError(f"{path}: a Stable Diffusion 3 pipeline: training SD3 (flow matching, three text "
-                            "encoders) is not implemented yet; `aptp inspect --unet DIR` prints its architecture "
-                            "space")
+            missing = [p for p in SD3_PARTS if not (path / p).is_dir()]
+            if missing:
+                raise UserError(f"{path}: a Stable Diffusion 3 pipeline directory but it lacks "
+                                f"{', '.join(m + '/' for m in missing)} (text_encoder_3/ + tokenizer_3/ are optional)")
+            return "sd3"
         missing = [p for p in PIXART_PARTS if not (path / p).is_dir()]
         legacy = cfg_file.is_file() and is_legacy_pixart(json.loads(cfg_file.read_text()))
         if (cls != "PixArtTransformer2DModel" and not legacy) or missing:
@@ -320,6 +410,8 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     path = resolve_model_path(mcfg.path)
     kind = detect_layout(path)
     device = torch.device(device)
+    if kind == "sd3":
+        return _load_sd3(path, mcfg, device)
     if kind == "transformer":
         from diffusers import PixArtTransformer2DModel
 
@@ -373,3 +465,31 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     image_size = int(mcfg.resolution or unet.config.sample_size)
     return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size, max_len, text,
                      family=detect_family(unet.config, has_vae=False).name, scheduler_config=sampling_cfg)
+
+
+def _load_sd3(path: Path, mcfg, device) -> BaseModel:
+    """An SD3 pipeline directory (module doc): the transformer, the VAE with its latent shift, the three text
+    encoders, and flow-matching training on the scheduler's shifted sigmas."""
+    from diffusers import SD3Transformer2DModel
+
+    unet = SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", local_files_only=True)
+    unet = unet.to(device).eval().requires_grad_(False)
+    file_cfg = dict(DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True))
+    if not str(file_cfg.get("_class_name", "")).startswith("FlowMatch"):
+        raise UserError(f"{path}/scheduler: an SD3 model needs a FlowMatch scheduler config, got "
+                        f"{file_cfg.get('_class_name')!r}")
+    if mcfg.prediction_type not in (None, "flow_prediction"):
+        raise UserError(f"model.prediction_type {mcfg.prediction_type!r}: an SD3 model predicts the flow "
+                        "velocity (leave it null)")
+    vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
+    vae.eval().requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    family = detect_family(unet.config, has_vae=True)
+    text = _Sd3Tokens(path, mcfg.text_max_length, unet.config.joint_attention_dim, device)
+    image_size = int(mcfg.resolution or unet.config.sample_size * factor)
+    if image_size % factor:
+        raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
+    return BaseModel(path, "latent", unet, FlowMatchTraining(file_cfg), "flow_prediction", image_size,
+                     image_size // factor, text.max_length, text, vae, int(vae.config.latent_channels),
+                     float(vae.config.scaling_factor), family=family.name, scheduler_config=file_cfg,
+                     shift_factor=float(vae.config.shift_factor or 0.0))

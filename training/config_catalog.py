@@ -32,6 +32,10 @@ model.path: a Stable Diffusion XL base pipeline directory (diffusers' save_pretr
     "pixart": """\
 model.path: a PixArt-alpha / PixArt-Sigma pipeline directory (diffusers' save_pretrained layout):
   transformer/  vae/  text_encoder/ (T5EncoderModel)  tokenizer/ (T5)  scheduler/   (model_index.json optional)""",
+    "sd3": """\
+model.path: a Stable Diffusion 3 / 3.5 pipeline directory (diffusers' save_pretrained layout):
+  transformer/  vae/  text_encoder/  text_encoder_2/ (CLIPTextModelWithProjection)  tokenizer/  tokenizer_2/
+  scheduler/ (FlowMatchEulerDiscreteScheduler); text_encoder_3/ + tokenizer_3/ (T5) optional""",
 }
 
 DATA_LAYOUT = """\
@@ -44,7 +48,7 @@ data.type: hf (data.path = a Hugging Face dataset saved with save_to_disk, or a 
 data.type: toy (the built-in procedural world; data.num_samples, data.toy_seed, data.toy_world)"""
 
 
-_MODELS = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL", "pixa": "PixArt-Sigma"}
+_MODELS = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL", "pixa": "PixArt-Sigma", "sd3_": "SD3"}
 
 
 def _description(path: Path) -> str:
@@ -81,6 +85,8 @@ def catalog_text(width: int = 100) -> str:
 
 
 def family_of(text: str) -> str:
+    if "text_encoder_3" in text or "stable-diffusion-3" in text:
+        return "sd3"
     if "pixart" in text.split("\n", 30)[0].lower() or "transformer/" in text:
         return "pixart"
     if "sdxl" in text.split("\n", 30)[0].lower() or "text_encoder_2" in text:
@@ -98,8 +104,9 @@ def show(name: str) -> str:
     if not path.is_file():
         raise UserError(f"no packaged config {name!r} (known: {', '.join(n for n, _ in catalog())})")
     text = path.read_text()
-    fam = ("sdxl" if path.stem.startswith("sdxl") else "sd" if path.stem.startswith("sd")
-           else "pixart" if path.stem.startswith("pixart") else family_of(text))
+    fam = ("sdxl" if path.stem.startswith("sdxl") else "sd3" if path.stem.startswith("sd3_")
+           else "sd" if path.stem.startswith("sd") else "pixart" if path.stem.startswith("pixart")
+           else family_of(text))
     hint = ""
     if PLACEHOLDER in text:
         hint = ("\n# Replace the /path/to/ placeholders on the command line, e.g.\n"

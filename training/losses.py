@@ -3,8 +3,9 @@
 Per-sample losses return [B] so that a distributed step can sum them over the global batch; losses
 over the global batch (resource, spread, contrastive) take gathered tensors.
 
-- `diffusion_target` / `diffusion_loss`: the base model's parameterisation (epsilon or v), optional
-  min-SNR-gamma weighting (Hang et al. 2023; for v the weight is min(snr, g) / (snr + 1)).
+- `diffusion_target` / `diffusion_loss`: the base model's parameterisation (epsilon, v, or SD3's flow
+  velocity noise - x0), optional min-SNR-gamma weighting (Hang et al. 2023; for v the weight is
+  min(snr, g) / (snr + 1); none for flow matching, whose schedule has no alphas).
 - `BlockRecorder`: forward hooks on down blocks, mid block and up blocks; `block_distill_loss`.
 - `resource_loss`: |log(r / p)| (or abs / square) of the mean MACs fraction r vs the budget p;
   `spread_loss`: the reference's -std(r) and 1 - max(r) terms over the batch.
@@ -30,7 +31,9 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
-    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+    if prediction_type == "flow_prediction":  # rectified flow (SD3): d x_t / d sigma
+        return noise - x0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, v_prediction or flow_prediction)")
 
 
 def snr_weights(scheduler, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -53,7 +56,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
                    snr_gamma: float | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
     """Per-sample diffusion loss [B]: MSE(pred, target), times min-SNR weights if `snr_gamma`."""
     loss = per_sample_mse(pred, target)
-    if snr_gamma is not None:
+    if snr_gamma is not None and prediction_type != "flow_prediction":  # min-SNR is defined for DDPM noise
         loss = loss * snr_weights(scheduler, t, snr_gamma, prediction_type)
     return loss
 
@@ -82,6 +85,8 @@ class BlockRecorder:
         self.num_blocks = len(blocks)
 
     def _hook(self, module, inputs, output):
+        if isinstance(output, tuple) and len(output) == 2 and hasattr(module, "context_pre_only"):
+            output = output[1]  # an MMDiT block (or its skip) returns (text, image): record the image stream
         self._acts.append(output[0] if isinstance(output, tuple) else output)
 
     def take(self) -> list[torch.Tensor]:

@@ -19,10 +19,12 @@ def _unet(config):
 
 
 def test_registry_and_export_format_name_the_same_families():
-    assert tuple(MODEL_FAMILIES) == FAMILIES  # every entry is a format family and every format family has one
+    # every exportable entry is a format family and every format family has one; SD3 trains, not exports yet
+    assert tuple(n for n, f in MODEL_FAMILIES.items() if f.exportable) == FAMILIES
+    assert [n for n, f in MODEL_FAMILIES.items() if not f.exportable] == ["sd3"]
     assert all(get_family(n).name == n and get_family(n).exportable for n in FAMILIES)
-    with pytest.raises(UserError, match="not implemented yet"):  # a training-only entry, as PixArt was once
-        Family("dit", latent=True, backbone="dit", exportable=False).check_exportable()
+    with pytest.raises(UserError, match="sd3 model is not implemented yet"):
+        get_family("sd3").check_exportable()
     with pytest.raises(UserError, match="unknown model family"):
         get_family("dit")
     with pytest.raises(ValueError, match="FAMILIES"):
@@ -81,9 +83,9 @@ def test_vae_precision_rule_is_the_family_entrys():
     assert MODEL_FAMILIES["sdxl"].vae_precision(vae, "fp32") == "fp32"
 
 
-def test_pixart_is_its_own_family_and_sd3_has_none():
+def test_pixart_and_sd3_are_their_own_families():
     """A PixArt transformer with a VAE is "pixart" (its graph reads the caption mask), never "sd"; an SD3
-    transformer matches no family (no training or export path yet), with the families listed."""
+    transformer is "sd3" (pooled projections; not exportable yet); neither exists without a VAE."""
     from diffusers import PixArtTransformer2DModel
 
     px = PixArtTransformer2DModel(sample_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=4,
@@ -93,5 +95,7 @@ def test_pixart_is_its_own_family_and_sd3_has_none():
     assert UNetGraph(px).extra_inputs == ("encoder_attention_mask",) == f.extra_inputs
     with pytest.raises(UserError, match="no model family"):
         detect_family(px.config, has_vae=False)
+    sd3 = detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=True)
+    assert sd3.name == "sd3" and not sd3.exportable and sd3.extra_inputs == ("pooled_projections",)
     with pytest.raises(UserError, match="no model family"):
-        detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=True)
+        detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=False)

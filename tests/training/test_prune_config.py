@@ -16,7 +16,8 @@ from training.config import (
 PACKAGED = ["toy", "demo", "sd21_cc3m_base", "sd21_cc3m_small", "sd21_coco_base", "sd21_coco_small",
             "sd15_cc3m_base", "sd15_cc3m_small", "sd15_coco_base", "sd15_coco_small",
             "sdxl_cc3m_base", "sdxl_cc3m_small", "sdxl_coco_base", "sdxl_coco_small",
-            "pixart_cc3m_base", "pixart_cc3m_small", "pixart_coco_base", "pixart_coco_small"]
+            "pixart_cc3m_base", "pixart_cc3m_small", "pixart_coco_base", "pixart_coco_small",
+            "sd3_cc3m_base", "sd3_cc3m_small", "sd3_coco_base", "sd3_coco_small"]
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -32,7 +33,7 @@ def test_paper_settings():
     got = {n: (load_config(resolve_config_arg(n)).prune.budget, load_config(resolve_config_arg(n)).router.num_experts)
            for n in PACKAGED[2:]}
     paper = {"cc3m_base": (0.85, 16), "cc3m_small": (0.66, 8), "coco_base": (0.78, 8), "coco_small": (0.64, 8)}
-    assert got == {f"{m}_{k}": v for m in ("sd21", "sd15", "sdxl", "pixart") for k, v in paper.items()}
+    assert got == {f"{m}_{k}": v for m in ("sd21", "sd15", "sdxl", "pixart", "sd3") for k, v in paper.items()}
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(PACKAGED)
 
 
@@ -59,11 +60,12 @@ def test_sdxl_configs_are_the_sd21_recipe_on_sdxl_at_512(dataset, size):
 
 @pytest.mark.parametrize("dataset", ["cc3m", "coco"])
 @pytest.mark.parametrize("size", ["base", "small"])
-def test_pixart_configs_are_the_sd21_recipe_on_pixart_sigma_512(dataset, size):
-    px = load_config(resolve_config_arg(f"pixart_{dataset}_{size}"))
+def test_dit_configs_are_the_sd21_recipe_at_512(dataset, size):
     sd21 = load_config(resolve_config_arg(f"sd21_{dataset}_{size}"))
-    assert diff_configs(px, sd21) == ["name", "model.path", "model.resolution"]
-    assert px.model.resolution == 512 and "PixArt-Sigma" in px.model.path and px.model.text_max_length is None
+    for name, path in (("pixart", "PixArt-Sigma"), ("sd3", "stable-diffusion-3-medium")):
+        dit = load_config(resolve_config_arg(f"{name}_{dataset}_{size}"))
+        assert diff_configs(dit, sd21) == ["name", "model.path", "model.resolution"]
+        assert dit.model.resolution == 512 and path in dit.model.path and dit.model.text_max_length is None
 
 
 @pytest.mark.parametrize("override,message", [
