@@ -149,7 +149,9 @@ class Router(nn.Module):
                 if bool(m.any()):
                     c[j] = torch.nn.functional.normalize(vec[m].mean(0), dim=0)
         a = (vec @ c.t()).argmax(dim=1)
-        codes = torch.stack([logits[a == j].mean(0) if bool((a == j).any()) else logits[int(c[j].argmax())]
+        # an empty cluster takes the logits of the prompt nearest to its centre (c[j] is a centre in
+        # embedding space: its own argmax is a feature index, not a prompt)
+        codes = torch.stack([logits[a == j].mean(0) if bool((a == j).any()) else logits[int((vec @ c[j]).argmax())]
                              for j in range(k)])
         self.codes.copy_(codes)
         return a

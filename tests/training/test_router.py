@@ -171,3 +171,9 @@ def test_codes_from_predictor_kmeans_recovers_prompt_clusters():
     with torch.no_grad():
         r2.predictor.weight.copy_(r.predictor.weight)
     assert torch.equal(r2.init_codes_from_predictor_(z, torch.Generator().manual_seed(1)), a)
+    # fewer distinct prompts than codes: a cluster stays empty and its code is a real prompt's logits (it
+    # indexed the logits with a unit of the centre vector, an IndexError past N prompts, before)
+    same = z[:1].repeat(4, 1)
+    r.init_codes_from_predictor_(same, torch.Generator().manual_seed(2))
+    for j in range(3):
+        assert torch.allclose(r.codes[j], r.predict(same[:1])[0], atol=1e-5)
