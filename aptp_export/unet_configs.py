@@ -143,8 +143,8 @@ SD3_MEDIUM_CONFIG: dict = {
 }
 SD3_TEXT_LEN = 333  # the SD3 pipelines' prompt embedding: 77 CLIP tokens + 256 T5 tokens
 
-BACKBONES = ("unet", "pixart", "sd3")
 _BACKBONE_CLASSES = {"unet": UNet2DConditionModel, "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel}
+BACKBONES = tuple(_BACKBONE_CLASSES)
 
 
 def backbone_of(config) -> str:
@@ -166,15 +166,12 @@ def backbone_of(config) -> str:
     return "pixart" if "caption_channels" in c or ("num_layers" in c and "block_out_channels" not in c) else "unet"
 
 
-def pooled_projections(config, batch: int, device=None, generator=None):
-    """The pooled text embedding an SD3 transformer needs ([B, pooled_projection_dim], N(0, 1) from
-    `generator`; zeros on the meta device), None for other backbones."""
+def pooled_projections(config, batch: int, device=None):
+    """Zeros of the pooled text embedding an SD3 transformer reads ([B, pooled_projection_dim]; for tracing
+    its structure), None for other backbones."""
     if backbone_of(config) != "sd3":
         return None
-    dim = int(dict(config).get("pooled_projection_dim", 2048))
-    if device is not None and torch.device(device).type == "meta":
-        return torch.zeros(batch, dim, device=device)
-    return torch.randn(batch, dim, generator=generator).to(device or "cpu")
+    return torch.zeros(batch, int(dict(config).get("pooled_projection_dim", 2048)), device=device)
 
 
 def is_legacy_pixart(config) -> bool:

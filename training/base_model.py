@@ -42,7 +42,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from aptp_export.families import Family, detect_family, get_family
-from aptp_export.unet_configs import denoiser_output, is_legacy_pixart
+from aptp_export.unet_configs import backbone_of, denoiser_output
 from engines.errors import UserError
 
 from .data import missing_path_message
@@ -351,16 +351,20 @@ def detect_layout(path: Path) -> str:
         raise UserError(missing_path_message("model", path))
     if (path / "transformer").is_dir():
         cfg_file = path / "transformer" / "config.json"
-        cls = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
-        if cls == "SD3Transformer2DModel":
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        cls = cfg.get("_class_name")
+        try:
+            backbone = backbone_of(cfg) if cls else None
+        except UserError:
+            backbone = None
+        if backbone == "sd3":
             missing = [p for p in SD3_PARTS if not (path / p).is_dir()]
             if missing:
                 raise UserError(f"{path}: a Stable Diffusion 3 pipeline directory but it lacks "
                                 f"{', '.join(m + '/' for m in missing)} (text_encoder_3/ + tokenizer_3/ are optional)")
             return "sd3"
         missing = [p for p in PIXART_PARTS if not (path / p).is_dir()]
-        legacy = cfg_file.is_file() and is_legacy_pixart(json.loads(cfg_file.read_text()))
-        if (cls != "PixArtTransformer2DModel" and not legacy) or missing:
+        if backbone != "pixart" or missing:  # backbone_of also reads PixArt's legacy class name
             raise UserError(f"{path}: a transformer pipeline directory ({cls or 'no transformer/config.json'}); "
                             f"supported: PixArt (transformer/ vae/ text_encoder/ tokenizer/ scheduler/)"
                             + (f", it lacks {', '.join(m + '/' for m in missing)}" if missing else ""))
@@ -427,22 +431,14 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
         raise UserError(f"{path}/scheduler: unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
     sampling_cfg = {**file_cfg, "prediction_type": prediction_type}
     if kind == "transformer":
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
-        vae.eval().requires_grad_(False)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae, factor, image_size = _load_vae(path, mcfg, unet, device)
         family = detect_family(unet.config, has_vae=True)
         text = _T5Tokens(path, mcfg.text_max_length, device)
-        image_size = int(mcfg.resolution or unet.config.sample_size * factor)
-        if image_size % factor:
-            raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
         return BaseModel(path, "latent", unet, scheduler, prediction_type, image_size, image_size // factor,
                          text.max_length, text, vae, int(vae.config.latent_channels),
                          float(vae.config.scaling_factor), family=family.name, scheduler_config=sampling_cfg)
     if kind == "latent":
-
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
-        vae.eval().requires_grad_(False)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae, factor, image_size = _load_vae(path, mcfg, unet, device)
         family = detect_family(unet.config, has_vae=True)  # decided once, here (aptp_export/families.py)
         xl = family.second_text_encoder
         if xl != (path / "text_encoder_2").is_dir():
@@ -450,9 +446,6 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
                                            "text_encoder_2/" if xl else "text_encoder_2/ is there but the UNet "
                                            "does not read text_embeds/time_ids"))
         text = (_SdxlClipTokens if xl else _ClipTokens)(path, mcfg.text_max_length, device)
-        image_size = int(mcfg.resolution or unet.config.sample_size * factor)
-        if image_size % factor:
-            raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
         return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size // factor,
                          text.max_length, text, vae, int(vae.config.latent_channels),
                          float(vae.config.scaling_factor), family=family.name,
@@ -465,6 +458,18 @@ def load_base_model(mcfg, device="cpu") -> BaseModel:
     image_size = int(mcfg.resolution or unet.config.sample_size)
     return BaseModel(path, kind, unet, scheduler, prediction_type, image_size, image_size, max_len, text,
                      family=detect_family(unet.config, has_vae=False).name, scheduler_config=sampling_cfg)
+
+
+def _load_vae(path: Path, mcfg, unet, device):
+    """(frozen VAE, its down-sampling factor, the training image size: model.resolution, else the denoiser's
+    sample size in pixels) of a latent model directory."""
+    vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
+    vae.eval().requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    image_size = int(mcfg.resolution or unet.config.sample_size * factor)
+    if image_size % factor:
+        raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
+    return vae, factor, image_size
 
 
 def _load_sd3(path: Path, mcfg, device) -> BaseModel:
@@ -481,14 +486,9 @@ def _load_sd3(path: Path, mcfg, device) -> BaseModel:
     if mcfg.prediction_type not in (None, "flow_prediction"):
         raise UserError(f"model.prediction_type {mcfg.prediction_type!r}: an SD3 model predicts the flow "
                         "velocity (leave it null)")
-    vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).to(device)
-    vae.eval().requires_grad_(False)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae, factor, image_size = _load_vae(path, mcfg, unet, device)
     family = detect_family(unet.config, has_vae=True)
     text = _Sd3Tokens(path, mcfg.text_max_length, unet.config.joint_attention_dim, device)
-    image_size = int(mcfg.resolution or unet.config.sample_size * factor)
-    if image_size % factor:
-        raise UserError(f"model.resolution {image_size} must be a multiple of the VAE factor {factor}")
     return BaseModel(path, "latent", unet, FlowMatchTraining(file_cfg), "flow_prediction", image_size,
                      image_size // factor, text.max_length, text, vae, int(vae.config.latent_channels),
                      float(vae.config.scaling_factor), family=family.name, scheduler_config=file_cfg,

@@ -46,13 +46,13 @@ def _read_config(directory: str) -> dict:
                 raise UserError(f"{cand}: cannot read the model config: {e}") from None
             if not isinstance(cfg, dict):
                 raise UserError(f"{cand}: not a model config")
-            from aptp_export.unet_configs import is_legacy_pixart
+            from aptp_export.unet_configs import backbone_of
 
-            cls = cfg.get("_class_name", "UNet2DConditionModel")
-            if cls not in ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel") \
-                    and not is_legacy_pixart(cfg):
-                raise UserError(f"{cand}: a {cls}, expected UNet2DConditionModel, PixArtTransformer2DModel or "
-                                f"SD3Transformer2DModel")
+            try:
+                backbone_of(cfg)  # the supported classes, PixArt's legacy name included
+            except UserError:
+                raise UserError(f"{cand}: a {cfg.get('_class_name')}, expected UNet2DConditionModel, "
+                                "PixArtTransformer2DModel or SD3Transformer2DModel") from None
             return cfg
     raise UserError(f"{d}: no config.json, unet/config.json or transformer/config.json")
 
