@@ -26,7 +26,8 @@ class ExportOptions:
 
     backend: "onnx", or "tensorrt" (ONNX + a TensorRT plan per UNet; needs a GPU and the tensorrt extra).
     precision: "fp32" | "fp16" for the UNets and VAE decoder (router and text encoder stay fp32).
-    scheduler: default sampler recorded in the manifest (the runtime can override it).
+    scheduler: default sampler recorded in the manifest (the runtime can override it); None: "ddim", or
+        "flow_euler" for a flow-matching model (SD3), engines.schedulers.default_sampler.
     max_batch: most prompts per UNet call the ONNX/TensorRT profiles allow (the UNet batch is twice that);
         TensorRT tunes for the runtime's default call (engines.denoise.DEFAULT_BATCH_SIZE prompts) or this.
     size_range: (min, max) UNet input height/width the graphs' dynamic axes and TensorRT profiles allow
@@ -40,7 +41,7 @@ class ExportOptions:
 
     backend: str = "onnx"
     precision: str = "fp32"
-    scheduler: str = "ddim"
+    scheduler: str | None = None
     max_batch: int = DEFAULT_BATCH_SIZE
     size_range: tuple[int, int] | None = None
     with_dense: bool = False
@@ -54,7 +55,7 @@ class ExportOptions:
         c = Checks(UserError, sep=" ")
         for name, choices in (("backend", BACKENDS), ("precision", PRECISIONS), ("exporter", EXPORTERS)):
             c.require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}", getattr(self, name))
-        if self.scheduler.lower() not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler.lower() not in SCHEDULERS:
             scheduler_name(self.scheduler)  # accepts diffusers class names too; raises naming the choices
         c.require(is_int(self.max_batch) and self.max_batch >= 1, "max_batch", "must be an integer >= 1", self.max_batch)
         c.require(self.size_range is None or (

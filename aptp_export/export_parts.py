@@ -45,14 +45,18 @@ class ExportParts:
             directory holding one (pad_token overrides its padding token); text_encoder_uses_mask: False for
             encoders their pipeline calls without an attention mask (SD's CLIP);
         text_encoder_2 / tokenizer_2 / pad_token_2: the second text encoder (CLIPTextModelWithProjection) and
-            its tokenizer, for families that have one (SDXL);
+            its tokenizer, for families that have one (SDXL, SD3);
+        text_encoder_3 / tokenizer_3: SD3's T5 encoder and tokenizer (None: an SD3 model without T5, whose
+            context has zeros there); token_lengths: the tokens each text tokenizer pads to when not text_len
+            ({"json": 77, "json_2": 77, "json_3": 256} for SD3: CLIP's length, then T5's);
         uncond: "empty_prompt" or "zeros" (SDXL's force_zeros_for_empty_prompt).
     Router:
         router_encoder + router_head: prompt encoder (mean-pooled, L2-normalised, embedding_dim) and the head
             mapping embeddings to K expert scores; router_max_length: its tokens; router_tokenizer /
             router_pad_token: the router encoder's, when it is another model (default: `tokenizer`);
         codes: JSON-able architecture codes written next to the router (router_codes.json).
-    VAE (latent models): vae (diffusers AutoencoderKL) and vae_scaling_factor; image_size: pixels (h, w) of the
+    VAE (latent models): vae (diffusers AutoencoderKL), vae_scaling_factor and vae_shift_factor (SD3's latent
+        shift, 0 for the others); image_size: pixels (h, w) of the
         images, from which the runtime builds SDXL's time_ids (default: sample_size times the VAE factor).
     Sampling and record: scheduler_config (diffusers scheduler config dict); sampling: the model's recommended
         {"num_inference_steps", "guidance_scale"} (its sampling.json, None when it has none); budget,
@@ -77,12 +81,16 @@ class ExportParts:
     text_encoder_2: Any = None
     tokenizer_2: str | os.PathLike | None = None
     pad_token_2: str | None = None
+    text_encoder_3: Any = None
+    tokenizer_3: str | os.PathLike | None = None
+    token_lengths: dict[str, int] | None = None
     uncond: str = "empty_prompt"
     router_tokenizer: str | os.PathLike | None = None
     router_pad_token: str | None = None
     codes: dict | None = None
     vae: Any = None
     vae_scaling_factor: float | None = None
+    vae_shift_factor: float = 0.0
     image_size: tuple[int, int] | None = None
     budget: float | None = None
     base_model: str = "unet"
@@ -94,5 +102,7 @@ class ExportParts:
             raise UserError("a VAE needs its scaling factor (and a scaling factor needs a VAE)")
         if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
             raise UserError("a second text encoder needs its tokenizer (and a second tokenizer its encoder)")
+        if (self.text_encoder_3 is None) != (self.tokenizer_3 is None):
+            raise UserError("a third text encoder needs its tokenizer (and a third tokenizer its encoder)")
         if self.uncond not in UNCOND_KINDS:
             raise UserError(f"uncond must be one of {', '.join(UNCOND_KINDS)}, got {self.uncond!r}")

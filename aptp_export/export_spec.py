@@ -24,12 +24,14 @@ from engines.manifest import (
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
     TEXT_ENCODER_INPUT_2,
+    TEXT_ENCODER_INPUT_3,
     TEXT_ENCODER_INPUTS,
     TEXT_ENCODER_OUTPUTS,
     TEXT_ENCODER_POOLED,
     UNET_ADDED_INPUTS,
     UNET_INPUTS,
     UNET_MASK_INPUT,
+    UNET_POOLED_INPUT,
     UNET_OUTPUTS,
     VAE_DECODER_INPUTS,
     VAE_DECODER_OUTPUTS,
@@ -225,9 +227,6 @@ def unet_spec(in_channels: int, sample_size: tuple[int, int], text_len: int, con
     )
 
 
-DIT_EXTRA_INPUTS = {"pixart": (UNET_MASK_INPUT,), "sd3": ("pooled_projections",)}
-
-
 def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
                   batch: tuple[int, int, int] = unet_batch_range(DEFAULT_BATCH_SIZE)) -> ExportSpec:
     """A diffusion transformer's denoiser graph (`UNetGraph` of a PixArt or SD3 transformer): the UNet's
@@ -245,7 +244,7 @@ def dit_unet_spec(unet_config, sample_size: tuple[int, int], text_len: int,
         context = int(c["caption_channels"])
         timesteps = 1000
     elif kind == "sd3":
-        extra = (TensorSpec("pooled_projections", ("batch", int(c["pooled_projection_dim"]))),)
+        extra = (TensorSpec(UNET_POOLED_INPUT, ("batch", int(c["pooled_projection_dim"]))),)
         context = int(c["joint_attention_dim"])
         timesteps = 1000  # flow matching: t = 1000 sigma, fractional
     else:
@@ -278,6 +277,24 @@ def text_encoder_spec(text_len: int, hidden_size: int, vocab_size: int,
         ),
         outputs=(TensorSpec(TEXT_ENCODER_OUTPUTS[0], ("batch", text_len, hidden_size)),
                  *((TensorSpec(TEXT_ENCODER_POOLED, ("batch", pooled_dim)),) if dual else ())),
+        axes={"batch": _batch("batch", batch)},
+    )
+
+
+def sd3_text_encoder_spec(clip_length: int, t5_length: int, joint_dim: int, pooled_dim: int,
+                          vocab_sizes: tuple[int, int, int | None], batch: tuple[int, int, int] = (1, 2, 64)) -> ExportSpec:
+    """SD3's text encoder (`Sd3TextEncoderGraph`): (input_ids, attention_mask, input_ids_2 [B, clip_length],
+    input_ids_3 [B, t5_length]) -> last_hidden_state [B, clip_length + t5_length, joint_dim], text_embeds
+    [B, pooled_dim]. `vocab_sizes`: the three tokenizers' (None for the third: no T5, no input_ids_3)."""
+    v1, v2, v3 = vocab_sizes
+    ids3 = () if v3 is None else (TensorSpec(TEXT_ENCODER_INPUT_3, ("batch", t5_length), "int64", "tokens", v3),)
+    return ExportSpec(
+        name="text_encoder",
+        inputs=(TensorSpec(TEXT_ENCODER_INPUTS[0], ("batch", clip_length), "int64", "tokens", v1),
+                TensorSpec(TEXT_ENCODER_INPUTS[1], ("batch", clip_length), "int64", "mask"),
+                TensorSpec(TEXT_ENCODER_INPUT_2, ("batch", clip_length), "int64", "tokens", v2), *ids3),
+        outputs=(TensorSpec(TEXT_ENCODER_OUTPUTS[0], ("batch", clip_length + t5_length, joint_dim)),
+                 TensorSpec(TEXT_ENCODER_POOLED, ("batch", pooled_dim))),
         axes={"batch": _batch("batch", batch)},
     )
 

@@ -8,8 +8,6 @@
 | `pixart`| a PixArt transformer         | yes | T5EncoderModel, last hidden state, with its mask    | encoder_attention_mask  |
 | `sd3`   | an SD3 (MMDiT) transformer   | yes | CLIP-L + CLIP-G penultimate (padded) + T5; pooled   | pooled_projections      |
 
-`sd3` trains (flow matching) but does not export yet (issue 25): it is no manifest family.
-
 A family is decided once, from the UNet's config and whether the model has a VAE (`detect_family`); loading a
 base model (training/base_model.py), the UNet graph (onnx_export.py) and the export directory
 (manifest_writer.py) ask the entry what to do. The names are the export format's
@@ -22,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engines.errors import UserError
-from engines.manifest import FAMILIES, UNET_ADDED_INPUTS, UNET_MASK_INPUT, AddedCondInfo
+from engines.manifest import FAMILIES, UNET_ADDED_INPUTS, UNET_MASK_INPUT, UNET_POOLED_INPUT, AddedCondInfo
 
 from .unet_configs import added_cond_dims, backbone_of
+
+
+TEXT_GRAPHS = ("single", "sdxl", "sd3")
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,12 @@ class Family:
         (None: no addition embedding); with `latent`, what `detect_family` matches.
     extra_inputs: the UNet's inputs after (sample, timestep, encoder_hidden_states), in graph order; diffusers
         takes them as `added_cond_kwargs` (the manifest's `added_cond`).
-    backbone / exportable: the denoiser class (`detect_family` matches it) and whether the export format has
-        the family (see check_exportable).
-    second_text_encoder: the text conditioning has a second encoder and tokenizer (text_encoder_2/,
-        tokenizer_2/; the manifest's `tokenizer.json_2`, `text_encoder.pooled_dim`) whose pooled projection is
-        `text_embeds`; the context is both encoders' penultimate states concatenated.
+    backbone: the denoiser class (`detect_family` matches it): "unet", "pixart" or "sd3".
+    text_graph: the text conditioning's graph (onnx_export): "single" (one encoder, `TextEncoderGraph`),
+        "sdxl" (two CLIPs, `DualTextEncoderGraph`: both penultimate states, the second's pooled projection as
+        `text_embeds`), "sd3" (CLIP-L + CLIP-G + optional T5, `Sd3TextEncoderGraph`: pooled = both CLIPs').
+        With two or three encoders the manifest has `tokenizer.json_2` (and `json_3`) and
+        `text_encoder.pooled_dim` (`second_text_encoder`).
     upcast_vae: an fp16 export keeps the VAE decoder in fp32 when the VAE's config asks to be upcast
         (`force_upcast`), as the family's diffusers pipeline decodes.
     """
@@ -50,21 +52,21 @@ class Family:
     latent: bool
     addition_embed_type: str | None = None
     extra_inputs: tuple[str, ...] = ()
-    second_text_encoder: bool = False
+    text_graph: str = "single"
     upcast_vae: bool = False
     backbone: str = "unet"  # aptp_export.unet_configs.backbone_of of the family's denoisers
-    exportable: bool = True  # False: training only (no manifest family, the runtime cannot run it yet)
 
     def __post_init__(self):
-        if self.exportable and self.name not in FAMILIES:  # the runtime reads only the format's families
+        if self.name not in FAMILIES:  # the runtime reads only the format's families
             raise ValueError(f"family {self.name!r} is not one of engines.manifest.FAMILIES {FAMILIES}")
+        if self.text_graph not in TEXT_GRAPHS:
+            raise ValueError(f"family {self.name!r}: text_graph {self.text_graph!r} is not one of {TEXT_GRAPHS}")
 
-    def check_exportable(self) -> None:
-        """Raise UserError for a family the export format and runtime do not support yet."""
-        if not self.exportable:
-            raise UserError(f"exporting a {self.name} model is not implemented yet (issue 25: the runtime needs its "
-                            "text encoder and inputs); the fine-tuned experts are in the run's experts/ directory "
-                            "as safetensors (aptp_export.load_expert)")
+    @property
+    def second_text_encoder(self) -> bool:
+        """The text conditioning has a second encoder and tokenizer (text_encoder_2/, tokenizer_2/) whose pooled
+        projection the denoiser reads (SDXL's text_embeds, SD3's pooled_projections with the first's)."""
+        return self.text_graph != "single"
 
     def added_cond_dims(self, unet_config) -> tuple[int, int] | None:
         """(text_embeds width, time_ids count) the UNet reads, None for a family without extra inputs."""
@@ -91,10 +93,9 @@ MODEL_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pixel", latent=False),
     Family("sd", latent=True),
     Family("sdxl", latent=True, addition_embed_type="text_time", extra_inputs=UNET_ADDED_INPUTS,
-           second_text_encoder=True, upcast_vae=True),
+           text_graph="sdxl", upcast_vae=True),
     Family("pixart", latent=True, extra_inputs=(UNET_MASK_INPUT,), backbone="pixart"),
-    # trains (flow matching), does not export yet: no manifest family, `aptp export` says so
-    Family("sd3", latent=True, extra_inputs=("pooled_projections",), backbone="sd3", exportable=False),
+    Family("sd3", latent=True, extra_inputs=(UNET_POOLED_INPUT,), backbone="sd3", text_graph="sd3"),
 )}
 
 
@@ -124,11 +125,12 @@ def detect_family(unet_config, has_vae: bool) -> Family:
 
 
 def unet_extra_inputs(unet_config) -> tuple[str, ...]:
-    """The inputs a UNet with `unet_config` reads after (sample, timestep, encoder_hidden_states): those of the
-    families its addition embedding belongs to (the same with or without a VAE)."""
-    embed = _embed_type(unet_config)
+    """The inputs a denoiser with `unet_config` reads after (sample, timestep, encoder_hidden_states): those of the
+    family of its class (a diffusion transformer) or of its addition embedding (a UNet; the same with or without
+    a VAE)."""
+    embed, backbone = _embed_type(unet_config), backbone_of(unet_config)
     for family in MODEL_FAMILIES.values():
-        if family.addition_embed_type == embed and family.backbone == "unet":
+        if family.backbone == backbone and (backbone != "unet" or family.addition_embed_type == embed):
             return family.extra_inputs
     raise UserError(f"unsupported UNet: addition_embed_type {embed!r} (supported: "
                     + ", ".join(sorted({repr(f.addition_embed_type) for f in MODEL_FAMILIES.values()})) + ")")

@@ -52,7 +52,7 @@ from engines.manifest import (
     TokenizerInfo,
     VaeDecoderInfo,
 )
-from engines.schedulers import make_scheduler, scheduler_name
+from engines.schedulers import default_sampler, make_scheduler, scheduler_name
 
 from .export_options import ExportOptions
 from .export_parts import ExpertModel, ExportParts
@@ -60,6 +60,7 @@ from .export_spec import (
     ExportSpec,
     dit_unet_spec,
     router_spec,
+    sd3_text_encoder_spec,
     text_encoder_spec,
     unet_batch_range,
     unet_spec,
@@ -69,6 +70,7 @@ from .families import Family, detect_family
 from .onnx_export import (
     DualTextEncoderGraph,
     RouterGraph,
+    Sd3TextEncoderGraph,
     TextEncoderGraph,
     UNetGraph,
     VaeDecoderGraph,
@@ -174,8 +176,9 @@ def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], par
 
     out_dir = Path(out_dir)
     family = _family(experts, parts)
-    name = scheduler_name(options.scheduler)
-    make_scheduler(name, parts.scheduler_config)  # fail now on a config the runtime could not use
+    name = scheduler_name(options.scheduler or default_sampler(parts.scheduler_config))
+    mu = _scheduler_mu(name, experts, parts)
+    make_scheduler(name, parts.scheduler_config, mu=mu)  # fail now on a config the runtime could not use
     plan_env = None
     if options.backend == "tensorrt":
         import_tensorrt()
@@ -206,7 +209,7 @@ def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], par
         base_model=parts.base_model,
         created_by=_aptp_version(),
         precision=options.precision,
-        scheduler=SchedulerInfo(name, dict(parts.scheduler_config)),
+        scheduler=SchedulerInfo(name, dict(parts.scheduler_config), mu),
         sampling=sampling_info(options, parts.sampling),
         budget=None if parts.budget is None else float(parts.budget),
         dense_macs=float(parts.dense_macs),
@@ -217,13 +220,15 @@ def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], par
         router=RouterInfo(files=_refs(out_dir, files["router"]), max_length=int(parts.router_max_length),
                           num_experts=len(experts), embedding_dim=int(parts.embedding_dim), codes=codes_ref),
         text_encoder=TextEncoderInfo(files=_refs(out_dir, files["text_encoder"]), hidden_size=int(parts.context_dim),
-                                     pooled_dim=_pooled_dim(parts), uncond=parts.uncond),
-        tokenizer=TokenizerInfo(files={k: FileRef.of(out_dir, v) for k, v in tok_files.items()}),
+                                     pooled_dim=_pooled_dim(parts, family), uncond=parts.uncond),
+        tokenizer=TokenizerInfo(files={k: FileRef.of(out_dir, v) for k, v in tok_files.items()},
+                                lengths=dict(parts.token_lengths) if parts.token_lengths else None),
         experts=[ExpertInfo(id=i, macs=float(e.macs), macs_fraction=float(e.macs) / float(parts.dense_macs),
                             params=_params(e), share=float(e.share), files=_refs(out_dir, files[f"expert_{i:02d}"]))
                  for i, e in enumerate(experts)],
         vae_decoder=None if vae is None else VaeDecoderInfo(_refs(out_dir, files["vae_decoder"]),
-                                                            float(parts.vae_scaling_factor)),
+                                                            float(parts.vae_scaling_factor),
+                                                            float(parts.vae_shift_factor)),
         dense=None if dense is None else DenseInfo(macs=float(dense.macs), params=_params(dense),
                                                    files=_refs(out_dir, files["dense"])),
         tensorrt=None if plan_env is None else TensorRTInfo(**plan_env, tf32=False),
@@ -245,9 +250,24 @@ def _params(expert: ExpertModel) -> int:
     return int(expert.params if expert.params is not None else _count_params(expert.unet))
 
 
-def _pooled_dim(parts: ExportParts) -> int | None:
-    """Width of the second text encoder's pooled output (text_embeds), None without one."""
-    return None if parts.text_encoder_2 is None else int(parts.text_encoder_2.config.projection_dim)
+def _pooled_dim(parts: ExportParts, family: Family) -> int | None:
+    """Width of the text graph's pooled output text_embeds: the second text encoder's projection (SDXL), both
+    CLIPs' (SD3); None without a second encoder."""
+    if parts.text_encoder_2 is None:
+        return None
+    width = int(parts.text_encoder_2.config.projection_dim)
+    return width + int(parts.text_encoder.config.projection_dim) if family.text_graph == "sd3" else width
+
+
+def _scheduler_mu(name: str, experts: list[ExpertModel], parts: ExportParts) -> float | None:
+    """The flow sampler's resolution shift mu for the export's fixed latent size, when its config has
+    use_dynamic_shifting: calculate_shift of the transformer's image tokens (h / patch) * (w / patch), as
+    StableDiffusion3Pipeline computes it; None otherwise."""
+    if name != "flow_euler" or not parts.scheduler_config.get("use_dynamic_shifting"):
+        return None
+    patch = int(_unet_config(experts[0]).get("patch_size") or 1)
+    h, w = parts.sample_size
+    return float(make_scheduler(name, parts.scheduler_config).calculate_shift((h // patch) * (w // patch)))
 
 
 def _vae_factor(vae) -> int:
@@ -268,16 +288,19 @@ def _family(experts: list[ExpertModel], parts: ExportParts) -> Family:
         raise UserError("no experts to export")
     config = _unet_config(experts[0])
     family = detect_family(config, has_vae=parts.vae is not None)
-    family.check_exportable()
     if family.second_text_encoder and parts.text_encoder_2 is None:
-        raise UserError(f"an {family.name.upper()}-class UNet (addition_embed_type {family.addition_embed_type}) "
-                        "needs the second text encoder that gives its pooled text embedding")
+        raise UserError(f"an {family.name.upper()}-class denoiser needs the second text encoder that gives its "
+                        "pooled text embedding")
     if not family.second_text_encoder and parts.text_encoder_2 is not None:
         raise UserError(f"a second text encoder was given, but a {family.name!r}-family UNet reads none")
+    if family.text_graph != "sd3" and parts.text_encoder_3 is not None:
+        raise UserError(f"a third text encoder was given, but a {family.name!r}-family denoiser reads none")
     dims = family.added_cond_dims(config)
-    if dims is not None and _pooled_dim(parts) != dims[0]:
-        raise UserError(f"the UNet reads text_embeds of width {dims[0]}, the second text encoder gives "
-                        f"{_pooled_dim(parts)}")
+    if family.text_graph == "sd3":
+        dims = (int(dict(config)["pooled_projection_dim"]), 0)
+    if dims is not None and _pooled_dim(parts, family) != dims[0]:
+        raise UserError(f"the denoiser reads a pooled text embedding of width {dims[0]}, the text encoders give "
+                        f"{_pooled_dim(parts, family)}")
     return family
 
 
@@ -291,6 +314,8 @@ def _copy_tokenizers(out_dir: Path, parts: ExportParts) -> dict[str, str]:
     if parts.tokenizer_2 is not None:
         tok_files["json_2"] = copy_tokenizer(parts.tokenizer_2, out_dir, parts.pad_token_2,
                                              rel="tokenizer_2/tokenizer.json")
+    if parts.tokenizer_3 is not None:
+        tok_files["json_3"] = copy_tokenizer(parts.tokenizer_3, out_dir, rel="tokenizer_3/tokenizer.json")
     return tok_files
 
 
@@ -319,10 +344,19 @@ def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, o
                          num_train_timesteps=parts.scheduler_config.get("num_train_timesteps", 1000),
                          text_embeds_dim=dims[0] if dims else None)
 
-    if family.second_text_encoder:
+    if family.text_graph == "sd3":
+        lengths = parts.token_lengths or {}
+        clip_len = int(lengths.get("json", parts.text_len))
+        t5_len = parts.text_len - clip_len
+        te_graph = Sd3TextEncoderGraph(parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3,
+                                       parts.context_dim, t5_len)
+        te_spec = sd3_text_encoder_spec(clip_len, t5_len, parts.context_dim, _pooled_dim(parts, family),
+                                        (vocab("json"), vocab("json_2"), vocab("json_3") if "json_3" in tok_files
+                                         else None))
+    elif family.second_text_encoder:
         te_graph = DualTextEncoderGraph(parts.text_encoder, parts.text_encoder_2)
         te_spec = text_encoder_spec(parts.text_len, parts.context_dim, vocab("json"), batch=(1, 2, 64),
-                                    pooled_dim=_pooled_dim(parts), vocab_size_2=vocab("json_2"))
+                                    pooled_dim=_pooled_dim(parts, family), vocab_size_2=vocab("json_2"))
     else:
         te_graph = TextEncoderGraph(parts.text_encoder, use_attention_mask=parts.text_encoder_uses_mask)
         te_spec = text_encoder_spec(parts.text_len, parts.context_dim, vocab("json"), batch=(1, 2, 64))

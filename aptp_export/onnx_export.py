@@ -49,7 +49,7 @@ from torch import nn
 
 from engines.manifest import PRECISIONS, sha256_file
 
-from .export_spec import DIT_EXTRA_INPUTS, ExportSpec
+from .export_spec import ExportSpec
 from .families import unet_extra_inputs
 from .unet_configs import backbone_of
 
@@ -82,7 +82,7 @@ class UNetGraph(nn.Module):
         self.unet = unet
         config = getattr(unet, "config", None) or {}
         self.backbone = backbone_of(config)
-        self.extra_inputs = DIT_EXTRA_INPUTS.get(self.backbone) or unet_extra_inputs(config)
+        self.extra_inputs = unet_extra_inputs(config)
         self.has_added_cond = self.backbone == "unet" and bool(self.extra_inputs)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
@@ -163,6 +163,34 @@ class DualTextEncoderGraph(nn.Module):
         h1 = self.encoder(input_ids, output_hidden_states=True).hidden_states[-2]
         out2 = self.encoder_2(input_ids_2, output_hidden_states=True)
         return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2[0]
+
+
+class Sd3TextEncoderGraph(nn.Module):
+    """SD3's text conditioning, as StableDiffusion3Pipeline.encode_prompt (no clip_skip): (input_ids, attention_mask,
+    input_ids_2[, input_ids_3]) -> (last_hidden_state [B, S1 + S3, E], text_embeds [B, P1 + P2]).
+
+    Both CLIPs (`CLIPTextModelWithProjection`, run without a mask) give their penultimate hidden states,
+    concatenated and zero-padded to T5's width E (the transformer's joint_attention_dim), followed by T5's last
+    hidden state over its own S3 tokens (run without a mask, as the pipeline does); without a T5 encoder those
+    S3 rows are zeros and the graph has no input_ids_3. text_embeds concatenates both CLIPs' projected pooled
+    outputs (the transformer's pooled_projections). attention_mask is unused (the exported graph drops it)."""
+
+    def __init__(self, encoder: nn.Module, encoder_2: nn.Module, encoder_3: nn.Module | None, joint_dim: int,
+                 t5_length: int):
+        super().__init__()
+        self.encoder, self.encoder_2, self.encoder_3 = encoder, encoder_2, encoder_3
+        self.joint_dim, self.t5_length = int(joint_dim), int(t5_length)
+
+    def forward(self, input_ids, attention_mask, input_ids_2, *input_ids_3):
+        out1 = self.encoder(input_ids, output_hidden_states=True)
+        out2 = self.encoder_2(input_ids_2, output_hidden_states=True)
+        clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        if self.encoder_3 is None:
+            t5 = clip.new_zeros(clip.shape[0], self.t5_length, self.joint_dim)
+        else:
+            t5 = _last_hidden_state(self.encoder_3, input_ids_3[0], None)
+        return torch.cat([clip, t5], dim=-2), torch.cat([out1[0], out2[0]], dim=-1)
 
 
 def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """From final latents to PIL images.
 
-Pixel-space models: image = clip((x + 1) / 2, 0, 1). Latent models: x / scaling_factor goes
+Pixel-space models: image = clip((x + 1) / 2, 0, 1). Latent models: x / scaling_factor (+ shift_factor, SD3) goes
 through the VAE decoder graph, whose output in [-1, 1] is mapped the same way (diffusers'
 `VaeImageProcessor` "pil" path). Quantisation is diffusers' too: round(image * 255) as uint8.
 """
@@ -16,11 +16,16 @@ from .manifest import VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS
 from .backends import Session
 
 
-def decode(latents: np.ndarray, vae_decoder: Session | None = None, scaling_factor: float = 1.0) -> np.ndarray:
-    """Images [B, 3, H, W] float32 in [0, 1] from latents [B, C, h, w]."""
+def decode(latents: np.ndarray, vae_decoder: Session | None = None, scaling_factor: float = 1.0,
+           shift_factor: float = 0.0) -> np.ndarray:
+    """Images [B, 3, H, W] float32 in [0, 1] from latents [B, C, h, w]; the decoder reads latents / scaling_factor
+    + shift_factor (SD3's VAE has a shift, the others none), as diffusers' pipelines compute it."""
     x = latents
     if vae_decoder is not None:
-        x = vae_decoder.run({VAE_DECODER_INPUTS[0]: (x / np.float32(scaling_factor)).astype(np.float32)})
+        z = x / np.float32(scaling_factor)
+        if shift_factor:
+            z = z + np.float32(shift_factor)
+        x = vae_decoder.run({VAE_DECODER_INPUTS[0]: z.astype(np.float32)})
         x = x[VAE_DECODER_OUTPUTS[0]]
     return np.clip(x / 2 + 0.5, 0.0, 1.0).astype(np.float32)
 

@@ -7,7 +7,9 @@
       "base_model": "toy-teacher",            # free text naming the dense model the experts come from
       "created_by": "aptp 0.1.0",
       "precision": "fp32" | "fp16",           # of the graphs' internals; graph inputs/outputs stay fp32
-      "scheduler": {"name": "pndm", "config": {...diffusers scheduler config...}},
+      "scheduler": {"name": "pndm", "config": {...diffusers scheduler config...},
+                    "mu": 0.7?},              # flow_euler with use_dynamic_shifting: the resolution shift for the
+                                              # export's fixed sample size (what the SD3 pipeline computes)
       "sampling": null | {"steps": 25, "guidance_scale": 3.0},  # what a caller who names none gets (format 4;
                                               # from the model's sampling.json at export, or the export flags)
       "budget": 0.6 | null,                   # target MACs fraction of the pruning run
@@ -18,16 +20,20 @@
       "latent": false,
       "router": {"files": {"onnx": FILE}, "max_length": 256, "num_experts": 2, "embedding_dim": 384,
                  "codes": FILE | null},
-      "family": "pixel" | "sd" | "sdxl" | "pixart",  # which inputs its graphs take (format 3; pixart: the
-                                              # transformer also reads encoder_attention_mask [N, L] int64)
+      "family": "pixel" | "sd" | "sdxl" | "pixart" | "sd3",  # which inputs its graphs take (format 3; pixart:
+                                              # the transformer also reads encoder_attention_mask [N, L] int64;
+                                              # sd3: pooled_projections [N, P])
       "text_encoder": {"files": {"onnx": FILE}, "hidden_size": 384,
-                       "pooled_dim": 1280?,   # SDXL: the graph also gives text_embeds [B, pooled_dim]
+                       "pooled_dim": 1280?,   # SDXL, SD3: the graph also gives text_embeds [B, pooled_dim]
                        "uncond": "empty_prompt" | "zeros"},  # how the unconditional condition is made
       "added_cond": null | {"text_embeds_dim": 1280, "image_size": [1024, 1024]},  # SDXL's extra UNet inputs
-      "vae_decoder": null | {"files": {"onnx": FILE}, "scaling_factor": 0.18215},
-      "tokenizer": {"files": {"json": FILE, "json_2": FILE?, "router_json": FILE?}},  # json_2: SDXL's second
-                                              # text encoder's; router_json: when the router's prompt encoder
-                                              # tokenises differently (CLIP UNet + MiniLM router)
+      "vae_decoder": null | {"files": {"onnx": FILE}, "scaling_factor": 0.18215,
+                             "shift_factor": 0.0609?},  # SD3: latents / scaling_factor + shift_factor decode
+      "tokenizer": {"files": {"json": FILE, "json_2": FILE?, "json_3": FILE?, "router_json": FILE?},
+                    "lengths": {"json": 77, "json_2": 77, "json_3": 256}?},  # json_2: SDXL's and SD3's second
+                                              # text encoder's; json_3: SD3's T5; router_json: when the router's
+                                              # prompt encoder tokenises differently (CLIP UNet + MiniLM router);
+                                              # lengths: the tokens each pads to when not text_len (SD3)
       "experts": [{"id": 0, "macs": 6.1e8, "macs_fraction": 0.5, "params": 1234, "share": 0.4,
                    "files": {"onnx": FILE, "onnx_data": FILE?, "tensorrt": FILE?,
                              "openvino": FILE?, "openvino_bin": FILE?},   # OpenVINO IR .xml + its .bin
@@ -45,7 +51,8 @@
 Format versions: 2 added `tensorrt` (a plan only deserializes with the TensorRT version that built
 it and only runs on GPUs of the same compute capability, so the runtime checks both before opening
 a plan). 3 added `family`, `added_cond`, `text_encoder.pooled_dim` / `.uncond` and `tokenizer.json_2`
-(SDXL-class UNets). 4 added OpenVINO IR files (`openvino`, `openvino_bin`) with per-expert
+(SDXL-class UNets; later also the families pixart and sd3, with sd3's `scheduler.mu`,
+`vae_decoder.shift_factor`, `tokenizer.json_3` and `tokenizer.lengths`, keys only an sd3 export writes). 4 added OpenVINO IR files (`openvino`, `openvino_bin`) with per-expert
 `quantization`, the top-level `openvino` (aptp quantize) and `sampling` (the model's recommended
 steps and guidance scale, used when a caller gives none). This reader also reads versions 1 and 2 (no `tensorrt` key in 1: plans then go
 unchecked until their first call; no `family` before 3: it is "sd" for a latent model, "pixel"
@@ -61,7 +68,10 @@ float32): UNet (sample [N,C,H,W], timestep [N] float, encoder_hidden_states [N,L
 SDXL's UNet also (text_embeds [N,P], time_ids [N,6]); text encoder and router (input_ids,
 attention_mask [B,S]) -> last_hidden_state [B,S,E] / scores [B,K] + embedding [B,E], SDXL's text
 encoder (input_ids, input_ids_2 [B,S], the two tokenizers' ids) -> last_hidden_state [B,S,E1+E2]
-(both encoders' penultimate states) + text_embeds [B,P]; VAE decoder latent_sample [B,C,h,w] (already divided by
+(both encoders' penultimate states) + text_embeds [B,P], SD3's text encoder (input_ids, input_ids_2 [B,S1], the
+CLIP tokenizers' ids, input_ids_3 [B,S3], T5's, absent without T5) -> last_hidden_state [B,S1+S3,E] (both CLIPs'
+penultimate states concatenated and zero-padded to T5's width E, then T5's states, zeros without T5) + text_embeds
+[B,P] (both CLIPs' pooled projections); SD3's transformer also reads pooled_projections [N,P]; VAE decoder latent_sample [B,C,h,w] (already divided by
 scaling_factor) -> sample [B,3,H,W] in [-1, 1].
 """
 
@@ -86,19 +96,23 @@ FILE_KINDS = ("onnx", "onnx_data", "tensorrt", "openvino", "openvino_bin")
 OPENVINO_KINDS = ("openvino", "openvino_bin")
 GRAPH_KINDS = ("onnx", "onnx_data")  # router, text encoder, VAE decoder: ONNX only (plans and IRs are the UNets')  # an OpenVINO IR: graph (.xml) and weights (.bin), format 4
 QUANT_PRECISIONS = ("int8", "int8_weights", "fp32")  # an expert's IR: weights+activations, weights only, none
-FAMILIES = ("pixel", "sd", "sdxl", "pixart")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class
-# (text_time); PixArt transformers (T5 text with its padding mask, which the denoiser also reads)
+FAMILIES = ("pixel", "sd", "sdxl", "pixart", "sd3")  # pixel-space (toy) UNets; SD 1.x/2.x latent UNets; SDXL-class
+# (text_time); PixArt transformers (T5 text with its padding mask, which the denoiser also reads); SD3 (MMDiT:
+# CLIP-L + CLIP-G + T5 context, the CLIPs' pooled projection as pooled_projections, flow matching)
 UNCOND_KINDS = ("empty_prompt", "zeros")  # the text condition of "", or zeros (SDXL's force_zeros_for_empty_prompt)
 
 # Graph interface (format version 1)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 UNET_ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL-class UNets (addition_embed_type "text_time"), format 3
 UNET_MASK_INPUT = "encoder_attention_mask"  # PixArt: the caption's padding mask [N, L] int64 (1 = real token)
+UNET_POOLED_INPUT = "pooled_projections"  # SD3: the pooled text embedding [N, P] (text_embeds of its text graph)
 UNET_OUTPUTS = ("out_sample",)
 TEXT_ENCODER_INPUTS = ("input_ids", "attention_mask")
 TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)
-TEXT_ENCODER_INPUT_2 = "input_ids_2"  # SDXL: the second tokenizer's ids
-TEXT_ENCODER_POOLED = "text_embeds"  # SDXL: the second encoder's pooled, projected embedding
+TEXT_ENCODER_INPUT_2 = "input_ids_2"  # SDXL, SD3: the second tokenizer's ids
+TEXT_ENCODER_INPUT_3 = "input_ids_3"  # SD3: the T5 tokenizer's ids
+TOKENIZER_IDS = {"json": TEXT_ENCODER_INPUTS[0], "json_2": TEXT_ENCODER_INPUT_2, "json_3": TEXT_ENCODER_INPUT_3}
+TEXT_ENCODER_POOLED = "text_embeds"  # SDXL: the second encoder's pooled, projected embedding; SD3: both CLIPs'
 ROUTER_INPUTS = ("input_ids", "attention_mask")
 ROUTER_OUTPUTS = ("scores", "embedding")
 VAE_DECODER_INPUTS = ("latent_sample",)
@@ -160,6 +174,7 @@ def _read_files(r: Checks, value, where: str, required: tuple[str, ...] = ("onnx
 class SchedulerInfo:
     name: str  # "ddim" | "pndm" | "euler" | "flow_euler"
     config: dict[str, Any]
+    mu: float | None = None  # flow_euler with use_dynamic_shifting: set_timesteps' mu at the export's size
 
 
 @dataclass(frozen=True)
@@ -175,7 +190,7 @@ class RouterInfo:
 class TextEncoderInfo:
     files: dict[str, FileRef]
     hidden_size: int
-    pooled_dim: int | None = None  # SDXL: width of the pooled output text_embeds
+    pooled_dim: int | None = None  # SDXL, SD3: width of the pooled output text_embeds
     uncond: str = "empty_prompt"  # UNCOND_KINDS
 
 
@@ -196,14 +211,21 @@ class AddedCondInfo:
 class VaeDecoderInfo:
     files: dict[str, FileRef]
     scaling_factor: float
+    shift_factor: float = 0.0  # SD3: the decoder reads latents / scaling_factor + shift_factor
 
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """{"json": the text encoder's tokenizer.json, "json_2": the second text encoder's (SDXL),
-    "router_json": the router's, when it differs}."""
+    """{"json": the text encoder's tokenizer.json, "json_2": the second text encoder's (SDXL, SD3), "json_3": the
+    third's (SD3's T5), "router_json": the router's, when it differs}; `lengths`: the tokens each text tokenizer
+    pads and truncates to, when not all `text_len` (SD3: CLIP 77 and T5 256 make a context of 333)."""
 
     files: dict[str, FileRef]
+    lengths: dict[str, int] | None = None
+
+    def length(self, key: str, text_len: int) -> int:
+        """Tokens tokenizer `key` pads to: its `lengths` entry, else the context's `text_len`."""
+        return int((self.lengths or {}).get(key, text_len))
 
     @property
     def router_file(self) -> FileRef:
@@ -398,6 +420,10 @@ class Manifest:
             d["added_cond"]["image_size"] = list(self.added_cond.image_size)
         if d["text_encoder"]["pooled_dim"] is None:
             del d["text_encoder"]["pooled_dim"]
+        for part, key, default in (("scheduler", "mu", None), ("vae_decoder", "shift_factor", 0.0),
+                                   ("tokenizer", "lengths", None)):  # sd3's keys, absent from other exports
+            if d[part] is not None and d[part][key] == default:
+                del d[part][key]
         order = ["format_version", "base_model", "created_by", "family", "precision", "scheduler", "sampling", "budget",
                  "dense_macs", "text_len", "sample_size", "in_channels", "latent", "router", "text_encoder",
                  "added_cond", "vae_decoder", "tokenizer", "experts", "dense", "tensorrt", "openvino", "info"]
@@ -442,10 +468,12 @@ class Manifest:
 
 # -- reading the parts of a manifest (Manifest.from_dict) -------------------------------------------
 def _read_scheduler(r: Checks, value) -> SchedulerInfo:
-    sch = r.obj(value, "scheduler", ("name", "config"))
+    sch = r.obj(value, "scheduler", ("name", "config"), ("mu",))
     if not isinstance(sch["config"], dict):
         r.fail("scheduler.config", "expected an object")
-    return SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]))
+    mu = sch.get("mu")
+    return SchedulerInfo(r.string(sch["name"], "scheduler.name"), dict(sch["config"]),
+                         None if mu is None else r.number(mu, "scheduler.mu"))
 
 
 def _read_router(r: Checks, value) -> RouterInfo:
@@ -467,11 +495,17 @@ def _read_text(r: Checks, d: dict, version: int) -> tuple[TextEncoderInfo, Token
         r.integer(te["hidden_size"], "text_encoder.hidden_size", lo=1),
         None if te.get("pooled_dim") is None else r.integer(te["pooled_dim"], "text_encoder.pooled_dim", lo=1),
         r.string(te.get("uncond", "empty_prompt"), "text_encoder.uncond", UNCOND_KINDS))
-    tk = r.obj(d["tokenizer"], "tokenizer", ("files",))
-    tokenizer = TokenizerInfo(_read_files(r, tk["files"], "tokenizer.files", required=("json",),
-                                          allowed=("json", "json_2", "router_json")
-                                          if version >= 3 else ("json", "router_json")))
-    return text_encoder, tokenizer
+    tk = r.obj(d["tokenizer"], "tokenizer", ("files",), ("lengths",) if version >= 3 else ())
+    files = _read_files(r, tk["files"], "tokenizer.files", required=("json",),
+                        allowed=("json", "json_2", "json_3", "router_json") if version >= 3 else ("json", "router_json"))
+    lengths = None
+    if tk.get("lengths") is not None:
+        raw = r.obj(tk["lengths"], "tokenizer.lengths", (), tuple(TOKENIZER_IDS))
+        lengths = {k: r.integer(v, f"tokenizer.lengths.{k}", lo=1) for k, v in raw.items()}
+        for k in lengths:
+            if k not in files:
+                r.fail(f"tokenizer.lengths.{k}", f"no tokenizer file {k!r} is listed")
+    return text_encoder, TokenizerInfo(files, lengths)
 
 
 def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo,
@@ -479,9 +513,10 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
     """(VAE decoder, family, SDXL extra inputs), checked against each other and the text parts."""
     vae = None
     if d.get("vae_decoder") is not None:
-        v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"))
+        v = r.obj(d["vae_decoder"], "vae_decoder", ("files", "scaling_factor"), ("shift_factor",))
         vae = VaeDecoderInfo(_read_files(r, v["files"], "vae_decoder.files", allowed=GRAPH_KINDS),
-                             r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12))
+                             r.number(v["scaling_factor"], "vae_decoder.scaling_factor", lo=1e-12),
+                             r.number(v.get("shift_factor", 0.0), "vae_decoder.shift_factor"))
     if latent and vae is None:
         r.fail("vae_decoder", "a latent model needs a vae_decoder")
     if not latent and vae is not None:
@@ -500,9 +535,13 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
         r.fail("added_cond", "an sdxl export needs added_cond, and only an sdxl export has it")
     if (family == "pixel") == latent:
         r.fail("family", f"{family!r} but latent is {str(latent).lower()} (pixel-space models are not latent, "
-                         "sd, sdxl and pixart ones are)")
-    if family == "sdxl" and "json_2" not in tokenizer.files:
-        r.fail("tokenizer.files", "an sdxl export needs json_2, the second text encoder's tokenizer")
+                         "sd, sdxl, pixart and sd3 ones are)")
+    if family in ("sdxl", "sd3") and "json_2" not in tokenizer.files:
+        r.fail("tokenizer.files", f"an {family} export needs json_2, the second text encoder's tokenizer")
+    if family == "sd3" and text_encoder.pooled_dim is None:
+        r.fail("text_encoder.pooled_dim", "an sd3 export's text encoder gives the pooled projection text_embeds")
+    if family != "sd3" and ("json_3" in tokenizer.files or tokenizer.lengths):
+        r.fail("tokenizer", "json_3 and lengths belong to sd3 exports (its T5 tokenizer and token lengths)")
     if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
         r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
                                           f"{added.text_embeds_dim}")

@@ -36,14 +36,15 @@ from .images import decode, to_pil
 from .manifest import (
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
-    TEXT_ENCODER_INPUT_2,
     TEXT_ENCODER_INPUTS,
     TEXT_ENCODER_OUTPUTS,
     TEXT_ENCODER_POOLED,
     UNET_ADDED_INPUTS,
     UNET_INPUTS,
     UNET_MASK_INPUT,
+    UNET_POOLED_INPUT,
     UNET_OUTPUTS,
+    TOKENIZER_IDS,
     VAE_DECODER_INPUTS,
     VAE_DECODER_OUTPUTS,
     FileRef,
@@ -231,7 +232,8 @@ class Runtime:
         vae = None
         if m.vae_decoder is not None:
             vae = self._session("vae_decoder", m.vae_decoder.files, VAE_DECODER_INPUTS, VAE_DECODER_OUTPUTS)
-        return to_pil(decode(latents, vae, m.vae_decoder.scaling_factor if m.vae_decoder else 1.0))
+        scaling, shift = (m.vae_decoder.scaling_factor, m.vae_decoder.shift_factor) if m.vae_decoder else (1.0, 0.0)
+        return to_pil(decode(latents, vae, scaling, shift))
 
     def unet(self, expert_id) -> Session:
         """The UNet session of expert `expert_id` (an int id or "dense"), opened (and its files checked) once."""
@@ -260,12 +262,20 @@ class Runtime:
             info = self.manifest.tokenizer
             for ref in info.files.values():
                 self._recheck(ref)
-            second = info.files.get("json_2")
-            self._tokenizer = PromptTokenizer(self.export_dir / info.files["json"].path, self.manifest.text_len,
-                                              self.manifest.router.max_length,
-                                              self.export_dir / info.router_file.path,
-                                              None if second is None else self.export_dir / second.path)
+            def path(key):
+                ref = info.files.get(key)
+                return None if ref is None else self.export_dir / ref.path
+
+            self._tokenizer = PromptTokenizer(path("json"), self.manifest.text_len, self.manifest.router.max_length,
+                                              self.export_dir / info.router_file.path, path("json_2"), path("json_3"),
+                                              lengths=info.lengths)
         return self._tokenizer
+
+    def new_scheduler(self, name: str | None = None):
+        """A fresh sampler `name` (default: the export's) on the export's scheduler config; a flow sampler on a
+        config with use_dynamic_shifting gets the export's resolution shift mu (the manifest's scheduler.mu)."""
+        info = self.manifest.scheduler
+        return make_scheduler(name or info.name, info.config, mu=info.mu)
 
     @property
     def num_experts(self) -> int:
@@ -282,10 +292,12 @@ class Runtime:
         """(context [B, L, E], pooled text_embeds [B, P] or None, token mask [B, L] int64) of the prompts."""
         prompts = clean_prompts(prompts) if clean else list(prompts)
         pooled = self.manifest.text_encoder.pooled_dim is not None
-        # input_ids is required; attention_mask is optional: a text encoder run without a mask (CLIP in
-        # Stable Diffusion pipelines) is exported without that input
+        # input_ids is required (input_ids_2 / _3 too where the export has that tokenizer: SDXL, SD3);
+        # attention_mask is optional: a text encoder run without a mask (CLIP in Stable Diffusion pipelines) is
+        # exported without that input
+        keys = self.tokenizer.text_keys
         te = self._session("text_encoder", self.manifest.text_encoder.files,
-                           TEXT_ENCODER_INPUTS[:1] + ((TEXT_ENCODER_INPUT_2,) if pooled else ()),
+                           tuple(TOKENIZER_IDS[k] for k in keys),
                            TEXT_ENCODER_OUTPUTS + ((TEXT_ENCODER_POOLED,) if pooled else ()))
         contexts, pools, masks = [], [], []
         for i in range(0, len(prompts), batch_size):
@@ -293,8 +305,8 @@ class Runtime:
             ids, mask = self.tokenizer.unet_tokens(part)
             masks.append(mask)
             feeds = {TEXT_ENCODER_INPUTS[0]: ids, TEXT_ENCODER_INPUTS[1]: mask}
-            if pooled:
-                feeds[TEXT_ENCODER_INPUT_2] = self.tokenizer.unet_tokens_2(part)[0]
+            for key in keys[1:]:
+                feeds[TOKENIZER_IDS[key]] = self.tokenizer.unet_tokens(part, key)[0]
             feeds = {k: v for k, v in feeds.items() if k in te.input_names}
             out = te.run(feeds)
             contexts.append(out[TEXT_ENCODER_OUTPUTS[0]])
@@ -307,6 +319,8 @@ class Runtime:
     def _condition(self, context: np.ndarray, pooled: np.ndarray | None, mask: np.ndarray) -> TextCondition:
         if self.manifest.family == "pixart":  # the transformer masks the caption's padding in cross-attention
             return TextCondition(context, {UNET_MASK_INPUT: mask.astype(np.int64, copy=False)})
+        if self.manifest.family == "sd3":  # the MMDiT reads the CLIPs' pooled projection
+            return TextCondition(context, {UNET_POOLED_INPUT: pooled})
         added = self.manifest.added_cond
         if added is None:
             return TextCondition(context)
@@ -316,7 +330,7 @@ class Runtime:
     def condition(self, prompts: Sequence[str], batch_size: int = 64, clean: bool = True) -> TextCondition:
         """Everything the UNet reads about the prompts: the text context and, for SDXL exports, the pooled
         text embedding and the size conditioning time_ids (the export's image size, no crop); for PixArt
-        exports the caption's padding mask. `clean`: as in `encode_text`."""
+        exports the caption's padding mask; for SD3 exports the pooled projection. `clean`: as in `encode_text`."""
         return self._condition(*self._encode(prompts, batch_size, clean))
 
     def uncond(self) -> TextCondition:
@@ -392,7 +406,7 @@ class Runtime:
         seeds = params.seeds(len(prompts))
         _check_batch_size(batch_size)
         sched_name = params.scheduler_or(self.manifest.scheduler.name)
-        probe = make_scheduler(sched_name, self.manifest.scheduler.config)
+        probe = self.new_scheduler(sched_name)
         probe.set_timesteps(params.steps)  # validates config and steps before any work
         calls_per_batch = len(probe.timesteps)
         if expert is not None and expert != "dense":
@@ -435,7 +449,7 @@ class Runtime:
             for j in range(0, len(idx), step):
                 chunk = idx[j:j + step]
                 noise = initial_noise([seeds[i] for i in chunk], shape)
-                latents = denoise(unet, make_scheduler(sched_name, m.scheduler.config), noise, cond.take(chunk),
+                latents = denoise(unet, self.new_scheduler(sched_name), noise, cond.take(chunk),
                                   uncond, params, progress=tick)
                 for i, img in zip(chunk, self.decode(latents), strict=True):
                     img.info["aptp_expert"] = str(e)

@@ -5,7 +5,8 @@ encoder is another model, e.g. a CLIP UNet with a MiniLM router); they give two 
 the ids transformers' tokenizer gives with the same settings:
 
 - UNet context (text encoder): padded to exactly `text_len` and truncated to it
-  (transformers: `padding="max_length", truncation=True, max_length=text_len`).
+  (transformers: `padding="max_length", truncation=True, max_length=text_len`); with several text
+  tokenizers (SDXL, SD3) each to its own length (SD3: 77 for the CLIPs, 256 for T5).
 - Router (sentence embedding): truncated to the router's `max_length` (sentence-transformers'
   `max_seq_length`, 256 for MiniLM) and padded to the longest prompt of the batch; mean pooling
   ignores padding, so the embedding does not depend on the batch.
@@ -76,13 +77,17 @@ class PromptTokenizer:
         text_len: UNet context length (pad and truncate to exactly this).
         router_max_length: truncation length of the router's prompt encoder.
         router_tokenizer_json: the router's tokenizer.json if it differs (default: the same file).
-        tokenizer_json_2: the second text encoder's tokenizer.json (SDXL), padded and truncated to
-            `text_len` like the first.
+        tokenizer_json_2: the second text encoder's tokenizer.json (SDXL, SD3), padded and truncated to
+            `text_len` like the first unless `lengths` says otherwise.
+        tokenizer_json_3: the third's (SD3's T5).
+        lengths: tokens per text tokenizer ("json", "json_2", "json_3") where not `text_len` (the manifest's
+            tokenizer.lengths).
     """
 
     def __init__(self, tokenizer_json: str | os.PathLike, text_len: int, router_max_length: int,
                  router_tokenizer_json: str | os.PathLike | None = None,
-                 tokenizer_json_2: str | os.PathLike | None = None):
+                 tokenizer_json_2: str | os.PathLike | None = None,
+                 tokenizer_json_3: str | os.PathLike | None = None, lengths: dict[str, int] | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a runtime dependency
@@ -97,14 +102,16 @@ class PromptTokenizer:
                 raise BackendError(f"{path}: cannot be read as a tokenizer.json ({e})") from None
             return tok, *self._pad_token(tok, path)
 
-        def load_fixed(path):
+        def load_fixed(path, key):
             tok, pad_id, pad_token = load(path)
-            tok.enable_truncation(max_length=self.text_len)
-            tok.enable_padding(length=self.text_len, pad_id=pad_id, pad_token=pad_token)
+            length = int((lengths or {}).get(key, self.text_len))
+            tok.enable_truncation(max_length=length)
+            tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad_token)
             return tok
 
-        self._unet = load_fixed(tokenizer_json)
-        self._unet_2 = load_fixed(tokenizer_json_2) if tokenizer_json_2 is not None else None
+        # the text tokenizers by manifest key (json, json_2, json_3), in the text encoder's input order
+        self._unet = {key: load_fixed(path, key) for key, path in (
+            ("json", tokenizer_json), ("json_2", tokenizer_json_2), ("json_3", tokenizer_json_3)) if path is not None}
 
         self._router, pad_id, pad_token = load(router_tokenizer_json or tokenizer_json)
         self._router.enable_truncation(max_length=self.router_max_length)
@@ -128,15 +135,17 @@ class PromptTokenizer:
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
 
-    def unet_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), each int64 [B, text_len], for already-cleaned prompts."""
-        return self._encode(self._unet, prompts)
+    @property
+    def text_keys(self) -> tuple[str, ...]:
+        """The text tokenizers' manifest keys, in order ("json", then "json_2" and "json_3" where present)."""
+        return tuple(self._unet)
 
-    def unet_tokens_2(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The second tokenizer's (input_ids, attention_mask) [B, text_len] (SDXL's text_encoder_2)."""
-        if self._unet_2 is None:
-            raise BackendError("this export has one text tokenizer")
-        return self._encode(self._unet_2, prompts)
+    def unet_tokens(self, prompts: list[str], key: str = "json") -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), each int64 [B, length], of text tokenizer `key` ("json": the first,
+        [B, text_len]; "json_2": SDXL's and SD3's second; "json_3": SD3's T5) for already-cleaned prompts."""
+        if key not in self._unet:
+            raise BackendError(f"this export has no text tokenizer {key!r} (it has {', '.join(self._unet)})")
+        return self._encode(self._unet[key], prompts)
 
     def router_tokens(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), each int64 [B, S] with S <= router_max_length."""

@@ -318,15 +318,16 @@ def assert_experts_match_pipeline(rt, pipe, denoiser_attr: str, run, manifest, p
         assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
 
 
-def prune_finetune_export(model: Path, root: Path, scheduler: str):
+def prune_finetune_export(model: Path, root: Path, scheduler: str | None, **model_settings):
     """The whole training path on a tiny pipeline directory: 3 pruning steps with 2 experts, 2 fine-tuning
-    steps, export with `scheduler`. Returns (cfg, run dir, export dir, manifest, export report, prune summary)."""
+    steps, export with `scheduler` (None: the export's default). `model_settings` go to the config's `model`
+    section. Returns (cfg, run dir, export dir, manifest, export report, prune summary)."""
     from training.config import config_from_dict
     from training.export_run import export_run
     from training.finetune import run_finetune
     from training.prune import run_prune
 
-    cfg = config_from_dict(tiny_config(model, root / "runs", router={"num_experts": 2},
+    cfg = config_from_dict(tiny_config(model, root / "runs", model=model_settings, router={"num_experts": 2},
                                        prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
                                        finetune={"steps": 2, "batch_size": 2}))
     run = root / "run"
@@ -342,11 +343,12 @@ TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attent
                 pos_embed_max_size=8)
 
 
-def write_sd3_model(path: Path, seed: int = 0, t5: bool = True) -> Path:
+def write_sd3_model(path: Path, seed: int = 0, t5: bool = True, **scheduler) -> Path:
     """A Stable Diffusion 3 pipeline directory with tiny random parts: two CLIP tokenizers (the second pads with
     "!") and CLIPTextModelWithProjection encoders (hidden 32 and 24, projections 16 and 8: pooled 24, context
     56 padded to T5's 64), a T5 tokenizer and T5EncoderModel (d_model 64; left out with t5=False), a VAE with
-    SD3's scaling and shift, an SD3 transformer, SD3's flow-matching scheduler (shift 3) and model_index.json."""
+    SD3's scaling and shift, an SD3 transformer, SD3's flow-matching scheduler (shift 3; `scheduler` changes its
+    config, e.g. use_dynamic_shifting=True) and model_index.json."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
@@ -372,7 +374,8 @@ def write_sd3_model(path: Path, seed: int = 0, t5: bool = True) -> Path:
     transformer = SD3Transformer2DModel(**TINY_SD3)
     _perturb_(transformer, seed)
     transformer.save_pretrained(str(path / "transformer"), safe_serialization=True)
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(str(path / "scheduler"))
+    FlowMatchEulerDiscreteScheduler(**{"num_train_timesteps": 1000, "shift": 3.0, **scheduler}).save_pretrained(
+        str(path / "scheduler"))
     parts = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

@@ -54,7 +54,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         raise UserError(f"{run_dir}: {len(missing)} of {k} experts are not fine-tuned yet (first missing: "
                         f"{missing[0]}); run `aptp finetune --run {run_dir}`")
     base = load_base_model(cfg.model)
-    base.family_info.check_exportable()  # before any expert is loaded (every family exports today)
     space = ArchSpace.from_unet(base.unet, depth_blocks=cfg.model.depth_blocks)
     h = w = base.sample_size
     text_len = base.text_len
@@ -82,8 +81,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         # CLIP text encoder (no attention mask, as the pipelines call it) with its own tokenizer and padding
         # token, the router keeping the sentence encoder's tokenizer; SDXL adds the second encoder and its
         # tokenizer, and zeros as the unconditional condition when the pipeline asks for them. PixArt: T5, run
-        # with its attention mask (the transformer reads the mask too).
+        # with its attention mask (the transformer reads the mask too). SD3: both CLIPs and T5 (when the model
+        # has it), each tokenizer to its own length, the VAE's latent shift.
         latent, second = family.latent, family.second_text_encoder
+        sd3 = family.text_graph == "sd3"
+        t5 = sd3 and te.model_3 is not None
         parts = ExportParts(
             sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
             context_dim=_context_dim(base.unet.config), dense_macs=dense_macs,
@@ -96,12 +98,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
             text_encoder_2=te.model_2 if second else None,
             tokenizer_2=_fast_tokenizer_json(base.path / "tokenizer_2", scratch) if second else None,
             pad_token_2=te.tokenizer_2.pad_token if second else None,
+            text_encoder_3=te.model_3 if t5 else None,
+            tokenizer_3=_fast_tokenizer_json(base.path / "tokenizer_3", scratch) if t5 else None,
+            token_lengths=({"json": te.clip_length, "json_2": te.clip_length, **({"json_3": te.t5_length} if t5 else {})}
+                           if sd3 else None),
             uncond="zeros" if base.force_zeros_for_empty_prompt else "empty_prompt",
-            image_size=(base.image_size, base.image_size) if family.extra_inputs else None,
+            image_size=(base.image_size, base.image_size) if family.added_cond_dims(base.unet.config) else None,
             router_encoder=sentence.model, router_head=router.scorer(),
             router_max_length=int(sentence.max_seq_length), embedding_dim=router.embed_dim,
             router_tokenizer=sentence.model_dir if latent else None,
-            vae=base.vae, vae_scaling_factor=base.scaling_factor if latent else None,
+            vae=base.vae, vae_scaling_factor=base.scaling_factor if latent else None, vae_shift_factor=base.shift_factor,
             budget=cfg.prune.budget, base_model=str(cfg.model.path or "builtin:toy-teacher"),
             info={"run": str(run_dir), "arch_space": space.to_dict()})
         return write_export_dir(out_dir, experts, parts, options)
@@ -109,9 +115,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
 
 def _context_dim(config) -> int:
     """Width of the text context the denoiser reads: a UNet's cross_attention_dim, a PixArt transformer's
-    caption_channels (T5's width; it projects it to its own)."""
+    caption_channels (T5's width; it projects it to its own), an SD3 transformer's joint_attention_dim."""
     c = dict(config)
-    return int(c["caption_channels"] if c.get("caption_channels") else c["cross_attention_dim"])
+    for key in ("caption_channels", "joint_attention_dim"):
+        if c.get(key):
+            return int(c[key])
+    return int(c["cross_attention_dim"])
 
 
 def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Path:

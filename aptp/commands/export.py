@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
                         help="graph precision (int8: fp32 export to OUT.fp32, then aptp quantize into OUT)")
     parser.add_argument("--with-dense", action="store_true", help="also export the dense UNet (dense.onnx)")
     parser.add_argument("--scheduler", choices=tuple(SCHEDULERS), default=DEFAULTS.scheduler,
-                        help="default sampler recorded in the manifest (the runtime can override it)")
+                        help="default sampler recorded in the manifest (the runtime can override it; default: "
+                             "ddim, flow_euler for a flow-matching model such as SD3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps recorded as the export's default (default: the model's sampling.json, else 25)")
     parser.add_argument("--guidance", type=float, default=None,

@@ -58,8 +58,16 @@ def config_family(config: dict[str, Any]) -> str | None:
     return None
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
-    """A new scheduler of kind `name` from a diffusers scheduler config dict."""
+def default_sampler(config: dict[str, Any]) -> str:
+    """The sampler an export records when none is asked for: "flow_euler" for a flow-matching config (SD3),
+    "ddim" otherwise."""
+    return "flow_euler" if config_family(config) == "flow" else "ddim"
+
+
+def make_scheduler(name: str, config: dict[str, Any], mu: float | None = None) -> Scheduler:
+    """A new scheduler of kind `name` from a diffusers scheduler config dict. `mu`: the resolution shift a
+    flow_euler scheduler with use_dynamic_shifting uses when `set_timesteps` is given none (an export's
+    `scheduler.mu`); the other samplers have no such shift and ignore it."""
     key = scheduler_name(name)
     family = config_family(config) if isinstance(config, dict) else None
     wants = "flow" if key == "flow_euler" else "ddpm"
@@ -70,8 +78,11 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
             f"export's scheduler is {cls}: its model predicts "
             f"{'a velocity' if family == 'flow' else 'noise'}; choose from "
             f"{', '.join(k for k in SCHEDULERS if (k == 'flow_euler') == (family == 'flow'))}")
-    return SCHEDULERS[key].from_config(config)
+    scheduler = SCHEDULERS[key].from_config(config)
+    if mu is not None and isinstance(scheduler, FlowMatchEulerScheduler):
+        scheduler.mu = float(mu)
+    return scheduler
 
 
 __all__ = ["Scheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerScheduler",
-           "SCHEDULERS", "config_family", "make_scheduler", "scheduler_name"]
+           "SCHEDULERS", "config_family", "default_sampler", "make_scheduler", "scheduler_name"]

@@ -78,6 +78,7 @@ class FlowMatchEulerScheduler(Scheduler):
         self.sigma_min = float(self.sigmas[-1])
         self.sigma_max = float(self.sigmas[0])
         self._step_index: int | None = None
+        self.mu: float | None = None  # set_timesteps' default mu (engines.schedulers.make_scheduler)
         self._begin_index: int | None = None
 
     def _static_shift(self, sigmas: np.ndarray) -> np.ndarray:
@@ -134,9 +135,11 @@ class FlowMatchEulerScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, mu: float | None = None) -> None:
         """float32 sigmas (+ the final 0, or 1 with invert_sigmas) and timesteps = sigmas * N, descending.
-        `mu` is required with `use_dynamic_shifting` (see `calculate_shift`) and ignored otherwise."""
+        `mu` is required with `use_dynamic_shifting` (see `calculate_shift`; default: the `mu` attribute) and
+        ignored otherwise."""
         self._check_steps(num_inference_steps)
         c = self.config
+        mu = self.mu if mu is None else mu
         if c["use_dynamic_shifting"]:
             if mu is None:
                 raise SchedulerConfigError(

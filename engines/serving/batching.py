@@ -71,7 +71,7 @@ from ..errors import (
 from ..request import GenerationParams
 from ..validation import is_int
 from ..runtime import Runtime
-from ..schedulers import make_scheduler, scheduler_name
+from ..schedulers import scheduler_name
 from .config import ServeConfig
 from ..stepping import ImageState, unet_step
 from ..tokenization import clean_prompts
@@ -347,7 +347,7 @@ class Batcher:
         params = params.within(cfg.max_steps)
         seeds = params.seeds(n)
         sched = params.scheduler_or(self.runtime.manifest.scheduler.name)
-        make_scheduler(sched, self.runtime.manifest.scheduler.config).set_timesteps(params.steps)  # validates steps
+        self.runtime.new_scheduler(sched).set_timesteps(params.steps)  # validates steps
         if expert is not None:
             expert = self._check_expert(expert)
         with self._cond:
@@ -382,9 +382,7 @@ class Batcher:
 
     def _state(self, seed: int, cond, uncond, sched: str, params: GenerationParams) -> ImageState:
         """The denoising state of one image."""
-        m = self.runtime.manifest
-        return ImageState(initial_noise([seed], self._shape), cond, uncond, make_scheduler(sched, m.scheduler.config),
-                          params)
+        return ImageState(initial_noise([seed], self._shape), cond, uncond, self.runtime.new_scheduler(sched), params)
 
     def _check_expert(self, expert):
         if expert == "dense":

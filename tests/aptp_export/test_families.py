@@ -19,12 +19,10 @@ def _unet(config):
 
 
 def test_registry_and_export_format_name_the_same_families():
-    # every exportable entry is a format family and every format family has one; SD3 trains, not exports yet
-    assert tuple(n for n, f in MODEL_FAMILIES.items() if f.exportable) == FAMILIES
-    assert [n for n, f in MODEL_FAMILIES.items() if not f.exportable] == ["sd3"]
-    assert all(get_family(n).name == n and get_family(n).exportable for n in FAMILIES)
-    with pytest.raises(UserError, match="sd3 model is not implemented yet"):
-        get_family("sd3").check_exportable()
+    # every entry is a format family and every format family has one
+    assert tuple(MODEL_FAMILIES) == FAMILIES
+    assert all(get_family(n).name == n for n in FAMILIES)
+    assert [n for n in FAMILIES if get_family(n).second_text_encoder] == ["sdxl", "sd3"]
     with pytest.raises(UserError, match="unknown model family"):
         get_family("dit")
     with pytest.raises(ValueError, match="FAMILIES"):
@@ -85,17 +83,17 @@ def test_vae_precision_rule_is_the_family_entrys():
 
 def test_pixart_and_sd3_are_their_own_families():
     """A PixArt transformer with a VAE is "pixart" (its graph reads the caption mask), never "sd"; an SD3
-    transformer is "sd3" (pooled projections; not exportable yet); neither exists without a VAE."""
+    transformer is "sd3" (pooled projections, three text encoders); neither exists without a VAE."""
     from diffusers import PixArtTransformer2DModel
 
     px = PixArtTransformer2DModel(sample_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=4,
                                   in_channels=4, out_channels=8, cross_attention_dim=8, caption_channels=6)
     f = detect_family(px.config, has_vae=True)
-    assert f.name == "pixart" and f.exportable and f.backbone == "pixart"
+    assert f.name == "pixart" and f.backbone == "pixart" and f.text_graph == "single"
     assert UNetGraph(px).extra_inputs == ("encoder_attention_mask",) == f.extra_inputs
     with pytest.raises(UserError, match="no model family"):
         detect_family(px.config, has_vae=False)
     sd3 = detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=True)
-    assert sd3.name == "sd3" and not sd3.exportable and sd3.extra_inputs == ("pooled_projections",)
+    assert sd3.name == "sd3" and sd3.text_graph == "sd3" and sd3.extra_inputs == ("pooled_projections",)
     with pytest.raises(UserError, match="no model family"):
         detect_family({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 8}, has_vae=False)

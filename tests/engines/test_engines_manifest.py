@@ -108,3 +108,47 @@ def test_verify_reports_first_bad_file(export):
     (d / "experts" / "expert_01.onnx").write_bytes(b"\x01" * 300)
     with pytest.raises(IntegrityError, match=r"expert_01\.onnx: larger than recorded: 300 bytes"):
         verify_files(d, m)
+
+
+def _sd3(d, m) -> dict:
+    """The export fixture made an SD3 export: three tokenizers with their lengths, pooled text_embeds, a VAE
+    with SD3's shift, a flow sampler with mu."""
+    for name in ("vae.onnx", "tokenizer_2/tokenizer.json", "tokenizer_3/tokenizer.json"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(name.encode())
+
+    def edit(x):
+        x.update(latent=True, family="sd3", scheduler={"name": "flow_euler", "config": {"shift": 3.0},
+                                                         "mu": 0.8125},
+                 vae_decoder={"files": {"onnx": FileRef.of(d, "vae.onnx").__dict__}, "scaling_factor": 1.5305,
+                              "shift_factor": 0.0609})
+        x["text_encoder"]["pooled_dim"] = 2048
+        x["tokenizer"] = {"files": {k: FileRef.of(d, p).__dict__ for k, p in (
+            ("json", "tokenizer/tokenizer.json"), ("json_2", "tokenizer_2/tokenizer.json"),
+            ("json_3", "tokenizer_3/tokenizer.json"))}, "lengths": {"json": 77, "json_2": 77, "json_3": 256}}
+    return _broken(m, edit)
+
+
+def test_sd3_keys_round_trip_and_are_checked(export):
+    """SD3's keys (scheduler.mu, vae_decoder.shift_factor, tokenizer.json_3 / lengths) read back as written; an
+    export of another family is written without them; they are refused where they do not belong."""
+    d, m = export
+    back = Manifest.from_dict(_sd3(d, m))
+    assert back.scheduler.mu == 0.8125 and back.vae_decoder.shift_factor == 0.0609
+    assert back.tokenizer.length("json_3", 333) == 256 and back.tokenizer.length("json", 333) == 77
+    assert Manifest.from_dict(back.to_dict()) == back
+    plain = m.to_dict()  # the toy export: none of the keys, not even as null
+    assert "mu" not in plain["scheduler"] and "lengths" not in plain["tokenizer"]
+    assert m.tokenizer.length("json", 16) == 16
+    for edit, match in [
+        (lambda x: x["tokenizer"]["lengths"].update(json_4=3), "unknown key\\(s\\) 'json_4'"),
+        (lambda x: x["tokenizer"]["files"].pop("json_3"), "tokenizer.lengths.json_3: no tokenizer file"),
+        (lambda x: (x["tokenizer"]["files"].pop("json_2"), x["tokenizer"].pop("lengths")), "needs json_2"),
+        (lambda x: x["text_encoder"].pop("pooled_dim"), "pooled projection"),
+        (lambda x: x.update(family="sd"), "json_3 and lengths belong to sd3 exports"),
+        (lambda x: x["scheduler"].update(mu="big"), "scheduler.mu: expected a number"),
+    ]:
+        data = _sd3(d, m)
+        edit(data)
+        with pytest.raises(ManifestError, match=match):
+            Manifest.from_dict(data)

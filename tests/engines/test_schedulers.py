@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
 from engines.errors import SchedulerConfigError
-from engines.schedulers import FlowMatchEulerScheduler, make_scheduler, scheduler_name
+from engines.schedulers import FlowMatchEulerScheduler, default_sampler, make_scheduler, scheduler_name
 
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7: one ulp of 1.0
 NOISE_FACTOR = 8  # two independent float32 implementations each stray ~noise from exact; 8x leaves room
@@ -590,3 +590,20 @@ def test_sampler_family_must_match_the_export():
     assert make_scheduler("ddim", {**dpm, "_class_name": "DPMSolverMultistepScheduler"}).name == "ddim"
     with pytest.raises(SchedulerConfigError, match="flow-matching sampler"):
         make_scheduler("flow_euler", dpm)
+
+
+def test_make_scheduler_gives_the_exports_mu_to_a_dynamic_flow_sampler():
+    """An export's scheduler.mu is the default of set_timesteps (the runtime calls it with the steps alone):
+    the schedule is diffusers' with that mu, and without it a dynamic config still refuses to guess."""
+    config = {**SD3, "use_dynamic_shifting": True}
+    ours = make_scheduler("flow_euler", config, mu=MU)
+    ours.set_timesteps(7)
+    ref = FlowMatchEulerDiscreteScheduler.from_config(config)
+    ref.set_timesteps(7, mu=MU)
+    np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    other = make_scheduler("flow_euler", config, mu=MU + 0.5)
+    other.set_timesteps(7)
+    assert not np.array_equal(other.sigmas, ours.sigmas)
+    with pytest.raises(SchedulerConfigError, match="needs `mu`"):
+        make_scheduler("flow_euler", config).set_timesteps(7)
+    assert default_sampler(config) == "flow_euler" and default_sampler({"beta_schedule": "linear"}) == "ddim"

@@ -1,14 +1,15 @@
 """Stable Diffusion 3 (issue 25) training path on a tiny random SD3 pipeline: the conditioning equals
 StableDiffusion3Pipeline.encode_prompt (CLIP-L + CLIP-G + T5 context, pooled projection; zeros without T5), the
 flow-matching objective is diffusers' (noisy sample = FlowMatchEulerDiscreteScheduler.scale_noise, velocity
-target, model timestep 1000 sigma), and `aptp prune` -> `finetune` run on the MMDiT; the export refuses the
-family it cannot serve yet."""
+target, model timestep 1000 sigma), and `aptp prune` -> `finetune` -> `export` -> `Runtime.generate` match
+StableDiffusion3Pipeline with the same expert, with and without T5, with a static and a resolution-dependent
+shift."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from prune_fixtures import tiny_config, write_sd3_model
+from prune_fixtures import assert_experts_match_pipeline, prune_finetune_export, tiny_config, write_sd3_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -75,28 +76,28 @@ def test_sd3_flow_matching_objective_is_diffusers(tmp_path):
     assert torch.equal(got, want)
 
 
-def test_sd3_prune_finetune_and_the_export_refusal(tmp_path):
+@pytest.fixture(scope="module", params=["t5", "no_t5_dynamic_shift"])
+def sd3_run(request, tmp_path_factory):
+    """(cfg, run dir, export dir, manifest, export report, prune summary) of the whole path on a tiny SD3
+    pipeline, exported with the default sampler: with T5 and SD3's static shift 3, and without T5 with
+    resolution-dependent shifting (the manifest's mu)."""
+    root = tmp_path_factory.mktemp("sd3")
+    t5 = request.param == "t5"
+    model = write_sd3_model(root / "sd3", seed=2, t5=t5, **({} if t5 else {"use_dynamic_shifting": True}))
+    return (t5, *prune_finetune_export(model, root, None, text_max_length=12))
+
+
+def test_sd3_prune_and_finetune(sd3_run):
     from diffusers import SD3Transformer2DModel
 
     from aptp_export import ArchSpace
     from aptp_export.expert_io import load_expert, read_expert_info
-    from engines.errors import UserError
-    from training.config import config_from_dict
-    from training.export_run import export_run
-    from training.finetune import run_finetune
-    from training.prune import run_prune
+    from training.base_model import load_base_model
     from training.rundir import RunDir
 
-    model = write_sd3_model(tmp_path / "sd3", seed=2)
-    cfg = config_from_dict(tiny_config(model, tmp_path / "runs", model={"text_max_length": 12},
-                                       router={"num_experts": 2},
-                                       prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
-                                       finetune={"steps": 2, "batch_size": 2}))
-    run = tmp_path / "run"
-    summary = run_prune(cfg, run, progress=False)
-    run_finetune(run, progress=False)
+    _, cfg, run, _, _, _, summary = sd3_run
     assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
-    base = _base(model, tmp_path)
+    base = load_base_model(cfg.model)
     space = ArchSpace.from_unet(base.unet)
     cond = base.conditioning(PROMPTS)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([30, 700])
@@ -109,5 +110,74 @@ def test_sd3_prune_finetune_and_the_export_refusal(tmp_path):
         with torch.no_grad():
             out = cond.predict(expert, x, t)
         assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
-    with pytest.raises(UserError, match="sd3 model is not implemented yet"):
-        export_run(run, tmp_path / "export", progress=False)
+
+
+def test_sd3_export_manifest(sd3_run):
+    """The manifest of an SD3 export: the family, three (two without T5) tokenizers with their lengths, the
+    pooled width, the VAE's shift, the flow sampler chosen by default (with mu under dynamic shifting: the
+    pipeline's calculate_shift of 4 x 4 image tokens), every graph verified against torch."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    from engines.manifest import read_manifest
+
+    t5, _, _, out, _, report, _ = sd3_run
+    m = read_manifest(out)
+    assert m.family == "sd3" and m.added_cond is None and m.text_encoder.pooled_dim == 24
+    assert m.text_len == 24 and m.text_encoder.hidden_size == 64 and tuple(m.sample_size) == (8, 8)
+    assert sorted(m.tokenizer.files) == ["json", "json_2", *(["json_3"] if t5 else []), "router_json"]
+    assert m.tokenizer.lengths == ({"json": 12, "json_2": 12, "json_3": 12} if t5 else {"json": 12, "json_2": 12})
+    assert m.vae_decoder.shift_factor == pytest.approx(0.0609) and m.scheduler.name == "flow_euler"
+    if t5:
+        assert m.scheduler.mu is None
+    else:
+        c = m.scheduler.config
+        assert m.scheduler.mu == pytest.approx(calculate_shift(16, c["base_image_seq_len"], c["max_image_seq_len"],
+                                                               c["base_shift"], c["max_shift"]), abs=1e-12)
+    for key, g in report["graphs"].items():
+        assert g["verified"] and max(g["max_rel_error"].values()) <= 1e-4, key
+
+
+def test_sd3_runtime_matches_the_diffusers_pipeline(sd3_run):
+    """Acceptance (issue 25): Runtime.generate (onnxruntime CLIP-L + CLIP-G [+ T5] text graph, MMDiT graphs with
+    pooled_projections, numpy flow-matching Euler, VAE decode with the latent shift) vs StableDiffusion3Pipeline
+    with the same expert, its own FlowMatchEulerDiscreteScheduler and the same initial noise: >= 40 dB."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from engines import Runtime
+    from training.base_model import load_base_model
+
+    t5, cfg, run, out, manifest, _, _ = sd3_run
+    rt = Runtime.load(out)
+    base = load_base_model(cfg.model)
+    cond, ref = rt.condition(PROMPTS), base.conditioning(PROMPTS)
+    np.testing.assert_allclose(cond.context, ref.context.numpy(), atol=1e-4)
+    np.testing.assert_allclose(cond.added["pooled_projections"], ref.text_embeds.numpy(), atol=1e-4)
+    empty, uncond = base.conditioning([""]), rt.uncond()  # SD3 pipelines encode the empty negative prompt
+    np.testing.assert_allclose(uncond.context, empty.context.numpy(), atol=1e-4)
+    np.testing.assert_allclose(uncond.added["pooled_projections"], empty.text_embeds.numpy(), atol=1e-4)
+
+    extra = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(cfg.model.path), local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    assert_experts_match_pipeline(rt, pipe, "transformer", run, manifest, PROMPTS, "flow_euler", steps=4,
+                                  guidance=5.0, max_sequence_length=12)
+
+
+def test_sd3_export_serves_bitwise_through_the_step_batcher(sd3_run):
+    """The server's step-level batching carries pooled_projections: its images are Runtime.generate's."""
+    import numpy as np
+
+    from engines import Runtime
+    from engines.serving.batching import Batcher
+    from engines.serving.config import ServeConfig
+
+    rt = Runtime.load(sd3_run[3], threads=1)
+    ref = rt.generate([PROMPTS[1]] * 2, steps=3, seed=4)
+    with Batcher(rt, ServeConfig(batching="step", workers=1, max_batch=4)) as b:
+        b.warm_up()
+        first = b.submit(PROMPTS[0], n=1, steps=2, seed=1)  # shares UNet calls with the next
+        got = [r.image for r in b.submit(PROMPTS[1], n=2, steps=3, seed=4).result(60)]
+        first.result(60)
+    for a, c in zip(ref, got, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(c))
