@@ -111,6 +111,7 @@ class BaseModel:
     family: str = "pixel"     # aptp_export.families: "pixel" | "sd" | "sdxl" | "pixart" | "sd3"
     shift_factor: float = 0.0  # the VAE's latent shift (SD3: 0.0609), subtracted before scaling
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: the unconditional condition is zeros
+    timestep_sampling: str = "uniform"  # model.timestep_sampling: how training draws t (sample_timesteps)
     # the model's own scheduler config (scheduler/scheduler_config.json as written, prediction_type resolved):
     # what sampling uses (an export's manifest), as opposed to `scheduler`, the DDPM rebuilt for training,
     # which drops keys DDPM has no use for (set_alpha_to_one) and fills others with DDPM's defaults
@@ -148,6 +149,16 @@ class BaseModel:
             empty = torch.tensor([c == "" for c in captions], device=context.device)
             context, pooled = context.masked_fill(empty[:, None, None], 0.0), pooled.masked_fill(empty[:, None], 0.0)
         return UNetCond(context, pooled, self.time_ids(len(captions), sizes).to(context.device))
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n training timestep indices (int64, in [0, num_train_timesteps), increasing with the noise): uniform,
+        or with "logit_normal" (SD3's recipe, diffusers' `weighting_scheme="logit_normal"`, mean 0, std 1) the
+        index of sigmoid(z), z ~ N(0, 1), which favours the middle of the schedule."""
+        steps = int(self.scheduler.config.num_train_timesteps)
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.randn((n,), generator=generator))
+            return (u * steps).long().clamp_(max=steps - 1)
+        return torch.randint(0, steps, (n,), generator=generator)
 
     def time_ids(self, batch: int, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """SDXL's time_ids [B, 6] float: original (h, w), crop (top, left), target (h, w) = the training size."""
@@ -409,7 +420,12 @@ def resolve_model_path(path: str | None) -> Path:
 
 def load_base_model(mcfg, device="cpu") -> BaseModel:
     """Load the dense model described by a ModelConfig (training/config.py). Weights are frozen (eval mode)."""
+    base = _load_base_model(mcfg, device)
+    base.timestep_sampling = getattr(mcfg, "timestep_sampling", "uniform")
+    return base
 
+
+def _load_base_model(mcfg, device) -> BaseModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(mcfg.path)
     kind = detect_layout(path)

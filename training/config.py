@@ -42,6 +42,7 @@ class ModelConfig:
     resolution: int | None = None       # image side in pixels; None = unet sample_size x VAE factor
     prediction_type: str | None = None  # None = from the scheduler config; else "epsilon" | "v_prediction"
     text_max_length: int | None = None  # None = the model's own (16 for the toy, 77 for CLIP)
+    timestep_sampling: str = "uniform"  # how training draws t: "uniform" (the paper) | "logit_normal" (SD3's recipe)
 
     def validate(self, p: str) -> None:
         _check(self.depth_blocks in ("last", "all", "none"), f"{p}.depth_blocks", "must be last|all|none",
@@ -51,6 +52,8 @@ class ModelConfig:
                "must be null, epsilon or v_prediction", self.prediction_type)
         _check(self.text_max_length is None or self.text_max_length >= 1, f"{p}.text_max_length", "must be >= 1",
                self.text_max_length)
+        _check(self.timestep_sampling in ("uniform", "logit_normal"), f"{p}.timestep_sampling",
+               "must be uniform or logit_normal", self.timestep_sampling)
 
 
 @dataclass

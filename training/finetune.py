@@ -101,7 +101,7 @@ def finetune_expert(expert: torch.nn.Module, teacher: torch.nn.Module, base, dat
             pixels, captions, sizes = collate(dataset, idx, sizes=True)
             drop = torch.rand(bs, generator=gen) < fcfg.caption_dropout
             captions = ["" if d else cap for d, cap in zip(drop.tolist(), captions, strict=True)]
-            t = torch.randint(0, base.scheduler.config.num_train_timesteps, (bs,), generator=gen).to(dev)
+            t = base.sample_timesteps(bs, gen).to(dev)
             noise = torch.randn((bs, c, h, w), generator=gen).to(dev)
             eps = torch.randn((bs, base.latent_channels, h, w), generator=gen).to(dev) if base.vae is not None else None
             x0 = base.encode_images(pixels.to(dev), eps)

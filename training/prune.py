@@ -221,7 +221,7 @@ class PruneTrainer:
         d, k = self.s.layout.num_units, self.router.num_experts
         c, h, w = base.latent_shape()
         g = self.gen
-        out = {"t": torch.randint(0, base.scheduler.config.num_train_timesteps, (b,), generator=g),
+        out = {"t": base.sample_timesteps(b, g),
                "noise": torch.randn((b, c, h, w), generator=g),
                "gumbel": gumbel_noise((b, d), g),
                "gumbel_codes": gumbel_noise((k, d), g),

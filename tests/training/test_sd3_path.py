@@ -181,3 +181,26 @@ def test_sd3_export_serves_bitwise_through_the_step_batcher(sd3_run):
         first.result(60)
     for a, c in zip(ref, got, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_logit_normal_timestep_sampling(tmp_path):
+    """model.timestep_sampling: uniform draws every index alike; logit_normal is diffusers' SD3 density
+    (u = sigmoid(N(0, 1)), index floor(1000 u)): the same indices for the same normal draws, concentrated in the
+    middle; the uniform draw is torch.randint's (runs before the option are reproduced)."""
+    from training.base_model import load_base_model
+    from training.config import config_from_dict
+
+    model = write_sd3_model(tmp_path / "sd3")
+    cfg = tiny_config(model, tmp_path / "runs", model={"text_max_length": 12, "timestep_sampling": "logit_normal"})
+    base = load_base_model(config_from_dict(cfg).model)
+    assert base.timestep_sampling == "logit_normal"
+    t = base.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    z = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, (torch.sigmoid(z) * 1000).long())
+    assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= 999
+    middle = ((t >= 250) & (t < 750)).float().mean()
+    assert abs(float(middle) - 0.728) < 0.015  # P(|z| < logit(0.75) = 1.0986) = 0.728; uniform: 0.5
+    base.timestep_sampling = "uniform"
+    u = base.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert torch.equal(u, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    assert abs(float(((u >= 250) & (u < 750)).float().mean()) - 0.5) < 0.02
