@@ -17,7 +17,6 @@ available: a trace plus its ONNX copy do not fit there.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -25,11 +24,10 @@ from pathlib import Path
 import torch
 
 from aptp_export.export_spec import sd3_text_encoder_spec
-from aptp_export.onnx_export import FP32_RTOL, Sd3TextEncoderGraph, check_inputs, export_onnx, relative_errors, \
-    torch_reference
-from engines.backends.ort import OrtSession
+from aptp_export.onnx_export import FP32_RTOL, Sd3TextEncoderGraph
 
-from .memwatch import Phases, rss_gb
+from .memwatch import Phases
+from .sdxl_latency import export_and_check
 
 CLIP_LEN, T5_LEN, JOINT = 77, 256, 4096
 CLIP_VOCAB, T5_VOCAB = 49408, 32128
@@ -96,32 +94,19 @@ def main(argv=None) -> int:
     with phases("build"):
         torch.manual_seed(0)
         enc = {n: build(n, configs[n]) for n in names}
-    graph = Sd3TextEncoderGraph(enc["clip_l"], enc["clip_g"], enc.get("t5_xxl"), JOINT, T5_LEN)
+    models = [Sd3TextEncoderGraph(enc["clip_l"], enc["clip_g"], enc.get("t5_xxl"), JOINT, T5_LEN)]
+    del enc
     spec = sd3_text_encoder_spec(CLIP_LEN, T5_LEN, JOINT, 768 + 1280, (CLIP_VOCAB, CLIP_VOCAB,
                                                                        T5_VOCAB if args.t5 else None))
-    path = out / "text_encoder.onnx"
-    with phases("torch_reference"):
-        inputs = check_inputs(spec, seed=1)
-        ref = torch_reference(graph, inputs)
-    with phases("export") as rec:
-        res = export_onnx(graph, spec, path, verify=False)
-        rec["export_s"] = res.seconds
-        rec["bytes"] = {k: p.stat().st_size for k, p in res.files.items()}
-    del graph, enc
-    gc.collect()
-    phases.note(rss_torch_freed_gb=rss_gb())
-    with phases("ort_session"):
-        sess = OrtSession(path, "cpu", threads=args.threads)
-    with phases("ort_check") as rec:
-        errors = relative_errors(path, spec, inputs, ref, lambda feeds: [sess.run(feeds)[n] for n in spec.output_names])
-        rec["max_rel_error"] = errors
+    errors = export_and_check(phases, models, spec, out / "text_encoder.onnx", args.threads)
     result = {"encoders": names, "params": counts, "phases": phases.records,
               "ok": all(v <= FP32_RTOL for v in errors.values())}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print("| phase | seconds | peak GB |\n|---|---|---|")
     for r in phases.records:
         print(f"| {r['phase']} | {r['seconds']:.1f} | {r['peak_gb']:.1f} |")
-    print(f"graph bytes: {sum(rec_b for rec_b in phases.records[2]['bytes'].values()) / 1e9:.2f} GB; "
+    export = next(r for r in phases.records if r["phase"] == "export")
+    print(f"graph bytes: {sum(export['bytes'].values()) / 1e9:.2f} GB; "
           f"max relative error {max(errors.values()):.2e} ({'ok' if result['ok'] else 'OVER 1e-4'})")
     return 0 if result["ok"] else 1
 

@@ -179,8 +179,18 @@ def export_one(config: dict, name: str, arch, path: Path, size: int, seed: int, 
     if arch is not None:
         with phases("materialise"):
             apply_arch_(ArchSpace.from_config(config), unet, arch.numpy() > 0.5)
-    params = sum(p.numel() for p in unet.parameters())
-    graph = UNetGraph(unet)
+    phases.note(params=sum(p.numel() for p in unet.parameters()))
+    models = [UNetGraph(unet)]
+    del unet
+    export_and_check(phases, models, spec, path, threads)
+    return read_progress(progress)
+
+
+def export_and_check(phases: Phases, models: list, spec, path: Path, threads: int) -> dict[str, float]:
+    """Phases 3-5 of the module doc for the graph module in `models` (a one-element list the function empties, so
+    that the torch module is freed before onnxruntime loads the graph: the caller keeps no other reference).
+    Notes the errors, whether they pass, and the check input's shapes in `phases`; returns the errors."""
+    graph = models.pop()
     with phases("torch_reference"):
         inputs = check_inputs(spec, seed=1)
         ref = torch_reference(graph, inputs)
@@ -188,16 +198,16 @@ def export_one(config: dict, name: str, arch, path: Path, size: int, seed: int, 
         res = export_onnx(graph, spec, path, verify=False)
         rec["export_s"] = res.seconds
         rec["bytes"] = {k: p.stat().st_size for k, p in res.files.items()}
-    del graph, unet
+    del graph
     gc.collect()
-    phases.note(params=params, rss_torch_freed_gb=rss_gb())
+    phases.note(rss_torch_freed_gb=rss_gb())
     with phases("ort_session"):
         sess = OrtSession(path, "cpu", threads=threads)
     with phases("ort_check"):
         errors = relative_errors(path, spec, inputs, ref, lambda feeds: [sess.run(feeds)[n] for n in spec.output_names])
     phases.note(max_rel_error=errors, ok=all(v <= FP32_RTOL for v in errors.values()),
                 check_input={t.name: list(x.shape) for t, x in zip(spec.inputs, inputs, strict=True)})
-    return read_progress(progress)
+    return errors
 
 
 def time_models(config: dict, paths: dict[str, Path], size: int, repeats: int, settle: int, threads: int,

@@ -318,6 +318,35 @@ def assert_experts_match_pipeline(rt, pipe, denoiser_attr: str, run, manifest, p
         assert psnr(np.asarray(other, np.float64) / 255.0, images[0]) < 30  # another seed: another image
 
 
+def assert_run_experts(cfg, run, summary, cls, prompts) -> None:
+    """The 2 fine-tuned experts of a tiny run (prune_finetune_export): of the denoiser class `cls`, each with the
+    parameters of the base model materialised at its architecture vector (no more than the dense model's) and a
+    finite prediction of the latent's shape; MACs fractions in (0, 1]."""
+    import torch
+
+    from aptp_export import ArchSpace
+    from aptp_export.expert_io import load_expert, read_expert_info
+    from training.base_model import load_base_model
+    from training.rundir import RunDir
+
+    assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
+    base = load_base_model(cfg.model)
+    space = ArchSpace.from_unet(base.unet)
+    cond = base.conditioning(list(prompts[:2]))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([30, 700])
+    for k in range(2):
+        expert = load_expert(RunDir(run).expert(k))
+        assert isinstance(expert, cls)
+        _, arch, _ = read_expert_info(RunDir(run).expert(k))
+        n_params = sum(p.numel() for p in expert.parameters())
+        assert n_params <= sum(p.numel() for p in base.unet.parameters())
+        assert n_params == sum(p.numel() for p in space.materialize(base.unet, arch).parameters())
+        with torch.no_grad():
+            out = cond.predict(expert, x, t)
+        assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+        assert space.macs(arch.tolist(), 8, 8, base.text_len) <= space.dense_macs(8, 8, base.text_len)
+
+
 def prune_finetune_export(model: Path, root: Path, scheduler: str | None, **model_settings):
     """The whole training path on a tiny pipeline directory: 3 pruning steps with 2 experts, 2 fine-tuning
     steps, export with `scheduler` (None: the export's default). `model_settings` go to the config's `model`

@@ -9,7 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from prune_fixtures import assert_experts_match_pipeline, prune_finetune_export, tiny_config, write_pixart_model
+from prune_fixtures import (
+    assert_experts_match_pipeline,
+    assert_run_experts,
+    prune_finetune_export,
+    tiny_config,
+    write_pixart_model,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -55,28 +61,8 @@ def test_pixart_conditioning_equals_the_pipeline(tmp_path):
 def test_pixart_prune_and_finetune(pixart_run):
     from diffusers import PixArtTransformer2DModel
 
-    from aptp_export import ArchSpace
-    from aptp_export.expert_io import load_expert, read_expert_info
-    from training.base_model import load_base_model
-    from training.rundir import RunDir
-
     cfg, run, _, _, _, summary = pixart_run
-    assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
-    base = load_base_model(cfg.model)
-    space = ArchSpace.from_unet(base.unet)
-    cond = base.conditioning(PROMPTS)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([30, 700])
-    for k in range(2):
-        expert = load_expert(RunDir(run).expert(k))
-        assert isinstance(expert, PixArtTransformer2DModel)
-        _, arch, _ = read_expert_info(RunDir(run).expert(k))
-        n_params = sum(p.numel() for p in expert.parameters())
-        assert n_params <= sum(p.numel() for p in base.unet.parameters())
-        assert n_params == sum(p.numel() for p in space.materialize(base.unet, arch).parameters())
-        with torch.no_grad():
-            out = cond.predict(expert, x, t)
-        assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
-        assert space.macs(arch.tolist(), 8, 8, base.text_len) <= space.dense_macs(8, 8, base.text_len)
+    assert_run_experts(cfg, run, summary, PixArtTransformer2DModel, PROMPTS)
 
 
 def test_pixart_export_manifest(pixart_run):

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prune_fixtures import assert_experts_match_pipeline, prune_finetune_export, tiny_config, write_sd3_model
+from prune_fixtures import (
+    assert_experts_match_pipeline,
+    assert_run_experts,
+    prune_finetune_export,
+    tiny_config,
+    write_sd3_model,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -90,26 +96,8 @@ def sd3_run(request, tmp_path_factory):
 def test_sd3_prune_and_finetune(sd3_run):
     from diffusers import SD3Transformer2DModel
 
-    from aptp_export import ArchSpace
-    from aptp_export.expert_io import load_expert, read_expert_info
-    from training.base_model import load_base_model
-    from training.rundir import RunDir
-
     _, cfg, run, _, _, _, summary = sd3_run
-    assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
-    base = load_base_model(cfg.model)
-    space = ArchSpace.from_unet(base.unet)
-    cond = base.conditioning(PROMPTS)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([30, 700])
-    for k in range(2):
-        expert = load_expert(RunDir(run).expert(k))
-        _, arch, _ = read_expert_info(RunDir(run).expert(k))
-        assert isinstance(expert, SD3Transformer2DModel)
-        assert sum(p.numel() for p in expert.parameters()) == sum(
-            p.numel() for p in space.materialize(base.unet, arch).parameters())
-        with torch.no_grad():
-            out = cond.predict(expert, x, t)
-        assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    assert_run_experts(cfg, run, summary, SD3Transformer2DModel, PROMPTS)
 
 
 def test_sd3_export_manifest(sd3_run):
