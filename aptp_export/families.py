@@ -69,8 +69,17 @@ class Family:
         return self.text_graph != "single"
 
     def added_cond_dims(self, unet_config) -> tuple[int, int] | None:
-        """(text_embeds width, time_ids count) the UNet reads, None for a family without extra inputs."""
+        """(text_embeds width, time_ids count) an SDXL-class UNet reads (its `added_cond_kwargs`), None for the
+        other families (PixArt's mask and SD3's pooled projection are not added conditions)."""
         return added_cond_dims(unet_config) if self.extra_inputs else None
+
+    def pooled_dim(self, unet_config) -> int | None:
+        """Width of the pooled text embedding the denoiser reads (SDXL's text_embeds, SD3's pooled_projections),
+        None for a family that reads none."""
+        if self.text_graph == "sd3":
+            return int(dict(unet_config)["pooled_projection_dim"])
+        dims = self.added_cond_dims(unet_config)
+        return None if dims is None else dims[0]
 
     def added_cond(self, unet_config, image_size: tuple[int, int]) -> AddedCondInfo | None:
         """The manifest's `added_cond`: text_embeds width and the image size (h, w) pixels the runtime builds

@@ -293,15 +293,31 @@ def _family(experts: list[ExpertModel], parts: ExportParts) -> Family:
                         "pooled text embedding")
     if not family.second_text_encoder and parts.text_encoder_2 is not None:
         raise UserError(f"a second text encoder was given, but a {family.name!r}-family UNet reads none")
-    if family.text_graph != "sd3" and parts.text_encoder_3 is not None:
-        raise UserError(f"a third text encoder was given, but a {family.name!r}-family denoiser reads none")
-    dims = family.added_cond_dims(config)
+    if family.text_graph != "sd3" and (parts.text_encoder_3 is not None or parts.token_lengths):
+        raise UserError(f"a third text encoder and per-tokenizer lengths belong to SD3; a {family.name!r}-family "
+                        "denoiser reads one context of text_len tokens")
     if family.text_graph == "sd3":
-        dims = (int(dict(config)["pooled_projection_dim"]), 0)
-    if dims is not None and _pooled_dim(parts, family) != dims[0]:
-        raise UserError(f"the denoiser reads a pooled text embedding of width {dims[0]}, the text encoders give "
+        _sd3_lengths(parts)
+    width = family.pooled_dim(config)
+    if width is not None and _pooled_dim(parts, family) != width:
+        raise UserError(f"the denoiser reads a pooled text embedding of width {width}, the text encoders give "
                         f"{_pooled_dim(parts, family)}")
     return family
+
+
+def _sd3_lengths(parts: ExportParts) -> tuple[int, int]:
+    """(CLIP tokens, T5 tokens) of an SD3 export, checked: both CLIP tokenizers pad to one length (`token_lengths`
+    json and json_2), T5's (json_3, exactly when there is a T5 tokenizer) fills the rest of text_len."""
+    lengths = parts.token_lengths or {}
+    clip = lengths.get("json")
+    if clip is None or lengths.get("json_2") != clip:
+        raise UserError(f"an SD3 export needs token_lengths with json = json_2 (both CLIPs' length), got {lengths}")
+    if ("json_3" in lengths) != (parts.tokenizer_3 is not None):
+        raise UserError("token_lengths has json_3 (T5's length) exactly when there is a T5 tokenizer")
+    t5 = int(lengths.get("json_3", parts.text_len - clip))
+    if t5 < 1 or clip + t5 != parts.text_len:
+        raise UserError(f"{clip} CLIP + {t5} T5 tokens do not make text_len {parts.text_len}")
+    return int(clip), t5
 
 
 def _copy_tokenizers(out_dir: Path, parts: ExportParts) -> dict[str, str]:
@@ -345,9 +361,7 @@ def _graph_jobs(out_dir: Path, experts: list[ExpertModel], parts: ExportParts, o
                          text_embeds_dim=dims[0] if dims else None)
 
     if family.text_graph == "sd3":
-        lengths = parts.token_lengths or {}
-        clip_len = int(lengths.get("json", parts.text_len))
-        t5_len = parts.text_len - clip_len
+        clip_len, t5_len = _sd3_lengths(parts)
         te_graph = Sd3TextEncoderGraph(parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3,
                                        parts.context_dim, t5_len)
         te_spec = sd3_text_encoder_spec(clip_len, t5_len, parts.context_dim, _pooled_dim(parts, family),

@@ -51,7 +51,7 @@ from engines.manifest import PRECISIONS, sha256_file
 
 from .export_spec import ExportSpec
 from .families import unet_extra_inputs
-from .unet_configs import backbone_of
+from .unet_configs import backbone_of, sd3_text_condition
 
 DEFAULT_OPSET = 17
 FP32_RTOL = 1e-4
@@ -173,7 +173,8 @@ class Sd3TextEncoderGraph(nn.Module):
     concatenated and zero-padded to T5's width E (the transformer's joint_attention_dim), followed by T5's last
     hidden state over its own S3 tokens (run without a mask, as the pipeline does); without a T5 encoder those
     S3 rows are zeros and the graph has no input_ids_3. text_embeds concatenates both CLIPs' projected pooled
-    outputs (the transformer's pooled_projections). attention_mask is unused (the exported graph drops it)."""
+    outputs (the transformer's pooled_projections). attention_mask is unused (the exported graph drops it).
+    The computation is `unet_configs.sd3_text_condition`, the one training conditions with."""
 
     def __init__(self, encoder: nn.Module, encoder_2: nn.Module, encoder_3: nn.Module | None, joint_dim: int,
                  t5_length: int):
@@ -182,15 +183,9 @@ class Sd3TextEncoderGraph(nn.Module):
         self.joint_dim, self.t5_length = int(joint_dim), int(t5_length)
 
     def forward(self, input_ids, attention_mask, input_ids_2, *input_ids_3):
-        out1 = self.encoder(input_ids, output_hidden_states=True)
-        out2 = self.encoder_2(input_ids_2, output_hidden_states=True)
-        clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
-        if self.encoder_3 is None:
-            t5 = clip.new_zeros(clip.shape[0], self.t5_length, self.joint_dim)
-        else:
-            t5 = _last_hidden_state(self.encoder_3, input_ids_3[0], None)
-        return torch.cat([clip, t5], dim=-2), torch.cat([out1[0], out2[0]], dim=-1)
+        return sd3_text_condition((self.encoder, self.encoder_2, self.encoder_3),
+                                  (input_ids, input_ids_2, input_ids_3[0] if input_ids_3 else None),
+                                  self.joint_dim, self.t5_length)
 
 
 def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

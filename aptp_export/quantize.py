@@ -60,7 +60,6 @@ from engines.fileio import write_json, write_text
 from engines.images import psnr
 from engines.manifest import MANIFEST_NAME, FileRef, Manifest, OpenVINOInfo
 from engines.request import GenerationParams
-from engines.schedulers import make_scheduler
 
 # Layer groups the sensitivity scan can keep in fp32 (regular expressions on OpenVINO node names, which
 # are the ONNX node names of diffusers' module paths).
@@ -173,7 +172,7 @@ class _Sampler:
         for j in range(0, len(prompts), 8):
             idx = list(range(j, min(j + 8, len(prompts))))
             noise = initial_noise([seed0 + i for i in idx], self.shape)
-            sched = make_scheduler(self.sched, self.rt.manifest.scheduler.config)
+            sched = self.rt.new_scheduler(self.sched)  # with the export's mu (SD3, dynamic shifting)
             out.append(denoise(unet, sched, noise, cond.take(idx), uncond, params))
         return np.concatenate(out)
 

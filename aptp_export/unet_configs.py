@@ -174,6 +174,25 @@ def pooled_projections(config, batch: int, device=None):
     return torch.zeros(batch, int(dict(config).get("pooled_projection_dim", 2048)), device=device)
 
 
+def sd3_text_condition(encoders, ids, joint_dim: int, t5_length: int):
+    """SD3's conditioning as StableDiffusion3Pipeline.encode_prompt computes it (no clip_skip): (context
+    [B, S1 + t5_length, joint_dim], pooled [B, P1 + P2]) from `encoders` = (CLIP-L, CLIP-G, T5 or None), each a
+    transformers model, and their token ids `ids` (the third None without T5). Both CLIPs
+    (`CLIPTextModelWithProjection`, no mask) give their penultimate hidden states, concatenated and zero-padded to
+    joint_dim, then T5's last hidden state (no mask) or zeros; pooled concatenates both CLIPs' projected pooled
+    outputs. The one implementation for training (training.base_model) and the export's text graph."""
+    clip_l, clip_g, t5 = encoders
+    out1 = clip_l(ids[0], output_hidden_states=True)
+    out2 = clip_g(ids[1], output_hidden_states=True)
+    clip = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, int(joint_dim) - clip.shape[-1]))
+    if t5 is None:
+        states = clip.new_zeros(clip.shape[0], int(t5_length), int(joint_dim))
+    else:
+        states = t5(ids[2])[0]
+    return torch.cat([clip, states], dim=-2), torch.cat([out1[0], out2[0]], dim=-1)
+
+
 def is_legacy_pixart(config) -> bool:
     """A PixArt transformer saved under diffusers' old class name (`Transformer2DModel` with
     norm_type "ada_norm_single", as the official PixArt-alpha and -Sigma repositories still name it; diffusers

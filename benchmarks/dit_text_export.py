@@ -2,7 +2,7 @@
 and peak memory per phase, with random weights.
 
     python -m benchmarks.dit_text_export --out runs/sd3_text            # SD3: CLIP-L + CLIP-G, no T5
-    python -m benchmarks.dit_text_export --out runs/sd3_text --t5       # + T5-XXL (needs ~3x its 19 GB)
+    python -m benchmarks.dit_text_export --out runs/sd3_text --t5       # + T5-XXL (19 GB of fp32 weights)
 
 The graph is the export's own: `Sd3TextEncoderGraph` with SD3-medium's encoders (CLIP-L: 12 layers, 768 wide;
 CLIP-G: 32 layers, 1280 wide; T5 v1.1 XXL: 24 layers, 4096 wide, d_ff 10240), 77 CLIP tokens and 256 T5 tokens
@@ -11,7 +11,8 @@ build, torch_reference (one batch-1 call), export (TorchScript, external data), 
 ort_session and ort_check (fp32 relative error against the torch call). Every encoder's parameter count is
 also taken on the meta device, so the T5 figure is printed even when T5 is not built: PixArt's text graph is the
 same T5-XXL. Before building, the script refuses (exit 2) when the fp32 weights times 2.5 exceed the memory
-available: a trace plus its ONNX copy do not fit there.
+available: the export's peak was 1.8x the weights for the CLIPs (docs/perf/dit_latency.md), and the
+torch reference and the onnxruntime check need room besides.
 """
 
 from __future__ import annotations

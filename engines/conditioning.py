@@ -21,7 +21,7 @@ class TextCondition:
     """What the UNet reads about the prompts, row by row: the text context [B, L, E] and the extra inputs
     `added` (name -> [B, ...]): for SDXL-class UNets text_embeds [B, P], the pooled text embedding, and
     time_ids [B, 6], the size conditioning; for PixArt encoder_attention_mask [B, L] int64, the caption's
-    padding mask. A bare context array is a TextCondition without extras."""
+    padding mask; for SD3 pooled_projections [B, P]. A bare context array is a TextCondition without extras."""
 
     context: np.ndarray
     added: dict[str, np.ndarray] = field(default_factory=dict)

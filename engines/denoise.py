@@ -50,7 +50,8 @@ def denoise(unet: Session, scheduler: Scheduler, noise: np.ndarray, cond, uncond
     """Run the sampler; returns the final latents [B, C, H, W] float32.
 
     Args:
-        unet: session with inputs (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample.
+        unet: session with inputs (sample, timestep, encoder_hidden_states[, the family's extra inputs: SDXL's
+            text_embeds and time_ids, PixArt's encoder_attention_mask, SD3's pooled_projections]) -> out_sample.
         scheduler: a fresh scheduler (its state is per batch).
         noise: [B, C, H, W] unscaled initial noise (`initial_noise`).
         cond: TextCondition (or context array [B, L, E]) of the prompts; uncond: the same for the

@@ -71,8 +71,9 @@ encoder (input_ids, input_ids_2 [B,S], the two tokenizers' ids) -> last_hidden_s
 (both encoders' penultimate states) + text_embeds [B,P], SD3's text encoder (input_ids, input_ids_2 [B,S1], the
 CLIP tokenizers' ids, input_ids_3 [B,S3], T5's, absent without T5) -> last_hidden_state [B,S1+S3,E] (both CLIPs'
 penultimate states concatenated and zero-padded to T5's width E, then T5's states, zeros without T5) + text_embeds
-[B,P] (both CLIPs' pooled projections); SD3's transformer also reads pooled_projections [N,P]; VAE decoder latent_sample [B,C,h,w] (already divided by
-scaling_factor) -> sample [B,3,H,W] in [-1, 1].
+[B,P] (both CLIPs' pooled projections); SD3's transformer also reads pooled_projections [N,P]; VAE decoder
+latent_sample [B,C,h,w] (already divided by scaling_factor, plus shift_factor for SD3) -> sample [B,3,H,W] in
+[-1, 1].
 """
 
 from __future__ import annotations
@@ -223,10 +224,6 @@ class TokenizerInfo:
     files: dict[str, FileRef]
     lengths: dict[str, int] | None = None
 
-    def length(self, key: str, text_len: int) -> int:
-        """Tokens tokenizer `key` pads to: its `lengths` entry, else the context's `text_len`."""
-        return int((self.lengths or {}).get(key, text_len))
-
     @property
     def router_file(self) -> FileRef:
         return self.files.get("router_json", self.files["json"])
@@ -349,6 +346,7 @@ class Manifest:
         text_encoder, tokenizer = _read_text(r, d, version)
         latent = r.boolean(d["latent"], "latent")
         vae, family, added = _read_family(r, d, latent, text_encoder, tokenizer)
+        _check_sd3_keys(r, family, scheduler, vae, tokenizer, r.integer(d["text_len"], "text_len", lo=2))
         kinds = FILE_KINDS if version >= 4 else tuple(k for k in FILE_KINDS if k not in OPENVINO_KINDS)
         experts = _read_experts(r, d["experts"], router, kinds, version)
         dense = None
@@ -540,12 +538,33 @@ def _read_family(r: Checks, d: dict, latent: bool, text_encoder: TextEncoderInfo
         r.fail("tokenizer.files", f"an {family} export needs json_2, the second text encoder's tokenizer")
     if family == "sd3" and text_encoder.pooled_dim is None:
         r.fail("text_encoder.pooled_dim", "an sd3 export's text encoder gives the pooled projection text_embeds")
-    if family != "sd3" and ("json_3" in tokenizer.files or tokenizer.lengths):
-        r.fail("tokenizer", "json_3 and lengths belong to sd3 exports (its T5 tokenizer and token lengths)")
     if added is not None and text_encoder.pooled_dim != added.text_embeds_dim:
         r.fail("text_encoder.pooled_dim", f"{text_encoder.pooled_dim} but the UNet reads text_embeds of "
                                           f"{added.text_embeds_dim}")
     return vae, family, added
+
+
+def _check_sd3_keys(r: Checks, family: str, scheduler: SchedulerInfo, vae: VaeDecoderInfo | None,
+                    tokenizer: TokenizerInfo, text_len: int) -> None:
+    """SD3's keys appear in sd3 exports only, and its token lengths add up: both CLIP tokenizers pad to the same
+    length (their states are joined feature-wise), T5's fills the rest of the context (exactly, with json_3;
+    without T5 the graph's zeros do)."""
+    if family != "sd3":
+        for where, present in (("tokenizer.files.json_3", "json_3" in tokenizer.files),
+                               ("tokenizer.lengths", tokenizer.lengths is not None),
+                               ("scheduler.mu", scheduler.mu is not None),
+                               ("vae_decoder.shift_factor", vae is not None and vae.shift_factor != 0.0)):
+            if present:
+                r.fail(where, f"belongs to sd3 exports, not to a {family!r} one")
+        return
+    lengths = tokenizer.lengths or {}
+    if "json" not in lengths or lengths.get("json_2") != lengths["json"]:
+        r.fail("tokenizer.lengths", f"an sd3 export gives json and json_2 the same length (both CLIPs), got {lengths}")
+    if ("json_3" in lengths) != ("json_3" in tokenizer.files):
+        r.fail("tokenizer.lengths", "json_3 has a length exactly when its tokenizer file is listed")
+    t5 = lengths.get("json_3", text_len - lengths["json"])
+    if t5 < 1 or lengths["json"] + t5 != text_len:
+        r.fail("tokenizer.lengths", f"{lengths['json']} CLIP + {t5} T5 tokens do not make text_len {text_len}")
 
 
 def _read_quantization(r: Checks, value, where: str) -> dict[str, Any] | None:

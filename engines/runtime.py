@@ -249,7 +249,8 @@ class Runtime:
         # sample and timestep are always read; the text context is not by an expert without transformers, nor
         # PixArt's caption mask by an expert whose cross-attention was pruned away (the exporter drops unused
         # inputs, and only the inputs a graph has are fed)
-        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ())
+        inputs = UNET_INPUTS[:2] + (UNET_ADDED_INPUTS if self.manifest.added_cond is not None else ()) \
+            + ((UNET_POOLED_INPUT,) if self.manifest.family == "sd3" else ())  # SD3's adaLN always reads it
         return self._session(f"expert:{expert_id}", files, inputs, UNET_OUTPUTS)
 
     @property
@@ -289,7 +290,8 @@ class Runtime:
 
     def _encode(self, prompts: Sequence[str], batch_size: int = 64,
                 clean: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """(context [B, L, E], pooled text_embeds [B, P] or None, token mask [B, L] int64) of the prompts."""
+        """(context [B, L, E], pooled text_embeds [B, P] or None, the first tokenizer's mask [B, S] int64: PixArt's
+        caption mask, S = L) of the prompts."""
         prompts = clean_prompts(prompts) if clean else list(prompts)
         pooled = self.manifest.text_encoder.pooled_dim is not None
         # input_ids is required (input_ids_2 / _3 too where the export has that tokenizer: SDXL, SD3);

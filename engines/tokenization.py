@@ -141,8 +141,9 @@ class PromptTokenizer:
         return tuple(self._unet)
 
     def unet_tokens(self, prompts: list[str], key: str = "json") -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), each int64 [B, length], of text tokenizer `key` ("json": the first,
-        [B, text_len]; "json_2": SDXL's and SD3's second; "json_3": SD3's T5) for already-cleaned prompts."""
+        """(input_ids, attention_mask), each int64 [B, length], of text tokenizer `key` ("json": the first;
+        "json_2": SDXL's and SD3's second; "json_3": SD3's T5) for already-cleaned prompts; length is text_len or,
+        with per-tokenizer lengths (SD3), the tokenizer's own."""
         if key not in self._unet:
             raise BackendError(f"this export has no text tokenizer {key!r} (it has {', '.join(self._unet)})")
         return self._encode(self._unet[key], prompts)

@@ -42,7 +42,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from aptp_export.families import Family, detect_family, get_family
-from aptp_export.unet_configs import backbone_of, denoiser_output
+from aptp_export.unet_configs import backbone_of, denoiser_output, sd3_text_condition
 from engines.errors import UserError
 
 from .data import missing_path_message
@@ -299,25 +299,18 @@ class _Sd3Tokens:
         self.max_length = self.clip_length + self.t5_length  # the context's tokens
         self.device = device
 
-    def _clip(self, tok, model, captions):
-        ids = tok(list(captions), padding="max_length", max_length=self.clip_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        out = model(ids, output_hidden_states=True)
-        return out.hidden_states[-2], out[0]
+    def _ids(self, tok, captions, length):
+        return tok(list(captions), padding="max_length", max_length=length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)
 
     @torch.no_grad()
     def encode_pooled(self, captions):
-        h1, p1 = self._clip(self.tokenizer, self.model, captions)
-        h2, p2 = self._clip(self.tokenizer_2, self.model_2, captions)
-        clip = torch.cat([h1, h2], dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
-        if self.model_3 is None:
-            t5 = torch.zeros(len(captions), self.t5_length, self.joint_dim, device=self.device)
-        else:
-            ids = self.tokenizer_3(list(captions), padding="max_length", max_length=self.t5_length, truncation=True,
-                                   add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
-            t5 = self.model_3(ids)[0]
-        return torch.cat([clip, t5], dim=-2).float(), torch.cat([p1, p2], dim=-1).float()
+        ids = (self._ids(self.tokenizer, captions, self.clip_length),
+               self._ids(self.tokenizer_2, captions, self.clip_length),
+               None if self.model_3 is None else self._ids(self.tokenizer_3, captions, self.t5_length))
+        context, pooled = sd3_text_condition((self.model, self.model_2, self.model_3), ids, self.joint_dim,
+                                             self.t5_length)
+        return context.float(), pooled.float()
 
     def encode(self, captions):
         return self.encode_pooled(captions)[0]

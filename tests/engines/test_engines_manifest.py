@@ -118,8 +118,8 @@ def _sd3(d, m) -> dict:
         (d / name).write_bytes(name.encode())
 
     def edit(x):
-        x.update(latent=True, family="sd3", scheduler={"name": "flow_euler", "config": {"shift": 3.0},
-                                                         "mu": 0.8125},
+        x.update(latent=True, family="sd3", text_len=333, scheduler={"name": "flow_euler", "config": {"shift": 3.0},
+                                                                       "mu": 0.8125},
                  vae_decoder={"files": {"onnx": FileRef.of(d, "vae.onnx").__dict__}, "scaling_factor": 1.5305,
                               "shift_factor": 0.0609})
         x["text_encoder"]["pooled_dim"] = 2048
@@ -135,18 +135,37 @@ def test_sd3_keys_round_trip_and_are_checked(export):
     d, m = export
     back = Manifest.from_dict(_sd3(d, m))
     assert back.scheduler.mu == 0.8125 and back.vae_decoder.shift_factor == 0.0609
-    assert back.tokenizer.length("json_3", 333) == 256 and back.tokenizer.length("json", 333) == 77
+    assert back.tokenizer.lengths == {"json": 77, "json_2": 77, "json_3": 256}
     assert Manifest.from_dict(back.to_dict()) == back
     plain = m.to_dict()  # the toy export: none of the keys, not even as null
     assert "mu" not in plain["scheduler"] and "lengths" not in plain["tokenizer"]
-    assert m.tokenizer.length("json", 16) == 16
+    no_t5 = _sd3(d, m)  # without T5 the context's last 256 rows are the graph's zeros
+    no_t5["tokenizer"]["files"].pop("json_3")
+    no_t5["tokenizer"]["lengths"].pop("json_3")
+    assert Manifest.from_dict(no_t5).tokenizer.lengths == {"json": 77, "json_2": 77}
+    sd = _sd3(d, m)  # an SD export written by this version: shift 0 is left out, and reads back
+    sd.update(family="sd", scheduler={"name": "pndm", "config": {"beta_schedule": "linear"}})
+    sd["vae_decoder"]["shift_factor"] = 0.0
+    sd["tokenizer"] = m.to_dict()["tokenizer"]
+    sd["text_encoder"].pop("pooled_dim")
+    back_sd = Manifest.from_dict(sd)
+    assert back_sd.vae_decoder.shift_factor == 0.0 and "shift_factor" not in back_sd.to_dict()["vae_decoder"]
     for edit, match in [
         (lambda x: x["tokenizer"]["lengths"].update(json_4=3), "unknown key\\(s\\) 'json_4'"),
         (lambda x: x["tokenizer"]["files"].pop("json_3"), "tokenizer.lengths.json_3: no tokenizer file"),
         (lambda x: (x["tokenizer"]["files"].pop("json_2"), x["tokenizer"].pop("lengths")), "needs json_2"),
         (lambda x: x["text_encoder"].pop("pooled_dim"), "pooled projection"),
-        (lambda x: x.update(family="sd"), "json_3 and lengths belong to sd3 exports"),
         (lambda x: x["scheduler"].update(mu="big"), "scheduler.mu: expected a number"),
+        (lambda x: x["tokenizer"].pop("lengths"), "json and json_2 the same length"),
+        (lambda x: x["tokenizer"]["lengths"].update(json_2=76), "json and json_2 the same length"),
+        (lambda x: x["tokenizer"]["lengths"].pop("json_3"), "json_3 has a length exactly when"),
+        (lambda x: x["tokenizer"]["lengths"].update(json_3=255), "77 CLIP \\+ 255 T5 tokens do not make text_len 333"),
+        (lambda x: x.update(family="sd"), "tokenizer.files.json_3: belongs to sd3 exports"),
+        (lambda x: (x.update(family="sd"), x.update(tokenizer=m.to_dict()["tokenizer"]),
+                    x["text_encoder"].pop("pooled_dim")), "scheduler.mu: belongs to sd3 exports"),
+        (lambda x: (x.update(family="sd"), x.update(tokenizer=m.to_dict()["tokenizer"]),
+                    x["text_encoder"].pop("pooled_dim"), x["scheduler"].pop("mu")),
+         "vae_decoder.shift_factor: belongs to sd3 exports"),
     ]:
         data = _sd3(d, m)
         edit(data)

@@ -20,6 +20,7 @@ from prune_fixtures import (
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
 PROMPTS = ["a red circle", "the small blue square above a big green circle"]
+T5_LEN = 7  # T5 tokens of the end-to-end runs (the tiny CLIP tokenizers' own length is 12)
 
 
 def _base(model, tmp_path):
@@ -86,11 +87,12 @@ def test_sd3_flow_matching_objective_is_diffusers(tmp_path):
 def sd3_run(request, tmp_path_factory):
     """(cfg, run dir, export dir, manifest, export report, prune summary) of the whole path on a tiny SD3
     pipeline, exported with the default sampler: with T5 and SD3's static shift 3, and without T5 with
-    resolution-dependent shifting (the manifest's mu)."""
+    resolution-dependent shifting (the manifest's mu); T5 gets 7 tokens, the CLIPs their 12 (unequal, so that a
+    swap of the lengths anywhere fails)."""
     root = tmp_path_factory.mktemp("sd3")
     t5 = request.param == "t5"
     model = write_sd3_model(root / "sd3", seed=2, t5=t5, **({} if t5 else {"use_dynamic_shifting": True}))
-    return (t5, *prune_finetune_export(model, root, None, text_max_length=12))
+    return (t5, *prune_finetune_export(model, root, None, text_max_length=T5_LEN))
 
 
 def test_sd3_prune_and_finetune(sd3_run):
@@ -111,9 +113,9 @@ def test_sd3_export_manifest(sd3_run):
     t5, _, _, out, _, report, _ = sd3_run
     m = read_manifest(out)
     assert m.family == "sd3" and m.added_cond is None and m.text_encoder.pooled_dim == 24
-    assert m.text_len == 24 and m.text_encoder.hidden_size == 64 and tuple(m.sample_size) == (8, 8)
+    assert m.text_len == 12 + T5_LEN and m.text_encoder.hidden_size == 64 and tuple(m.sample_size) == (8, 8)
     assert sorted(m.tokenizer.files) == ["json", "json_2", *(["json_3"] if t5 else []), "router_json"]
-    assert m.tokenizer.lengths == ({"json": 12, "json_2": 12, "json_3": 12} if t5 else {"json": 12, "json_2": 12})
+    assert m.tokenizer.lengths == {"json": 12, "json_2": 12, **({"json_3": T5_LEN} if t5 else {})}
     assert m.vae_decoder.shift_factor == pytest.approx(0.0609) and m.scheduler.name == "flow_euler"
     if t5:
         assert m.scheduler.mu is None
@@ -149,7 +151,7 @@ def test_sd3_runtime_matches_the_diffusers_pipeline(sd3_run):
     pipe = StableDiffusion3Pipeline.from_pretrained(str(cfg.model.path), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     assert_experts_match_pipeline(rt, pipe, "transformer", run, manifest, PROMPTS, "flow_euler", steps=4,
-                                  guidance=5.0, max_sequence_length=12)
+                                  guidance=5.0, max_sequence_length=T5_LEN)
 
 
 def test_sd3_export_serves_bitwise_through_the_step_batcher(sd3_run):
@@ -192,3 +194,51 @@ def test_logit_normal_timestep_sampling(tmp_path):
     u = base.sample_timesteps(20000, torch.Generator().manual_seed(0))
     assert torch.equal(u, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
     assert abs(float(((u >= 250) & (u < 750)).float().mean()) - 0.5) < 0.02
+
+
+def test_both_phases_draw_t_from_the_configured_sampler(tmp_path, monkeypatch):
+    """Pruning and fine-tuning draw their timesteps through BaseModel.sample_timesteps (so model.timestep_sampling
+    reaches them): every t a phase trains on is one the sampler gave."""
+    from training.base_model import BaseModel
+    from training.config import config_from_dict
+    from training.finetune import run_finetune
+    from training.prune import run_prune
+
+    drawn = []
+    original = BaseModel.sample_timesteps
+
+    def spy(self, n, generator):
+        t = original(self, n, generator)
+        drawn.append((self.timestep_sampling, n))
+        return t
+
+    monkeypatch.setattr(BaseModel, "sample_timesteps", spy)
+    cfg = config_from_dict(tiny_config(write_sd3_model(tmp_path / "sd3"), tmp_path / "runs",
+                                       model={"text_max_length": T5_LEN, "timestep_sampling": "logit_normal"},
+                                       router={"num_experts": 2}, prune={"steps": 2, "warmup_steps": 1, "batch_size": 4},
+                                       finetune={"steps": 1, "batch_size": 2}))
+    run_prune(cfg, tmp_path / "run", progress=False)
+    assert drawn == [("logit_normal", 4)] * 2  # one draw per pruning step, of the whole batch
+    run_finetune(tmp_path / "run", progress=False)
+    assert drawn[2:] and set(drawn[2:]) == {("logit_normal", 2)}  # each fine-tuning step (one per trained expert)
+
+
+def test_sd3_export_quantizes_to_int8(sd3_run, tmp_path):
+    """`aptp quantize` samples an SD3 export with the export's scheduler (and its mu under dynamic shifting) and
+    writes an int8 IR the runtime serves on OpenVINO."""
+    pytest.importorskip("openvino", reason='the OpenVINO backend needs openvino: pip install -e ".[openvino]"')
+    pytest.importorskip("nncf", reason='aptp quantize needs nncf: pip install -e ".[quantize]"')
+    from aptp_export.quantize import QuantizeOptions, quantize_export
+    from engines import Runtime
+
+    t5, out = sd3_run[0], sd3_run[3]
+    if t5:
+        pytest.skip("one SD3 export is enough: the one with dynamic shifting (mu)")
+    opts = QuantizeOptions(prompts=PROMPTS * 2, guard_prompts=PROMPTS[::-1], per_expert=1, guard_per_expert=1,
+                           steps=2, guidance=5.0, min_psnr=0.0, mean_psnr=0.0, experts=[0], threads=1,
+                           progress=False, scan=False)
+    quantize_export(out, tmp_path / "int8", opts, log=lambda *_: None)
+    rt = Runtime.load(tmp_path / "int8")
+    assert rt.manifest.experts[0].precision in ("int8", "int8_weights") and rt.manifest.scheduler.mu is not None
+    image = rt.generate(PROMPTS[:1], steps=2, seed=3, expert=0)[0]
+    assert image.size == (16, 16)
