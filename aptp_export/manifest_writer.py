@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from engines.backends.cuda import plan_environment
 from engines.errors import UserError
 from engines.fileio import atomic_path, write_json
+from engines.machine import memory_available
 from engines.manifest import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
@@ -142,6 +144,26 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
+EXPORT_PEAK_FACTOR = 2.0  # peak RSS / fp32 weights of a graph's export: 1.8 measured (docs/perf/dit_latency.md)
+
+
+def memory_warnings(jobs, available: int | None) -> list[str]:
+    """One line per graph of `jobs` whose export would likely need more memory than `available` bytes: its
+    weights times EXPORT_PEAK_FACTOR (the trace and the ONNX copy of the weights coexist). Real-size T5-XXL (PixArt's
+    and SD3's text encoder, 19 GB in fp32) is the one that does not fit a 24 GB machine."""
+    if not available:
+        return []
+    out = []
+    for key, module, _, _ in jobs:
+        weights = sum(p.numel() * p.element_size() for p in module.parameters()) if hasattr(module, "parameters") else 0
+        need = EXPORT_PEAK_FACTOR * weights
+        if need > available:
+            out.append(f"exporting {key} ({weights / 1e9:.1f} GB of weights) needs about {need / 1e9:.0f} GB of memory, "
+                       f"{available / 1e9:.0f} GB are available: the export will likely be killed; use a machine "
+                       "with more memory")
+    return out
+
+
 def _export_graphs(jobs, options: ExportOptions, timing_cache: Path, files, specs, report, vae_prec: str) -> None:
     """Export (and with the TensorRT backend, build) every graph of `jobs`, filling files/specs/report."""
     precision, exporter, backend = options.precision, options.exporter, options.backend
@@ -192,6 +214,8 @@ def write_export_dir(out_dir: str | os.PathLike, experts: list[ExpertModel], par
 
     tok_files = _copy_tokenizers(out_dir, parts)
     jobs = _graph_jobs(out_dir, experts, parts, options, family, tok_files)
+    for line in memory_warnings(jobs, memory_available()):
+        warnings.warn(line, stacklevel=2)  # a warning, not a refusal: the estimate is rough
     report: dict[str, Any] = {"precision": options.precision, "exporter": options.exporter, "graphs": {}}
     files: dict[str, dict[str, Path]] = {}
     specs = {}

@@ -47,3 +47,15 @@ def cpu_info(cpuinfo_path: str | os.PathLike = "/proc/cpuinfo") -> dict:
     info["isa"] = [f for f in ISA_FLAGS if f in present]
     info["flags"] = " ".join(flags) or None
     return info
+
+
+def memory_available(meminfo_path: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """Bytes of memory the kernel says a new workload can use without swapping (MemAvailable); None where
+    unknown (no /proc/meminfo)."""
+    try:
+        for line in Path(meminfo_path).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

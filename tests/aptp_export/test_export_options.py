@@ -34,3 +34,20 @@ def test_sampling_defaults_recorded_at_export():
     assert sampling_info(ExportOptions(), None) == SamplingInfo(25, 7.5)
     assert sampling_info(ExportOptions(steps=10, guidance_scale=5.0), toy) == SamplingInfo(10, 5.0)
     assert sampling_info(ExportOptions(guidance_scale=0.0), toy) == SamplingInfo(25, 0.0)
+
+
+def test_memory_warning_names_the_graph_that_will_not_fit():
+    """write_export_dir warns before exporting a graph whose weights x EXPORT_PEAK_FACTOR exceed the memory
+    available (real-size T5-XXL on a 24 GB machine), and says nothing when it fits or memory is unknown."""
+    import torch
+
+    from aptp_export.manifest_writer import EXPORT_PEAK_FACTOR, memory_warnings
+    from engines.machine import memory_available
+
+    big, small = torch.nn.Linear(1000, 1000), torch.nn.Linear(10, 10)  # 4.004 MB and 440 B of fp32 weights
+    jobs = [("text_encoder", big, None, None), ("router", small, None, None)]
+    need = EXPORT_PEAK_FACTOR * 4_004_000
+    lines = memory_warnings(jobs, int(need) - 1)
+    assert len(lines) == 1 and lines[0].startswith("exporting text_encoder (0.0 GB of weights)")
+    assert memory_warnings(jobs, int(need) + 1) == [] and memory_warnings(jobs, None) == []
+    assert memory_available() is None or memory_available() > 0
