@@ -330,6 +330,7 @@ def assert_run_experts(cfg, run, summary, cls, prompts) -> None:
     from training.rundir import RunDir
 
     assert len(summary["expert_macs"]) == 2 and all(0.0 < m <= 1.0 for m in summary["expert_macs"])
+    assert min(summary["expert_macs"]) < 0.9  # physically pruned: the graphs downstream are smaller ones
     base = load_base_model(cfg.model)
     space = ArchSpace.from_unet(base.unet)
     cond = base.conditioning(list(prompts[:2]))
@@ -350,13 +351,16 @@ def assert_run_experts(cfg, run, summary, cls, prompts) -> None:
 def prune_finetune_export(model: Path, root: Path, scheduler: str | None, **model_settings):
     """The whole training path on a tiny pipeline directory: 3 pruning steps with 2 experts, 2 fine-tuning
     steps, export with `scheduler` (None: the export's default). `model_settings` go to the config's `model`
-    section. Returns (cfg, run dir, export dir, manifest, export report, prune summary)."""
+    section. The gates start unbiased (router.gumbel_offset 0; the reference's 3.0 keeps every unit for the first
+    steps), so that the experts come out physically pruned and the export and runtime run pruned graphs.
+    Returns (cfg, run dir, export dir, manifest, export report, prune summary)."""
     from training.config import config_from_dict
     from training.export_run import export_run
     from training.finetune import run_finetune
     from training.prune import run_prune
 
-    cfg = config_from_dict(tiny_config(model, root / "runs", model=model_settings, router={"num_experts": 2},
+    cfg = config_from_dict(tiny_config(model, root / "runs", model=model_settings,
+                                       router={"num_experts": 2, "gumbel_offset": 0.0},
                                        prune={"steps": 3, "warmup_steps": 1, "batch_size": 4},
                                        finetune={"steps": 2, "batch_size": 2}))
     run = root / "run"
