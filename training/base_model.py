@@ -241,8 +241,8 @@ def t5_fast_tokenizer(tokenizer_dir: Path):
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, use_fast=True)
     except (ImportError, ValueError, OSError) as e:
         raise UserError(f"{tokenizer_dir}: cannot load the T5 tokenizer ({str(e).strip().splitlines()[0][:200]}); "
-                        "a tokenizer/ with only spiece.model needs `pip install sentencepiece` once (or save a "
-                        "tokenizer.json there with T5TokenizerFast.save_pretrained)") from None
+                        "a tokenizer/ with only spiece.model needs `pip install sentencepiece` once (the train "
+                        "extra has it; or save a tokenizer.json there with T5TokenizerFast.save_pretrained)") from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"{tokenizer_dir}: no fast T5 tokenizer could be built (install sentencepiece)")
     return tok

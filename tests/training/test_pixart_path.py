@@ -170,7 +170,9 @@ def test_pixart_expert_without_cross_attention_is_served(pixart_run, tmp_path):
 def test_legacy_class_name_and_spiece_only_tokenizer(tmp_path):
     """The official PixArt repositories name the transformer `Transformer2DModel` (norm_type ada_norm_single),
     which diffusers remaps: it loads as PixArt. A tokenizer/ with only spiece.model needs sentencepiece:
-    without it the error says so instead of a traceback."""
+    without it the error says so instead of a traceback; with it (the train extra installs it) a corrupt
+    spiece.model is one clear error too, and a real one (trained here with sentencepiece, offline) becomes the
+    fast tokenizer and the export's tokenizer.json, both giving sentencepiece's own ids + </s>."""
     import importlib.util
     import json
     import shutil
@@ -191,3 +193,27 @@ def test_legacy_class_name_and_spiece_only_tokenizer(tmp_path):
     if importlib.util.find_spec("sentencepiece") is None:
         with pytest.raises(UserError, match="pip install sentencepiece"):
             t5_fast_tokenizer(spiece)
+        return
+    from tokenizers import Tokenizer
+
+    from training.export_run import _fast_tokenizer_json
+
+    with pytest.raises(UserError, match="cannot load the T5 tokenizer"):
+        t5_fast_tokenizer(spiece)
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS + ["three yellow triangles on the left", "the letter K on white"]) * 20)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    shutil.copy(tmp_path / "sp.model", spiece / "spiece.model")
+    (spiece / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "extra_ids": 0}))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    exported = Tokenizer.from_file(str(_fast_tokenizer_json(spiece, tmp_path / "scratch")))
+    for prompt in PROMPTS + ["zebra quux"]:  # the last: pieces the model never saw
+        want = sp.encode(prompt) + [sp.eos_id()]
+        assert t5_fast_tokenizer(spiece)(prompt).input_ids == want
+        assert exported.encode(prompt).ids == want
