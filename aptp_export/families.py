@@ -46,6 +46,8 @@ class Family:
         `text_encoder.pooled_dim` (`second_text_encoder`).
     upcast_vae: an fp16 export keeps the VAE decoder in fp32 when the VAE's config asks to be upcast
         (`force_upcast`), as the family's diffusers pipeline decodes.
+    guidance_scale: the family's diffusers pipeline's default guidance scale, what an export records when the
+        model has no sampling.json and the export no --guidance (None: the format's 7.5).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Family:
     addition_embed_type: str | None = None
     extra_inputs: tuple[str, ...] = ()
     text_graph: str = "single"
+    guidance_scale: float | None = None
     upcast_vae: bool = False
     backbone: str = "unet"  # aptp_export.unet_configs.backbone_of of the family's denoisers
 
@@ -100,11 +103,13 @@ class Family:
 
 MODEL_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pixel", latent=False),
-    Family("sd", latent=True),
+    Family("sd", latent=True, guidance_scale=7.5),  # the pipelines' defaults: StableDiffusionPipeline,
     Family("sdxl", latent=True, addition_embed_type="text_time", extra_inputs=UNET_ADDED_INPUTS,
-           text_graph="sdxl", upcast_vae=True),
-    Family("pixart", latent=True, extra_inputs=(UNET_MASK_INPUT,), backbone="pixart"),
-    Family("sd3", latent=True, extra_inputs=(UNET_POOLED_INPUT,), backbone="sd3", text_graph="sd3"),
+           text_graph="sdxl", upcast_vae=True, guidance_scale=5.0),  # StableDiffusionXLPipeline,
+    Family("pixart", latent=True, extra_inputs=(UNET_MASK_INPUT,), backbone="pixart",
+           guidance_scale=4.5),  # PixArtSigmaPipeline (and Alpha),
+    Family("sd3", latent=True, extra_inputs=(UNET_POOLED_INPUT,), backbone="sd3", text_graph="sd3",
+           guidance_scale=7.0),  # StableDiffusion3Pipeline
 )}
 
 

@@ -89,7 +89,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
         parts = ExportParts(
             sample_size=(h, w), in_channels=base.sample_channels, text_len=text_len,
             context_dim=_context_dim(base.unet.config), dense_macs=dense_macs,
-            scheduler_config=dict(base.scheduler_config), sampling=_recommended_sampling(base.path),
+            scheduler_config=dict(base.scheduler_config), sampling=_recommended_sampling(base.path, family),
             dense=ExpertModel(base.unet, dense_macs, share=0.0) if options.with_dense else None,
             text_encoder=te.model if latent else te.enc.model,
             tokenizer=_fast_tokenizer_json(base.path / "tokenizer", scratch) if latent else sentence.model_dir,
@@ -139,11 +139,12 @@ def _fast_tokenizer_json(tokenizer_dir: Path, scratch: str | os.PathLike) -> Pat
     return out / "tokenizer.json"
 
 
-def _recommended_sampling(model_dir) -> dict | None:
-    """The model's sampling.json (the toy teacher ships one: guidance 3.0), None when it has none."""
+def _recommended_sampling(model_dir, family) -> dict | None:
+    """The model's sampling.json (the toy teacher ships one: guidance 3.0), else the guidance scale of the family's
+    diffusers pipeline (SDXL 5.0, PixArt 4.5, SD3 7.0; families.Family.guidance_scale), else None."""
     path = Path(model_dir) / "sampling.json"
     if not path.is_file():
-        return None
+        return None if family.guidance_scale is None else {"guidance_scale": family.guidance_scale}
     try:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError:

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
                         help="sampling steps recorded as the export's default (default: the model's sampling.json, else 25)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance scale recorded as the export's default (default: the model's sampling.json, "
-                             "else 7.5)")
+                             "else its pipeline's: SD 7.5, SDXL 5.0, PixArt 4.5, SD3 7.0)")
     parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, help="most prompts per UNet call the profiles allow")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to, metavar="N",
                         help="round every expert's kept channels per layer up to a multiple of N (added channels "

@@ -72,6 +72,7 @@ def test_pixart_export_manifest(pixart_run):
     m = read_manifest(out)
     assert m.family == "pixart" and m.added_cond is None and m.text_encoder.hidden_size == 16
     assert m.text_len == 12 and m.in_channels == 4 and tuple(m.sample_size) == (8, 8)
+    assert (m.sampling.steps, m.sampling.guidance_scale) == (25, 4.5)  # PixArtSigmaPipeline's guidance
     for key, g in report["graphs"].items():
         assert g["verified"] and max(g["max_rel_error"].values()) <= 1e-4, key
 

@@ -117,6 +117,7 @@ def test_sd3_export_manifest(sd3_run):
     assert sorted(m.tokenizer.files) == ["json", "json_2", *(["json_3"] if t5 else []), "router_json"]
     assert m.tokenizer.lengths == {"json": 12, "json_2": 12, **({"json_3": T5_LEN} if t5 else {})}
     assert m.vae_decoder.shift_factor == pytest.approx(0.0609) and m.scheduler.name == "flow_euler"
+    assert (m.sampling.steps, m.sampling.guidance_scale) == (25, 7.0)  # no sampling.json: the pipeline's guidance
     if t5:
         assert m.scheduler.mu is None
     else:
