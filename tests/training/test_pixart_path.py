@@ -207,7 +207,7 @@ def test_legacy_class_name_and_spiece_only_tokenizer(tmp_path):
     corpus.write_text("\n".join(PROMPTS + ["three yellow triangles on the left", "the letter K on white"]) * 20)
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
-                                   eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+                                   eos_piece="</s>", unk_piece="<unk>", minloglevel=2, hard_vocab_limit=False)
     shutil.copy(tmp_path / "sp.model", spiece / "spiece.model")
     (spiece / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
