@@ -53,6 +53,7 @@ from engines.manifest import (
     TextEncoderInfo,
     TokenizerInfo,
     VaeDecoderInfo,
+    sd3_token_lengths,
 )
 from engines.schedulers import default_sampler, make_scheduler, scheduler_name
 
@@ -330,18 +331,12 @@ def _family(experts: list[ExpertModel], parts: ExportParts) -> Family:
 
 
 def _sd3_lengths(parts: ExportParts) -> tuple[int, int]:
-    """(CLIP tokens, T5 tokens) of an SD3 export, checked: both CLIP tokenizers pad to one length (`token_lengths`
-    json and json_2), T5's (json_3, exactly when there is a T5 tokenizer) fills the rest of text_len."""
-    lengths = parts.token_lengths or {}
-    clip = lengths.get("json")
-    if clip is None or lengths.get("json_2") != clip:
-        raise UserError(f"an SD3 export needs token_lengths with json = json_2 (both CLIPs' length), got {lengths}")
-    if ("json_3" in lengths) != (parts.tokenizer_3 is not None):
-        raise UserError("token_lengths has json_3 (T5's length) exactly when there is a T5 tokenizer")
-    t5 = int(lengths.get("json_3", parts.text_len - clip))
-    if t5 < 1 or clip + t5 != parts.text_len:
-        raise UserError(f"{clip} CLIP + {t5} T5 tokens do not make text_len {parts.text_len}")
-    return int(clip), t5
+    """(CLIP tokens, T5 tokens) of an SD3 export: `token_lengths` checked by the reader's rule
+    (engines.manifest.sd3_token_lengths) before anything is exported."""
+    try:
+        return sd3_token_lengths(parts.token_lengths, parts.tokenizer_3 is not None, parts.text_len)
+    except ValueError as e:
+        raise UserError(f"token_lengths: {e}") from None
 
 
 def _copy_tokenizers(out_dir: Path, parts: ExportParts) -> dict[str, str]:

@@ -26,6 +26,7 @@ import torch
 
 from aptp_export.export_spec import sd3_text_encoder_spec
 from aptp_export.onnx_export import FP32_RTOL, Sd3TextEncoderGraph
+from engines.machine import memory_available
 
 from .memwatch import Phases
 from .sdxl_latency import export_and_check
@@ -65,11 +66,9 @@ def meta_params() -> dict[str, int]:
 
 
 def available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
+    """engines.machine.memory_available in GB (nan where unknown)."""
+    available = memory_available()
+    return float("nan") if available is None else available / 1e9
 
 
 def main(argv=None) -> int:

@@ -557,14 +557,26 @@ def _check_sd3_keys(r: Checks, family: str, scheduler: SchedulerInfo, vae: VaeDe
             if present:
                 r.fail(where, f"belongs to sd3 exports, not to a {family!r} one")
         return
-    lengths = tokenizer.lengths or {}
+    try:
+        sd3_token_lengths(tokenizer.lengths, "json_3" in tokenizer.files, text_len)
+    except ValueError as e:
+        r.fail("tokenizer.lengths", str(e))
+
+
+def sd3_token_lengths(lengths: dict[str, int] | None, has_t5: bool, text_len: int) -> tuple[int, int]:
+    """(CLIP tokens, T5 tokens) of an SD3 export's tokenizer lengths, checked (ValueError naming the rule): both
+    CLIP tokenizers pad to one length (json, json_2), T5's (json_3, given exactly when there is a T5 tokenizer)
+    fills the rest of the context's text_len; without T5 the text graph's zeros fill it."""
+    lengths = lengths or {}
     if "json" not in lengths or lengths.get("json_2") != lengths["json"]:
-        r.fail("tokenizer.lengths", f"an sd3 export gives json and json_2 the same length (both CLIPs), got {lengths}")
-    if ("json_3" in lengths) != ("json_3" in tokenizer.files):
-        r.fail("tokenizer.lengths", "json_3 has a length exactly when its tokenizer file is listed")
-    t5 = lengths.get("json_3", text_len - lengths["json"])
-    if t5 < 1 or lengths["json"] + t5 != text_len:
-        r.fail("tokenizer.lengths", f"{lengths['json']} CLIP + {t5} T5 tokens do not make text_len {text_len}")
+        raise ValueError(f"an sd3 export gives json and json_2 the same length (both CLIPs), got {lengths}")
+    if ("json_3" in lengths) != has_t5:
+        raise ValueError("json_3 has a length exactly when its tokenizer file is listed")
+    clip = int(lengths["json"])
+    t5 = int(lengths.get("json_3", text_len - clip))
+    if t5 < 1 or clip + t5 != text_len:
+        raise ValueError(f"{clip} CLIP + {t5} T5 tokens do not make text_len {text_len}")
+    return clip, t5
 
 
 def _read_quantization(r: Checks, value, where: str) -> dict[str, Any] | None:
